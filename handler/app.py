@@ -1,0 +1,85 @@
+"""The reference function: a digits classifier (8x8 images, 64 inputs in 0..16, 10 classes)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from handler.model import CLASSES, INPUTS, PIXEL_MAX, DigitsMLP
+from lazyserve import Loaded, lambda_handler, lazy_model, load_settings, setup_app, start_loading
+from lazyserve.app import UNAVAILABLE
+from lazyserve.aws import invalid_input
+from lazyserve.types import LambdaEvent
+
+MAX_ROWS = 256
+RULES = f"1 to {MAX_ROWS} rows, each exactly {INPUTS} finite numbers in 0..{PIXEL_MAX}"
+
+settings = load_settings()  # fails at import (Lambda INIT) on a bad LAZYSERVE_* value
+logging.basicConfig(level=settings.log_level)
+logging.getLogger("lazyserve").setLevel(settings.log_level)
+
+model = lazy_model(DigitsMLP, settings)
+DigitsModel = Annotated[Loaded[DigitsMLP], Depends(model)]
+
+Pixel = Annotated[float, Field(ge=0, le=PIXEL_MAX, allow_inf_nan=False, strict=True)]
+Row = Annotated[list[Pixel], Field(min_length=INPUTS, max_length=INPUTS)]
+
+
+class PredictRequest(BaseModel):
+    inputs: Annotated[list[Row], Field(min_length=1, max_length=MAX_ROWS, description=RULES)]
+
+
+class Prediction(BaseModel):
+    label: int
+    probabilities: list[float] = Field(min_length=CLASSES, max_length=CLASSES)
+
+
+class ModelRef(BaseModel):
+    sha256: str
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+    model: ModelRef
+
+
+# No Content-Type (API Gateway test events, sam local) is read as JSON, as API Gateway does.
+app = FastAPI(title="lazyserve digits", version="0.1.0", strict_content_type=False)
+setup_app(app, model)
+
+
+def infer(loaded: Loaded[DigitsMLP], rows: list[list[float]]) -> PredictResponse:
+    with torch.inference_mode():
+        probs = torch.softmax(loaded.module(torch.tensor(rows, dtype=torch.float32)), dim=1)
+    labels = probs.argmax(dim=1).tolist()
+    return PredictResponse(
+        predictions=[
+            Prediction(label=label, probabilities=p)
+            for label, p in zip(labels, probs.tolist(), strict=True)
+        ],
+        model=ModelRef(sha256=loaded.info.sha256),
+    )
+
+
+@app.post("/predict", responses=UNAVAILABLE)
+async def predict(request: PredictRequest, loaded: DigitsModel) -> PredictResponse:
+    # Inference in a worker thread keeps the event loop free for /health under load.
+    return await run_in_threadpool(infer, loaded, request.inputs)
+
+
+def predict_direct(event: LambdaEvent) -> dict[str, Any]:
+    """A direct invocation `{"inputs": [...]}`: the same JSON as `POST /predict`."""
+    try:
+        request = PredictRequest.model_validate(event)
+    except ValidationError as exc:
+        raise invalid_input(exc, RULES) from None
+    return infer(model.get(), request.inputs).model_dump()
+
+
+handler = lambda_handler(app, model, direct=predict_direct)
+start_loading(model, settings)

@@ -1,0 +1,149 @@
+"""The single-flight holder: loads a value once per process, on first need, for every caller."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Generic, Literal, TypeVar
+
+from lazyserve.errors import LazyserveError, ModelLoadError, ModelLoadTimeout, ModelUnavailable
+
+__all__ = ["LazyModel", "Status"]
+
+T = TypeVar("T")
+Status = Literal["not_loaded", "loading", "loaded", "failed"]
+log = logging.getLogger("lazyserve")
+
+
+class LazyModel(Generic[T]):
+    """Holds what `load()` returns; the first caller starts the load, the others wait for it.
+
+    Usable from async code (`await holder.aget()`, or `Depends(holder)` in FastAPI), from
+    threads (`holder.get()`) and from any number of event loops.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], T],
+        *,
+        wait: float = 25.0,
+        name: str = "model",
+        source: str | None = None,
+    ) -> None:
+        self._load = load
+        self.wait = wait
+        self.name = name
+        self.source = source
+        # A threading.Lock, held only for a few instructions, never across an await: unlike an
+        # asyncio.Lock it belongs to no event loop, and threads can share it.
+        self._lock = threading.Lock()
+        self._future: Future[T] | None = None
+        self.loads_started = 0
+        self.loads_succeeded = 0
+        self.last_error: ModelUnavailable | None = None
+
+    @property
+    def status(self) -> Status:
+        future = self._future
+        if future is None:
+            return "not_loaded"
+        if not future.done():
+            return "loading"
+        return "failed" if future.exception() is not None else "loaded"
+
+    def peek(self) -> T | None:
+        """The loaded value, or None; never starts a load and never waits."""
+        future = self._future
+        if future is not None and future.done() and future.exception() is None:
+            return future.result()
+        return None
+
+    def start(self) -> Future[T]:
+        """Start a load unless one is running or has succeeded; return its future."""
+        with self._lock:
+            future = self._future
+            if future is not None and (not future.done() or future.exception() is None):
+                return future
+            future = Future()
+            # Marked running before anyone can see it, so no waiter can cancel it.
+            future.set_running_or_notify_cancel()
+            self._future = future
+            self.loads_started += 1
+        # A thread of its own rather than a loop's executor: the load must outlive the request
+        # and the event loop that started it, and sync callers have no loop at all.
+        threading.Thread(
+            target=self._run, args=(future,), name=f"lazyserve-load-{self.name}", daemon=True
+        ).start()
+        return future
+
+    def _run(self, future: Future[T]) -> None:
+        started = time.perf_counter()
+        try:
+            value = self._load()
+        except BaseException as exc:
+            error = exc if isinstance(exc, ModelUnavailable) else _wrap(exc)
+            log.error("%s load failed after %.3fs: %s", self.name, time.perf_counter() - started,
+                      error, exc_info=not isinstance(exc, LazyserveError))
+            self.last_error = error
+            future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self.loads_succeeded += 1
+            self.last_error = None
+            future.set_result(value)
+
+    def get(self, timeout: float | None = None) -> T:
+        """Block this thread until the value is loaded (at most `timeout`, default `wait`)."""
+        future = self.start()
+        limit = self.wait if timeout is None else timeout
+        try:
+            return future.result(timeout=limit)
+        except TimeoutError:
+            raise self._timeout(limit) from None
+
+    async def aget(self, timeout: float | None = None) -> T:
+        """Await the value without blocking the event loop; cancelling the caller leaves the load
+        running for the others."""
+        future = self.start()
+        if not future.done():
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
+
+            def wake(_: Future[T]) -> None:
+                try:
+                    loop.call_soon_threadsafe(_set_done, ready)
+                except RuntimeError:  # that loop has closed; its waiter is gone too
+                    pass
+
+            future.add_done_callback(wake)
+            limit = self.wait if timeout is None else timeout
+            try:
+                await asyncio.wait_for(ready, limit)
+            except TimeoutError:
+                raise self._timeout(limit) from None
+        return future.result()
+
+    async def __call__(self) -> T:
+        """FastAPI dependency: `model: Annotated[T, Depends(holder)]`."""
+        return await self.aget()
+
+    def _timeout(self, limit: float) -> ModelLoadTimeout:
+        return ModelLoadTimeout(
+            f"the {self.name} is still loading after {limit:g}s; the load carries on, retry shortly"
+        )
+
+
+def _set_done(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _wrap(exc: BaseException) -> ModelLoadError:
+    wrapped = ModelLoadError(f"{type(exc).__name__}: {exc}")
+    wrapped.__cause__ = exc
+    return wrapped

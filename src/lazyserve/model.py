@@ -1,0 +1,108 @@
+"""A served model: settings -> source (bytes) -> format (tensors) -> the user's nn.Module."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from lazyserve.formats import build_model, format_of, read_state_dict
+from lazyserve.lazy import LazyModel
+from lazyserve.settings import Settings
+from lazyserve.sources import S3Fetcher, Weights, fetch_local
+from lazyserve.types import S3Client
+
+__all__ = ["Loaded", "ModelInfo", "lazy_model", "load_model"]
+
+M = TypeVar("M", bound=torch.nn.Module)
+log = logging.getLogger("lazyserve")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded, from where, and how long it took."""
+
+    uri: str
+    sha256: str
+    size_bytes: int
+    format: str
+    version_id: str | None
+    etag: str | None
+    fetch_seconds: float
+    build_seconds: float
+    total_seconds: float
+    loaded_at: str
+    connections: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Loaded(Generic[M]):
+    """The ready module (in eval mode) and its metadata."""
+
+    module: M
+    info: ModelInfo
+
+
+def fetch_weights(settings: Settings, *, s3_client: S3Client | None = None) -> Weights:
+    """The weights' bytes, from S3 or a local file, checked against the expected sha256."""
+    uri = settings.uri
+    if uri.is_s3:
+        fetcher = S3Fetcher(
+            concurrency=settings.s3_concurrency,
+            part_size=settings.s3_part_size,
+            s3_client=s3_client,
+        )
+        return fetcher.fetch(uri, expected_sha256=settings.model_sha256)
+    return fetch_local(uri, expected_sha256=settings.model_sha256)
+
+
+def load_model(
+    build: Callable[[], M], settings: Settings, *, s3_client: S3Client | None = None
+) -> Loaded[M]:
+    """Fetch, check and build the model once; raises a ModelLoadError subclass on failure."""
+    started = time.perf_counter()
+    weights = fetch_weights(settings, s3_client=s3_client)
+    built = time.perf_counter()
+    module = build_model(build, read_state_dict(weights), weights.uri)
+    done = time.perf_counter()
+    info = ModelInfo(
+        uri=weights.uri,
+        sha256=weights.sha256,
+        size_bytes=weights.size,
+        format=format_of(weights),
+        version_id=weights.version_id,
+        etag=weights.etag,
+        fetch_seconds=round(built - started, 6),
+        build_seconds=round(done - built, 6),
+        total_seconds=round(done - started, 6),
+        loaded_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        connections=weights.connections,
+    )
+    mbps = weights.size / 1e6 / max(info.fetch_seconds, 1e-9)
+    log.info(
+        "model loaded: %s sha256=%s bytes=%d fetch=%.3fs build=%.3fs total=%.3fs %.1f MB/s "
+        "connections=%d",
+        info.uri, info.sha256, info.size_bytes, info.fetch_seconds, info.build_seconds,
+        info.total_seconds, mbps, info.connections,
+    )  # fmt: skip
+    return Loaded(module, info)
+
+
+def lazy_model(
+    build: Callable[[], M], settings: Settings, *, s3_client: S3Client | None = None
+) -> LazyModel[Loaded[M]]:
+    """A process-wide holder that loads `build()`'s module with the weights the settings name."""
+    torch.set_num_threads(settings.torch_threads)
+    return LazyModel(
+        lambda: load_model(build, settings, s3_client=s3_client),
+        wait=settings.load_wait,
+        source=settings.model_uri,
+    )

@@ -1,0 +1,289 @@
+"""Where weights come from: S3 (parallel ranged GETs into one buffer) or a local file."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lazyserve.errors import (
+    ModelChangedError,
+    ModelFetchError,
+    ModelFormatError,
+    ModelIntegrityError,
+)
+from lazyserve.settings import ModelURI
+from lazyserve.types import S3Client
+
+__all__ = ["S3Fetcher", "Weights", "fetch_local", "s3_client", "reset_s3_clients"]
+
+log = logging.getLogger("lazyserve")
+
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 5.0
+BOTO_ATTEMPTS = 3  # botocore's own retries: throttling (SlowDown), 5xx, connection errors
+BODY_ATTEMPTS = 3  # ours: errors while a range's body streams in, which botocore cannot retry
+_CHUNK = 1024 * 1024
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_S3_HINTS = {
+    "NoSuchKey": "no object has that key",
+    "NoSuchBucket": "the bucket does not exist",
+    "NoSuchVersion": "the object has no such version",
+    "AccessDenied": "access denied: the function's role needs s3:GetObject on this key",
+    "SlowDown": "S3 is throttling requests",
+    "InvalidRange": "the object is empty",
+}
+
+
+@dataclass
+class Weights:
+    """The bytes of a weights file (or its path, for memory-mapped formats) and their origin."""
+
+    uri: str
+    size: int
+    sha256: str
+    buffer: bytearray | None = None
+    path: Path | None = None
+    version_id: str | None = None
+    etag: str | None = None
+    fetch_seconds: float = 0.0
+    connections: int = 1
+
+
+def _verify(uri: str, actual: str, expected: str | None, origin: str) -> None:
+    if expected is not None and actual != expected.lower():
+        raise ModelIntegrityError(
+            f"{uri}: sha256 of the weights is {actual}, expected {expected.lower()} ({origin})"
+        )
+
+
+def fetch_local(uri: ModelURI, *, expected_sha256: str | None = None) -> Weights:
+    """Read a local weights file into one buffer (or only hash it, for `.pt` memory maps)."""
+    assert uri.path is not None
+    started = time.perf_counter()
+    digest = hashlib.sha256()
+    buffer: bytearray | None = None
+    try:
+        with open(uri.path, "rb") as file:
+            size = file.seek(0, 2)
+            file.seek(0)
+            if uri.suffix in (".pt", ".pth"):
+                # torch.load(mmap=True) maps the file itself; only hash it here.
+                while chunk := file.read(_CHUNK):
+                    digest.update(chunk)
+            else:
+                buffer = bytearray(size)
+                view = memoryview(buffer)
+                got = 0
+                while got < size and (n := file.readinto(view[got:])):
+                    got += n
+                digest.update(view[:got])
+                if got != size:
+                    raise ModelFetchError(f"{uri.uri}: file shrank while reading ({got}/{size})")
+    except OSError as exc:
+        raise ModelFetchError(f"{uri.uri}: cannot read {uri.path}: {exc.strerror}") from exc
+    sha = digest.hexdigest()
+    _verify(uri.uri, sha, expected_sha256, "LAZYSERVE_MODEL_SHA256")
+    elapsed = time.perf_counter() - started
+    return Weights(uri.uri, size, sha, buffer=buffer, path=uri.path, fetch_seconds=elapsed)
+
+
+_clients: dict[int, S3Client] = {}
+_clients_lock = threading.Lock()
+
+
+def s3_client(max_connections: int = 10) -> S3Client:
+    """One boto3 S3 client per process and pool size, with bounded timeouts and retries."""
+    with _clients_lock:
+        client = _clients.get(max_connections)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            # boto3 honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and the credentials chain.
+            config = Config(
+                connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT,
+                retries={"mode": "standard", "max_attempts": BOTO_ATTEMPTS},
+                max_pool_connections=max_connections,
+            )
+            client = boto3.session.Session().client("s3", config=config)
+            _clients[max_connections] = client
+        return client
+
+
+def reset_s3_clients() -> None:
+    """Forget cached clients (after a SnapStart restore: new connections, new credentials)."""
+    with _clients_lock:
+        _clients.clear()
+
+
+class _Replaced(Exception):
+    """The object changed between two ranged GETs of one load."""
+
+
+class S3Fetcher:
+    """Reads one S3 object version with parallel ranged GETs straight into a single buffer."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int = 8,
+        part_size: int = 8 * 1024 * 1024,
+        s3_client: S3Client | None = None,
+    ) -> None:
+        self.concurrency = concurrency
+        self.part_size = part_size
+        self._client = s3_client
+
+    @property
+    def client(self) -> S3Client:
+        return self._client if self._client is not None else s3_client(self.concurrency + 2)
+
+    def fetch(self, uri: ModelURI, *, expected_sha256: str | None = None) -> Weights:
+        """Fetch the object; restart once if it is replaced mid-read, never mixing versions."""
+        try:
+            return self._fetch(uri, expected_sha256)
+        except _Replaced:
+            log.warning("%s changed during the load; starting again from the new version", uri.uri)
+        try:
+            return self._fetch(uri, expected_sha256)
+        except _Replaced:
+            raise ModelChangedError(
+                f"{uri.uri}: the object changed twice while it was being read; "
+                "give a ?versionId= to pin one version"
+            ) from None
+
+    def _fetch(self, uri: ModelURI, expected: str | None) -> Weights:
+        started = time.perf_counter()
+        first = self._get(uri, 0, self.part_size - 1, {"VersionId": uri.version_id})
+        total, etag = first["total"], first["ETag"]
+        version = first.get("VersionId")
+        buffer = bytearray(total)
+        view = memoryview(buffer)
+        # Later ranges must come from the same version: pin its id where the bucket has
+        # versions, else make S3 refuse any other ETag (412 PreconditionFailed).
+        pin = {"VersionId": version} if version else {"IfMatch": etag}
+        digest = hashlib.sha256()
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="lazyserve-s3") as pool:
+            head: Future[Any] = pool.submit(self._read, uri, view, 0, first)
+            futures = [head]
+            for start in range(int(first["end"]) + 1, total, self.part_size):
+                end = min(start + self.part_size, total) - 1
+                futures.append(pool.submit(self._range, uri, view, start, end, pin, etag))
+            try:
+                offset = 0
+                # Hash each part as soon as it and those before it are in: the digest
+                # overlaps the download instead of making a second pass.
+                for future in futures:
+                    end = future.result()
+                    digest.update(view[offset : end + 1])
+                    offset = end + 1
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+        sha = digest.hexdigest()
+        stored = (first.get("Metadata") or {}).get("sha256")
+        if expected is not None:
+            _verify(uri.uri, sha, expected, "LAZYSERVE_MODEL_SHA256")
+        else:
+            _verify(uri.uri, sha, stored, "the sha256 stored with the object")
+        return Weights(
+            uri.uri,
+            total,
+            sha,
+            buffer=buffer,
+            version_id=version,
+            etag=etag,
+            fetch_seconds=time.perf_counter() - started,
+            connections=min(self.concurrency, len(futures)),
+        )
+
+    def _range(
+        self, uri: ModelURI, view: memoryview, start: int, end: int, pin: dict[str, Any], etag: str
+    ) -> int:
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            response = self._get(uri, start, end, pin)
+            if response["ETag"] != etag:
+                raise _Replaced
+            try:
+                return self._read(uri, view, start, response)
+            except ModelFetchError:
+                if attempt == BODY_ATTEMPTS:
+                    raise
+                delay = min(2.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
+                log.warning("%s bytes %d-%d: retrying after a broken body", uri.uri, start, end)
+                threading.Event().wait(delay)
+        raise AssertionError("unreachable")
+
+    def _get(self, uri: ModelURI, start: int, end: int, extra: dict[str, Any]) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        params = {k: v for k, v in extra.items() if v is not None}
+        try:
+            response: dict[str, Any] = dict(
+                self.client.get_object(
+                    Bucket=uri.bucket or "", Key=uri.key or "", Range=f"bytes={start}-{end}", **params
+                )
+            )
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            if code in ("PreconditionFailed", "412"):
+                raise _Replaced from exc
+            if code == "InvalidRange":
+                raise ModelFormatError(f"{uri.uri}: the object is empty") from exc
+            request_id = exc.response.get("ResponseMetadata", {}).get("RequestId", "")
+            hint = _S3_HINTS.get(code, str(error.get("Message", "")))
+            raise ModelFetchError(
+                f"cannot read s3://{uri.bucket}/{uri.key}: S3 error {code} ({hint})"
+                + (f", request id {request_id}" if request_id else "")
+            ) from exc
+        except BotoCoreError as exc:
+            raise ModelFetchError(
+                f"cannot read s3://{uri.bucket}/{uri.key}: {type(exc).__name__}: {exc}"
+            ) from exc
+        match = _CONTENT_RANGE.fullmatch(str(response.get("ContentRange", "")))
+        if match is None or int(match.group(1)) != start:
+            response["Body"].close()
+            raise ModelFetchError(
+                f"cannot read s3://{uri.bucket}/{uri.key}: the endpoint ignored the Range header "
+                f"(Content-Range {response.get('ContentRange')!r})"
+            )
+        response["total"] = int(match.group(3))
+        response["end"] = int(match.group(2))
+        return response
+
+    def _read(self, uri: ModelURI, view: memoryview, start: int, response: dict[str, Any]) -> int:
+        from botocore.exceptions import BotoCoreError
+
+        end = int(response["end"])
+        body = response["Body"]
+        target = view[start : end + 1]
+        got = 0
+        try:
+            with body:
+                while got < len(target):
+                    n = body.readinto(target[got:])
+                    if not n:
+                        break
+                    got += n
+        except BotoCoreError as exc:
+            raise ModelFetchError(
+                f"cannot read s3://{uri.bucket}/{uri.key} bytes {start}-{end}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if got != len(target):
+            raise ModelFetchError(
+                f"cannot read s3://{uri.bucket}/{uri.key} bytes {start}-{end}: "
+                f"body ended after {got} of {len(target)} bytes"
+            )
+        return end
