@@ -1,4 +1,4 @@
-"""FastAPI side: a 503 for an unavailable model, a body size limit, and health/ready/model routes."""
+"""FastAPI side: the 503 of an unavailable model, the body size limit, health/ready/model."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 
@@ -57,7 +57,7 @@ def lambda_handler(
         if not isinstance(event, Mapping):
             raise UnsupportedEvent(f"the event is a {type(event).__name__}; accepted: {ACCEPTED}")
         if _is_http(event):
-            return http(event, context)
+            return http(event, cast(Any, context))
         if direct is not None and direct_key in event:
             return direct(event)
         if _is_warmup(event):

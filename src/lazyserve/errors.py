@@ -1,17 +1,17 @@
 """Errors raised by lazyserve.
 
-    LazyserveError
-    ├── SettingsError          a LAZYSERVE_* variable is missing or invalid
-    ├── ModelUnavailable       the model cannot be served right now (HTTP 503)
-    │   ├── ModelLoadTimeout   a request waited longer than LAZYSERVE_LOAD_WAIT
-    │   └── ModelLoadError     a load ran and failed
-    │       ├── ModelFetchError      the weights could not be read (S3 or local file)
-    │       ├── ModelChangedError    the S3 object changed while it was being read
-    │       ├── ModelIntegrityError  the weights do not match the expected sha256
-    │       └── ModelFormatError     the bytes are not a safe, valid weights file for the model
-    └── LambdaEventError       a direct Lambda invocation that cannot be served
-        ├── InvalidInput       the payload breaks the input rules
-        └── UnsupportedEvent   the event has none of the accepted shapes
+LazyserveError
+├── SettingsError          a LAZYSERVE_* variable is missing or invalid
+├── ModelUnavailable       the model cannot be served right now (HTTP 503)
+│   ├── ModelLoadTimeout   a request waited longer than LAZYSERVE_LOAD_WAIT
+│   └── ModelLoadError     a load ran and failed
+│       ├── ModelFetchError      the weights could not be read (S3 or local file)
+│       ├── ModelChangedError    the S3 object changed while it was being read
+│       ├── ModelIntegrityError  the weights do not match the expected sha256
+│       └── ModelFormatError     the bytes are not a safe, valid weights file for the model
+└── LambdaEventError       a direct Lambda invocation that cannot be served
+    ├── InvalidInput       the payload breaks the input rules
+    └── UnsupportedEvent   the event has none of the accepted shapes
 """
 
 from __future__ import annotations

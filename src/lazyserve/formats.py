@@ -116,7 +116,8 @@ def _read_pt(weights: Weights) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelFormatError(
-            f"{weights.uri}: refused: not a plain state dict (torch.load weights_only=True: {first})"
+            f"{weights.uri}: refused: not a plain state dict "
+            f"(torch.load weights_only=True: {first})"
         ) from None
     except (RuntimeError, EOFError, ValueError) as exc:
         raise ModelFormatError(f"{weights.uri}: not a torch.save file ({exc})") from None

@@ -86,8 +86,13 @@ class LazyModel(Generic[T]):
             value = self._load()
         except BaseException as exc:
             error = exc if isinstance(exc, ModelUnavailable) else _wrap(exc)
-            log.error("%s load failed after %.3fs: %s", self.name, time.perf_counter() - started,
-                      error, exc_info=not isinstance(exc, LazyserveError))
+            log.error(
+                "%s load failed after %.3fs: %s",
+                self.name,
+                time.perf_counter() - started,
+                error,
+                exc_info=not isinstance(exc, LazyserveError),
+            )
             self.last_error = error
             future.set_exception(error)
             if not isinstance(exc, Exception):

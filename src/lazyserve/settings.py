@@ -60,7 +60,9 @@ def parse_model_uri(uri: str) -> ModelURI:
         query = parse_qs(parts.query, keep_blank_values=True)
         unknown = sorted(set(query) - {"versionId"})
         if unknown or len(query.get("versionId", [])) > 1:
-            raise ValueError(f"the only query parameter accepted is one versionId, got {parts.query!r}")
+            raise ValueError(
+                f"the only query parameter accepted is one versionId, got {parts.query!r}"
+            )
         version = query.get("versionId", [None])[0]
         if version == "":
             raise ValueError("versionId is empty; drop it or give the object's version id")
@@ -179,7 +181,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             return (_MappingEnvSource(settings_cls, env),)
 
     try:
-        loaded = _Settings()
+        loaded = _Settings()  # type: ignore[call-arg]  # values come from the environment
     except ValidationError as exc:
         lines = [_describe(err, env) for err in exc.errors()]
         raise SettingsError(" ".join(lines)) from None

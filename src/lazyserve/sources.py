@@ -22,7 +22,7 @@ from lazyserve.errors import (
 from lazyserve.settings import ModelURI
 from lazyserve.types import S3Client
 
-__all__ = ["S3Fetcher", "Weights", "fetch_local", "s3_client", "reset_s3_clients"]
+__all__ = ["S3Fetcher", "Weights", "fetch_local", "reset_s3_clients", "s3_client"]
 
 log = logging.getLogger("lazyserve")
 
@@ -231,7 +231,10 @@ class S3Fetcher:
         try:
             response: dict[str, Any] = dict(
                 self.client.get_object(
-                    Bucket=uri.bucket or "", Key=uri.key or "", Range=f"bytes={start}-{end}", **params
+                    Bucket=uri.bucket or "",
+                    Key=uri.key or "",
+                    Range=f"bytes={start}-{end}",
+                    **params,
                 )
             )
         except ClientError as exc:

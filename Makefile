@@ -1,0 +1,37 @@
+# Every pip install here goes through constraints.txt, which pins the CPU build of torch.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lazyserve demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src handler tests benchmarks
+	$(BIN)/ruff format --check src handler tests benchmarks
+	$(BIN)/mypy src handler
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src handler tests benchmarks
+	$(BIN)/ruff format src handler tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.s3server import CountingS3Server
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTS = ROOT / "events"
+WEIGHTS = ROOT / "handler" / "weights" / "digits.safetensors"
+REGION = "us-east-1"
+BUCKET = "lazyserve-models"
+KEY = "digits/digits.safetensors"
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKEFAKE",
+    "AWS_SECRET_ACCESS_KEY": "fake/secret/key/that/must/never/be/logged00",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_REGION": REGION,
+}
+
+
+def load_event(name: str) -> dict[str, Any]:
+    """A stored Lambda event from events/, by file name without `.json`."""
+    data: dict[str, Any] = json.loads((EVENTS / f"{name}.json").read_text())
+    return data
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No LAZYSERVE_* or AWS_* variable leaks into a test; fake credentials, fixed region."""
+    from lazyserve.sources import reset_s3_clients
+
+    for name in list(os.environ):
+        if name.startswith(("LAZYSERVE_", "AWS_")):
+            monkeypatch.delenv(name)
+    for name, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    reset_s3_clients()
+    yield
+    reset_s3_clients()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[CountingS3Server]:
+    """moto's S3 server on 127.0.0.1 (a free port), for the whole session."""
+    server = CountingS3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: CountingS3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[CountingS3Server]:
+    """The S3 server, cleared, with boto3 pointed at it (AWS_ENDPOINT_URL_S3) and the reference
+    weights uploaded to s3://BUCKET/KEY."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)
+    client = boto3.client("s3", region_name=REGION, endpoint_url=s3_server.endpoint)
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    client.put_object(Bucket=BUCKET, Key=KEY, Body=WEIGHTS.read_bytes())
+    s3_server.fault = None
+    s3_server.clear()
+    yield s3_server
+    s3_server.fault = None
+
+
+@pytest.fixture
+def import_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., ModuleType]]:
+    """Import handler.app afresh with the given LAZYSERVE_* settings, as a new process would."""
+
+    def _import(**settings: str) -> ModuleType:
+        for name, value in settings.items():
+            monkeypatch.setenv(name, value)
+        sys.modules.pop("handler.app", None)
+        return importlib.import_module("handler.app")
+
+    yield _import
+    sys.modules.pop("handler.app", None)
+
+
+def s3_uri() -> str:
+    return f"s3://{BUCKET}/{KEY}"
