@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
-import logging
-from typing import Annotated, Any
+from lazyserve.settings import load_settings
+from lazyserve.sources import prefetch
 
-import torch
-from fastapi import Depends, FastAPI
-from pydantic import BaseModel, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
+# Settings first: a bad LAZYSERVE_* value fails the import (on Lambda, an init error) before
+# any AWS call. Unless loading is lazy, the weights download starts now, in a thread, and
+# overlaps the imports below (torch alone takes a second or more).
+settings = load_settings()
+if settings.load != "lazy":
+    prefetch(settings)
 
-from handler.model import CLASSES, INPUTS, PIXEL_MAX, DigitsMLP
-from lazyserve import Loaded, lambda_handler, lazy_model, load_settings, setup_app, start_loading
-from lazyserve.app import UNAVAILABLE
-from lazyserve.aws import invalid_input
-from lazyserve.types import LambdaEvent
+import logging  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
+import torch  # noqa: E402
+from fastapi import Depends, FastAPI  # noqa: E402
+from pydantic import BaseModel, Field, ValidationError  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+
+from handler.model import CLASSES, INPUTS, PIXEL_MAX, DigitsMLP  # noqa: E402
+from lazyserve import Loaded, lambda_handler, lazy_model, setup_app, start_loading  # noqa: E402
+from lazyserve.app import UNAVAILABLE  # noqa: E402
+from lazyserve.aws import invalid_input  # noqa: E402
+from lazyserve.types import LambdaEvent  # noqa: E402
 
 MAX_ROWS = 256
 RULES = f"1 to {MAX_ROWS} rows, each exactly {INPUTS} finite numbers in 0..{PIXEL_MAX}"
 
-settings = load_settings()  # fails at import (Lambda INIT) on a bad LAZYSERVE_* value
 logging.basicConfig(level=settings.log_level)
 logging.getLogger("lazyserve").setLevel(settings.log_level)
 

@@ -1,19 +1,47 @@
 """Serve a PyTorch model behind FastAPI on AWS Lambda: loaded once, lazily, safely and fast."""
 
-from lazyserve.app import setup_app
-from lazyserve.aws import lambda_handler, start_loading
-from lazyserve.errors import (
-    InvalidInput,
-    LazyserveError,
-    ModelLoadError,
-    ModelUnavailable,
-    SettingsError,
-    UnsupportedEvent,
-)
-from lazyserve.lazy import LazyModel
-from lazyserve.model import Loaded, ModelInfo, lazy_model, load_model
-from lazyserve.settings import Settings, load_settings
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lazyserve.app import setup_app
+    from lazyserve.aws import lambda_handler, start_loading
+    from lazyserve.errors import (
+        InvalidInput,
+        LazyserveError,
+        ModelLoadError,
+        ModelUnavailable,
+        SettingsError,
+        UnsupportedEvent,
+    )
+    from lazyserve.lazy import LazyModel
+    from lazyserve.model import Loaded, ModelInfo, lazy_model, load_model
+    from lazyserve.settings import Settings, load_settings
+    from lazyserve.sources import prefetch
+
+# Names resolve on first use (PEP 562), so `lazyserve.settings` and `lazyserve.sources` can
+# start a weights prefetch before anything imports torch.
+_WHERE = {
+    "InvalidInput": "errors",
+    "LazyModel": "lazy",
+    "LazyserveError": "errors",
+    "Loaded": "model",
+    "ModelInfo": "model",
+    "ModelLoadError": "errors",
+    "ModelUnavailable": "errors",
+    "Settings": "settings",
+    "SettingsError": "errors",
+    "UnsupportedEvent": "errors",
+    "lambda_handler": "aws",
+    "lazy_model": "model",
+    "load_model": "model",
+    "load_settings": "settings",
+    "prefetch": "sources",
+    "setup_app": "app",
+    "start_loading": "aws",
+}
 __all__ = [
     "InvalidInput",
     "LazyModel",
@@ -29,6 +57,19 @@ __all__ = [
     "lazy_model",
     "load_model",
     "load_settings",
+    "prefetch",
     "setup_app",
     "start_loading",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'lazyserve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lazyserve.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from pydantic import ValidationError
 
-from lazyserve.errors import InvalidInput, ModelUnavailable, UnsupportedEvent
+from lazyserve.errors import InvalidInput, ModelLoadTimeout, ModelUnavailable, UnsupportedEvent
 from lazyserve.lazy import LazyModel
 from lazyserve.model import Loaded
 from lazyserve.settings import Settings
+from lazyserve.sources import reset_s3_clients
 from lazyserve.types import LambdaContext, LambdaEvent, LambdaHandler
 
-__all__ = ["invalid_input", "lambda_handler", "start_loading"]
+__all__ = ["INIT_BUDGET", "invalid_input", "lambda_handler", "start_loading"]
 
 log = logging.getLogger("lazyserve")
 
@@ -80,20 +82,62 @@ def invalid_input(exc: ValidationError, rules: str) -> InvalidInput:
     return InvalidInput(f"{'; '.join(problems)}{tail}. Accepted: {rules}")
 
 
+INIT_BUDGET = 8.0
+"""Seconds an eager load may hold Lambda's INIT (10 s on on-demand functions, less our margin
+for the rest of the import) before it goes on in the background."""
+
+
 def start_loading(
     model: LazyModel[Loaded[Any]], settings: Settings, environ: Mapping[str, str] | None = None
-) -> None:
-    """Apply LAZYSERVE_LOAD at import time (Lambda's INIT): nothing, load now, or start now."""
+) -> str:
+    """Apply LAZYSERVE_LOAD at import time (Lambda's INIT); return the mode applied.
+
+    `eager` waits at most INIT_BUDGET seconds: Lambda would otherwise kill INIT at 10 s and run
+    it again inside the first invocation, throwing the partial download away. A load still
+    running then carries on in its thread and the first request awaits it. Under SnapStart the
+    load always completes before the snapshot (whose INIT may take up to 15 minutes).
+    """
     env = os.environ if environ is None else environ
-    mode = settings.load
+    mode: str = settings.load
     if env.get("AWS_LAMBDA_INITIALIZATION_TYPE") == "snap-start":
-        mode = "eager"  # the snapshot must hold the loaded model
+        _register_snapstart_hooks(model)
+        mode = "snap-start"
+    if mode == "lazy":
+        return mode
+    model.start()
     if mode == "background":
-        model.start()
-    elif mode == "eager":
-        try:
-            model.get()
-        except ModelUnavailable as exc:
-            # Failing INIT would only make Lambda re-run it inside the first invocation; the
-            # first request that needs the model retries the load instead.
-            log.error("eager load did not complete during init: %s", exc)
+        return mode
+    budget = 900.0 if mode == "snap-start" else min(INIT_BUDGET, settings.load_wait)
+    try:
+        model.get(timeout=budget)
+    except ModelLoadTimeout:
+        log.warning("model load goes on after init (%.1fs budget); requests will await it", budget)
+    except ModelUnavailable as exc:
+        # Failing INIT would only make Lambda re-run it inside the first invocation; the
+        # first request that needs the model retries the load instead.
+        log.error("model load failed during init, the next request retries: %s", exc)
+    return mode
+
+
+def _register_snapstart_hooks(model: LazyModel[Loaded[Any]]) -> None:
+    try:
+        from snapshot_restore_py import register_after_restore, register_before_snapshot
+    except ImportError:  # not on Lambda's runtime: nothing will take a snapshot
+        log.info("snapshot_restore_py is not installed; SnapStart hooks not registered")
+        return
+
+    def before_snapshot() -> None:
+        model.get(timeout=900.0)
+
+    def after_restore() -> None:
+        # Every restored copy would otherwise share the snapshot's connections, credentials
+        # and random state.
+        reset_s3_clients()
+        random.seed()
+        import torch
+
+        torch.seed()
+        log.info("restored from a SnapStart snapshot: S3 clients and random seeds renewed")
+
+    register_before_snapshot(before_snapshot)
+    register_after_restore(after_restore)

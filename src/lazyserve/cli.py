@@ -76,7 +76,7 @@ def demo(port: int) -> int:
     body = json.dumps({"inputs": [pixels]}, separators=(",", ":"))
     print(f"embedded S3 at {endpoint}: s3://{DEMO_BUCKET}/{DEMO_KEY} ({len(data)} bytes)")
     print(f"serving the digits function on http://127.0.0.1:{port} (Ctrl-C stops)")
-    print(f"try it (a real handwritten {label}; expect \"label\":{label}):")
+    print(f'try it (a real handwritten {label}; expect "label":{label}):')
     print(
         f"  curl -s http://127.0.0.1:{port}/predict "
         f"-H 'content-type: application/json' -d '{body}'",

@@ -14,7 +14,7 @@ import torch
 from lazyserve.formats import build_model, format_of, read_state_dict
 from lazyserve.lazy import LazyModel
 from lazyserve.settings import Settings
-from lazyserve.sources import S3Fetcher, Weights, fetch_local
+from lazyserve.sources import fetch_weights, take_prefetched
 from lazyserve.types import S3Client
 
 __all__ = ["Loaded", "ModelInfo", "lazy_model", "load_model"]
@@ -51,26 +51,16 @@ class Loaded(Generic[M]):
     info: ModelInfo
 
 
-def fetch_weights(settings: Settings, *, s3_client: S3Client | None = None) -> Weights:
-    """The weights' bytes, from S3 or a local file, checked against the expected sha256."""
-    uri = settings.uri
-    if uri.is_s3:
-        fetcher = S3Fetcher(
-            concurrency=settings.s3_concurrency,
-            part_size=settings.s3_part_size,
-            s3_client=s3_client,
-        )
-        return fetcher.fetch(uri, expected_sha256=settings.model_sha256)
-    return fetch_local(uri, expected_sha256=settings.model_sha256)
-
-
 def load_model(
     build: Callable[[], M], settings: Settings, *, s3_client: S3Client | None = None
 ) -> Loaded[M]:
     """Fetch, check and build the model once; raises a ModelLoadError subclass on failure."""
-    started = time.perf_counter()
-    weights = fetch_weights(settings, s3_client=s3_client)
-    built = time.perf_counter()
+    prefetched = take_prefetched(settings)
+    if prefetched is not None:
+        weights = prefetched.result()
+    else:
+        weights = fetch_weights(settings, s3_client=s3_client)
+    fetched = time.perf_counter()
     module = build_model(build, read_state_dict(weights), weights.uri)
     done = time.perf_counter()
     info = ModelInfo(
@@ -80,9 +70,9 @@ def load_model(
         format=format_of(weights),
         version_id=weights.version_id,
         etag=weights.etag,
-        fetch_seconds=round(built - started, 6),
-        build_seconds=round(done - built, 6),
-        total_seconds=round(done - started, 6),
+        fetch_seconds=round(weights.fetch_seconds, 6),
+        build_seconds=round(done - fetched, 6),
+        total_seconds=round(done - weights.started, 6),
         loaded_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         connections=weights.connections,
     )

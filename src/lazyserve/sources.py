@@ -19,10 +19,19 @@ from lazyserve.errors import (
     ModelFormatError,
     ModelIntegrityError,
 )
-from lazyserve.settings import ModelURI
+from lazyserve.settings import ModelURI, Settings
 from lazyserve.types import S3Client
 
-__all__ = ["S3Fetcher", "Weights", "fetch_local", "reset_s3_clients", "s3_client"]
+__all__ = [
+    "S3Fetcher",
+    "Weights",
+    "fetch_local",
+    "fetch_weights",
+    "prefetch",
+    "reset_s3_clients",
+    "s3_client",
+    "take_prefetched",
+]
 
 log = logging.getLogger("lazyserve")
 
@@ -55,6 +64,7 @@ class Weights:
     etag: str | None = None
     fetch_seconds: float = 0.0
     connections: int = 1
+    started: float = 0.0  # time.perf_counter() when the fetch began
 
 
 def _verify(uri: str, actual: str, expected: str | None, origin: str) -> None:
@@ -92,7 +102,9 @@ def fetch_local(uri: ModelURI, *, expected_sha256: str | None = None) -> Weights
     sha = digest.hexdigest()
     _verify(uri.uri, sha, expected_sha256, "LAZYSERVE_MODEL_SHA256")
     elapsed = time.perf_counter() - started
-    return Weights(uri.uri, size, sha, buffer=buffer, path=uri.path, fetch_seconds=elapsed)
+    return Weights(
+        uri.uri, size, sha, buffer=buffer, path=uri.path, fetch_seconds=elapsed, started=started
+    )
 
 
 _clients: dict[int, S3Client] = {}
@@ -205,6 +217,7 @@ class S3Fetcher:
             etag=etag,
             fetch_seconds=time.perf_counter() - started,
             connections=min(self.concurrency, len(futures)),
+            started=started,
         )
 
     def _range(
@@ -290,3 +303,47 @@ class S3Fetcher:
                 f"body ended after {got} of {len(target)} bytes"
             )
         return end
+
+
+def fetch_weights(settings: Settings, *, s3_client: S3Client | None = None) -> Weights:
+    """The weights' bytes, from S3 or a local file, checked against the expected sha256."""
+    uri = settings.uri
+    if uri.is_s3:
+        fetcher = S3Fetcher(
+            concurrency=settings.s3_concurrency,
+            part_size=settings.s3_part_size,
+            s3_client=s3_client,
+        )
+        return fetcher.fetch(uri, expected_sha256=settings.model_sha256)
+    return fetch_local(uri, expected_sha256=settings.model_sha256)
+
+
+_prefetches: dict[str, Future[Weights]] = {}
+_prefetch_lock = threading.Lock()
+
+
+def prefetch(settings: Settings, *, s3_client: S3Client | None = None) -> Future[Weights]:
+    """Start fetching the weights in a thread now, e.g. before `import torch`, so the download
+    overlaps the rest of the import; the next load with these settings takes the result."""
+    with _prefetch_lock:
+        future = _prefetches.get(settings.model_uri)
+        if future is not None:
+            return future
+        future = Future()
+        future.set_running_or_notify_cancel()
+        _prefetches[settings.model_uri] = future
+
+    def run() -> None:
+        try:
+            future.set_result(fetch_weights(settings, s3_client=s3_client))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="lazyserve-prefetch", daemon=True).start()
+    return future
+
+
+def take_prefetched(settings: Settings) -> Future[Weights] | None:
+    """The prefetch started for these settings, if any; each prefetch is taken once."""
+    with _prefetch_lock:
+        return _prefetches.pop(settings.model_uri, None)
