@@ -1,4 +1,4 @@
-"""The `lazyserve` command line: demo, serve, invoke (see `lazyserve --help`)."""
+"""The `lazyserve` command line: demo, serve, invoke, push, convert (`lazyserve --help`)."""
 
 from __future__ import annotations
 
@@ -150,6 +150,36 @@ def invoke(events: Sequence[str], handler_path: str, repeat: int) -> int:
     return 1 if failures else 0
 
 
+def push(file: str, uri: str) -> int:
+    from lazyserve.errors import LazyserveError
+    from lazyserve.publish import push as push_file
+
+    try:
+        pushed = push_file(Path(file), uri)
+    except (LazyserveError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"uri: {pushed.uri}")
+    print(f"sha256: {pushed.sha256}")
+    print(f"size: {pushed.size}")
+    print(f"version_id: {pushed.version_id or '-'}")
+    return 0
+
+
+def convert(source: str, target: str) -> int:
+    from lazyserve.errors import LazyserveError
+    from lazyserve.publish import convert as convert_file
+    from lazyserve.publish import file_sha256
+
+    try:
+        count = convert_file(Path(source), Path(target))
+    except (LazyserveError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {target}: {count} tensors, sha256 {file_sha256(Path(target))}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lazyserve", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
@@ -164,6 +194,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("events", nargs="+", metavar="EVENT.json")
     p.add_argument("--handler", default=DEFAULT_HANDLER)
     p.add_argument("--repeat", type=int, default=1)
+    p = sub.add_parser("push", help="upload weights to S3 with their sha256 (multipart)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("uri", metavar="s3://bucket/key")
+    p = sub.add_parser("convert", help="a .pt state dict (weights_only=True) to safetensors")
+    p.add_argument("source", metavar="IN.pt")
+    p.add_argument("target", metavar="OUT.safetensors")
     return top
 
 
@@ -173,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo(args.port)
     if args.command == "serve":
         return serve(args.app, args.host, args.port, args.workers)
+    if args.command == "push":
+        return push(args.file, args.uri)
+    if args.command == "convert":
+        return convert(args.source, args.target)
     return invoke(args.events, args.handler, args.repeat)
 
 
