@@ -33,7 +33,6 @@ logging.basicConfig(level=settings.log_level)
 logging.getLogger("lazyserve").setLevel(settings.log_level)
 
 model = lazy_model(DigitsMLP, settings)
-DigitsModel = Annotated[Loaded[DigitsMLP], Depends(model)]
 
 Pixel = Annotated[float, Field(ge=0, le=PIXEL_MAX, allow_inf_nan=False, strict=True)]
 Row = Annotated[list[Pixel], Field(min_length=INPUTS, max_length=INPUTS)]
@@ -75,8 +74,17 @@ def infer(loaded: Loaded[DigitsMLP], rows: list[list[float]]) -> PredictResponse
     )
 
 
+async def digits_model(request: PredictRequest) -> Loaded[DigitsMLP]:
+    """The loaded model, as a dependency that takes the request body: FastAPI runs
+    dependencies before it validates the body, except those whose own parameters fail, so a
+    bad body is a 422 at once, even while the model loads or cannot load."""
+    return await model.aget()
+
+
 @app.post("/predict", responses=UNAVAILABLE)
-async def predict(request: PredictRequest, loaded: DigitsModel) -> PredictResponse:
+async def predict(
+    request: PredictRequest, loaded: Annotated[Loaded[DigitsMLP], Depends(digits_model)]
+) -> PredictResponse:
     # Inference in a worker thread keeps the event loop free for /health under load.
     return await run_in_threadpool(infer, loaded, request.inputs)
 

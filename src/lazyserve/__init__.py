@@ -1,11 +1,9 @@
 """Serve a PyTorch model behind FastAPI on AWS Lambda: loaded once, lazily, safely and fast."""
 
-from __future__ import annotations
+import importlib as _importlib
+import typing as _typing
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from lazyserve.app import setup_app
     from lazyserve.aws import lambda_handler, start_loading
     from lazyserve.errors import (
@@ -63,10 +61,10 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name not in _WHERE:
         raise AttributeError(f"module 'lazyserve' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"lazyserve.{_WHERE[name]}"), name)
+    value = getattr(_importlib.import_module(f"lazyserve.{_WHERE[name]}"), name)
     globals()[name] = value
     return value
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lazyserve.errors import ModelLoadTimeout, ModelUnavailable
 from lazyserve.lazy import LazyModel, Status
@@ -72,10 +79,79 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     return unavailable_response(exc)
 
 
-async def _too_deep(request: Request, exc: Exception) -> JSONResponse:
-    # json.loads raises RecursionError on deeply nested input; FastAPI only maps JSONDecodeError.
-    detail = [{"type": "json_invalid", "loc": ["body"], "msg": "JSON nested too deeply"}]
+async def _http_error(request: Request, exc: Exception) -> Any:
+    # json.loads raises RecursionError on deeply nested input; FastAPI turns every body-parsing
+    # error other than JSONDecodeError into "400 There was an error parsing the body".
+    assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, RecursionError):
+        detail = [{"type": "json_invalid", "loc": ["body"], "msg": "JSON nested too deeply"}]
+        return JSONResponse({"detail": detail}, status_code=422)
+    return await http_exception_handler(request, exc)
+
+
+def _json_safe(value: Any) -> Any:
+    # json.loads accepts NaN, Infinity and 1e400; echoing them back in the error's "input"
+    # makes the 422 itself unserialisable (a 500).
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    detail = _json_safe(jsonable_encoder(exc.errors()))
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+class BodyLimit:
+    """A JSON 413 for bodies over `limit` bytes (Starlette's limiter answers in plain text)."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if started:
+                raise
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"the request body is larger than {self.limit} bytes"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def model_router(holder: LazyModel[Loaded[Any]]) -> APIRouter:
@@ -133,9 +209,7 @@ def model_metadata(holder: LazyModel[Loaded[Any]]) -> ModelMetadata:
 def setup_app(app: FastAPI, holder: LazyModel[Loaded[Any]]) -> None:
     """Add the model routes, the 503 handler and Lambda's body size limit to `app`."""
     app.add_exception_handler(ModelUnavailable, _unavailable)
-    app.add_exception_handler(RecursionError, _too_deep)
-    # Starlette's RequestBodyLimitMiddleware, switched on by FastAPI's max_body_size: a 413
-    # as soon as Content-Length (or the bytes streamed so far) pass the limit.
-    if app.max_body_size is None:
-        app.max_body_size = MAX_BODY_BYTES
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.include_router(model_router(holder))

@@ -1,0 +1,276 @@
+"""End to end: the reference function under a real uvicorn process on 127.0.0.1, loading from
+moto's S3 server over real HTTP, driven by real HTTP clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from tests.conftest import ROOT, s3_uri
+from tests.s3server import CountingS3Server
+from tests.test_app import (
+    ACCESS_DENIED,
+    BUCKET,
+    DIGIT_8,
+    KEY,
+    PART_SIZE,
+    PARTS,
+    WEIGHTS_SHA256,
+    Gate,
+    assert_prediction_shape,
+    assert_unavailable,
+    failing_gets,
+    weights_gets,
+)
+
+STARTUP_LIMIT = 30.0  # seconds uvicorn may take to import torch and answer /health
+CLIENTS = 40
+
+StartServer = Callable[..., str]
+
+
+class UvicornProcess:
+    """`python -m uvicorn handler.app:app --fd N` on a socket the test bound to 127.0.0.1:0."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        host, port = self.sock.getsockname()
+        self.url = f"http://{host}:{port}"
+        self.log_path = log
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "handler.app:app", "--fd", str(self.sock.fileno())],
+            pass_fds=(self.sock.fileno(),),
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + STARTUP_LIMIT
+        with httpx.Client(base_url=self.url, timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    pytest.fail(f"uvicorn exited with {self.process.returncode}:\n{self.log()}")
+                try:
+                    if client.get("/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        pytest.fail(f"uvicorn did not answer /health within {STARTUP_LIMIT}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        try:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(timeout=10)
+        finally:
+            self._log.close()
+            self.sock.close()
+
+
+@pytest.fixture
+def start_server(s3: CountingS3Server, tmp_path: Path) -> Iterator[StartServer]:
+    """Start the reference function under uvicorn, loading s3://lazyserve-models/digits/...
+    from the moto server; returns its base URL. Every server is stopped after the test."""
+    servers: list[UvicornProcess] = []
+
+    def start(**settings: str) -> str:
+        env = dict(os.environ)  # fake credentials, region and AWS_ENDPOINT_URL_S3 (s3 fixture)
+        env.update(
+            LAZYSERVE_MODEL_URI=s3_uri(),
+            LAZYSERVE_S3_PART_SIZE=str(PART_SIZE),
+            LAZYSERVE_LOG_LEVEL="WARNING",
+        )
+        env.update(settings)
+        assert env["AWS_ENDPOINT_URL_S3"] == s3.endpoint
+        server = UvicornProcess(env, tmp_path / f"uvicorn-{len(servers)}.log")
+        servers.append(server)
+        server.wait_healthy()
+        return server.url
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def gate(s3: CountingS3Server) -> Iterator[Gate]:
+    gate = Gate()
+    s3.fault = gate
+    try:
+        yield gate
+    finally:
+        gate.open()
+        s3.fault = None
+
+
+async def wait_until(condition: Callable[[], bool], limit: float = 30.0) -> None:
+    with anyio.fail_after(limit):
+        while not condition():
+            await anyio.sleep(0.02)
+
+
+@pytest.mark.anyio
+async def test_concurrent_clients_during_cold_start_share_one_load(
+    s3: CountingS3Server, start_server: StartServer, gate: Gate
+) -> None:
+    url = start_server()
+    async with httpx.AsyncClient(base_url=url, timeout=60) as probe:
+        assert (await probe.get("/health")).json() == {"status": "ok", "model": "not_loaded"}
+    assert weights_gets(s3) == 0
+
+    statuses: list[int] = []
+    labels: list[int] = []
+    sent = 0
+
+    async def client() -> None:
+        nonlocal sent
+        # One connection per client: 40 separate users arriving at a cold process.
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            sent += 1
+            response = await http.post("/predict", json={"inputs": [DIGIT_8]})
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            body = response.json()
+            assert_prediction_shape(body, 1)
+            labels.append(body["predictions"][0]["label"])
+
+    async with anyio.create_task_group() as group:
+        for _ in range(CLIENTS):
+            group.start_soon(client)
+        # Hold S3 until the load has begun and every client has sent its request, so the
+        # requests really arrive during the cold start; then let the load finish.
+        await wait_until(lambda: gate.held >= 1 and sent == CLIENTS)
+        await anyio.sleep(0.2)
+        gate.open()
+
+    assert statuses == [200] * CLIENTS
+    assert labels == [8] * CLIENTS
+    assert weights_gets(s3) == PARTS
+    async with httpx.AsyncClient(base_url=url, timeout=60) as probe:
+        meta = (await probe.get("/model")).json()
+    assert meta["loads"] == 1
+    assert meta["load_attempts"] == 1
+    assert meta["sha256"] == WEIGHTS_SHA256
+
+
+@pytest.mark.anyio
+async def test_health_answers_loading_while_s3_is_slow(
+    s3: CountingS3Server, start_server: StartServer, gate: Gate
+) -> None:
+    url = start_server()
+    statuses: list[int] = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+
+        async def predict() -> None:
+            response = await http.post("/predict", json={"inputs": [DIGIT_8]})
+            statuses.append(response.status_code)
+
+        async with anyio.create_task_group() as group:
+            for _ in range(5):
+                group.start_soon(predict)
+            await wait_until(lambda: gate.held >= 1)
+            # S3 is stalled: the predictions wait, /health and /model answer meanwhile.
+            for _ in range(5):
+                response = await http.get("/health")
+                assert response.status_code == 200
+                assert response.json() == {"status": "ok", "model": "loading"}
+            assert (await http.get("/model")).json()["status"] == "loading"
+            assert statuses == []  # the predictions are still waiting for the load
+            gate.open()
+
+        assert statuses == [200] * 5
+        assert (await http.get("/health")).json() == {"status": "ok", "model": "loaded"}
+    assert weights_gets(s3) == PARTS
+
+
+@pytest.mark.anyio
+async def test_load_outlasting_load_wait_is_503_then_served_by_the_same_load(
+    s3: CountingS3Server, start_server: StartServer, gate: Gate
+) -> None:
+    url = start_server(LAZYSERVE_LOAD_WAIT="0.5")
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        response = await http.post("/predict", json={"inputs": [DIGIT_8]})
+        assert_unavailable(
+            response.status_code, response.headers, response.json(), "loading", retry_after="2"
+        )
+        gate.open()
+        response = await http.get("/ready")
+        assert response.status_code == 200
+        response = await http.post("/predict", json={"inputs": [DIGIT_8]})
+        assert response.status_code == 200
+        meta = (await http.get("/model")).json()
+    assert meta["load_attempts"] == 1
+    assert weights_gets(s3) == PARTS
+
+
+@pytest.mark.anyio
+async def test_failing_s3_is_503_then_a_later_request_loads(
+    s3: CountingS3Server, start_server: StartServer
+) -> None:
+    url = start_server()
+    s3.fault = failing_gets(*ACCESS_DENIED)
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        for _ in range(2):
+            response = await http.post("/predict", json={"inputs": [DIGIT_8]})
+            assert response.headers["content-type"] == "application/json"
+            assert_unavailable(
+                response.status_code, response.headers, response.json(), BUCKET, KEY,
+                "AccessDenied",
+            )  # fmt: skip
+        assert (await http.get("/health")).json() == {"status": "ok", "model": "failed"}
+
+        s3.fault = None
+        s3.clear()
+        response = await http.post("/predict", json={"inputs": [DIGIT_8]})
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0]["label"] == 8
+        meta = (await http.get("/model")).json()
+    assert meta["loads"] == 1
+    assert meta["load_attempts"] == 3
+    assert weights_gets(s3) == PARTS
+
+
+@pytest.mark.anyio
+async def test_errors_over_real_http_are_json(start_server: StartServer) -> None:
+    url = start_server()
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        response = await http.post(
+            "/predict", content=b'{"inputs": [[1, 2', headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"][0] == "body"
+
+        body = json.dumps({"inputs": [DIGIT_8]}).encode()
+        response = await http.post(
+            "/predict",
+            content=body + b" " * (6 * 1024 * 1024 + 1 - len(body)),
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 413
+        assert response.headers["content-type"] == "application/json"
+        assert "detail" in response.json()
