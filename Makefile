@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src handler tests benchmarks
 	$(BIN)/ruff format --check src handler tests benchmarks
 	$(BIN)/mypy src handler
+	$(BIN)/cfn-lint template.yaml
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix src handler tests benchmarks

@@ -115,7 +115,8 @@ def start_loading(
     except ModelUnavailable as exc:
         # Failing INIT would only make Lambda re-run it inside the first invocation; the
         # first request that needs the model retries the load instead.
-        log.error("model load failed during init, the next request retries: %s", exc)
+        retry = "the before-snapshot hook retries" if mode == "snap-start" else "the next request"
+        log.error("model load failed during init; %s tries again: %s", retry, exc)
     return mode
 
 

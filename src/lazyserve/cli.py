@@ -139,7 +139,8 @@ def invoke(events: Sequence[str], handler_path: str, repeat: int) -> int:
                 }
                 print(json.dumps(error))
             duration = (time.perf_counter() - begin) * 1000
-            max_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; bytes on macOS
+            max_mb = peak // (1024 * 1024 if sys.platform == "darwin" else 1024)
             init = f"\tInit Duration: {init_ms:.2f} ms" if first else ""
             print(
                 f"REPORT RequestId: {context.aws_request_id}\tDuration: {duration:.2f} ms\t"
