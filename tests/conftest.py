@@ -42,6 +42,7 @@ def anyio_backend() -> str:
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No LAZYSERVE_* or AWS_* variable leaks into a test; fake credentials, fixed region."""
+    from lazyserve import sources
     from lazyserve.sources import reset_s3_clients
 
     for name in list(os.environ):
@@ -52,6 +53,8 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     reset_s3_clients()
     yield
     reset_s3_clients()
+    # A prefetch an eager import started and no load took must not serve a later test.
+    sources._prefetches.clear()
 
 
 @pytest.fixture(scope="session")

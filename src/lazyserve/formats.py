@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import struct
 from collections.abc import Callable
 from typing import TypeVar
@@ -79,9 +80,11 @@ def _read_safetensors(uri: str, buffer: bytearray) -> dict[str, torch.Tensor]:
     for name, info in header.items():
         try:
             dtype = _DTYPES[info["dtype"]]
+            if not isinstance(info["shape"], list):
+                raise TypeError
             shape = [int(d) for d in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise bad(f"tensor {name!r} has a malformed entry {info!r}") from None
         count = math.prod(shape)
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -114,10 +117,9 @@ def _read_pt(weights: Weights) -> dict[str, torch.Tensor]:
             source, map_location="cpu", weights_only=True, mmap=weights.path is not None
         )
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelFormatError(
             f"{weights.uri}: refused: not a plain state dict "
-            f"(torch.load weights_only=True: {first})"
+            f"(torch.load weights_only=True: {_refusal(str(exc))})"
         ) from None
     except (RuntimeError, EOFError, ValueError) as exc:
         raise ModelFormatError(f"{weights.uri}: not a torch.save file ({exc})") from None
@@ -126,6 +128,17 @@ def _read_pt(weights: Weights) -> dict[str, torch.Tensor]:
     ):
         raise ModelFormatError(f"{weights.uri}: expected a state dict of name -> tensor")
     return state
+
+
+def _refusal(message: str) -> str:
+    # torch's message opens with advice to retry with weights_only=False (and terminal colour
+    # codes); the line that matters names the global or opcode that was refused.
+    text = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    for line in text.splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error: ")
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return line.split(" Please use ", 1)[0]
+    return "it holds objects other than tensors and plain containers"
 
 
 def build_model(build: Callable[[], M], state: dict[str, torch.Tensor], uri: str) -> M:

@@ -1,0 +1,561 @@
+"""Sources: S3 objects read with parallel ranged GETs into one buffer, and local files."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+
+import lazyserve.sources
+from lazyserve.errors import (
+    ModelChangedError,
+    ModelFetchError,
+    ModelFormatError,
+    ModelIntegrityError,
+    ModelUnavailable,
+)
+from lazyserve.settings import load_settings, parse_model_uri
+from lazyserve.sources import (
+    S3Fetcher,
+    Weights,
+    fetch_local,
+    fetch_weights,
+    prefetch,
+    reset_s3_clients,
+    s3_client,
+    take_prefetched,
+)
+from tests.conftest import FAKE_CREDENTIALS, REGION
+from tests.s3server import CountingS3Server, Request, WSGIApp
+
+BUCKET = "lazyserve-sources"
+KEY = "nets/net.safetensors"
+PART = 4096
+
+
+def random_bytes(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def content(weights: Weights) -> bytes:
+    assert weights.buffer is not None, "no bytes were fetched"
+    return bytes(weights.buffer)
+
+
+@pytest.fixture(scope="module")
+def moto_client() -> Any:
+    # Creating a boto3 client costs a few hundred ms; one serves every in-process test (moto
+    # intercepts any client created after moto is imported, while a mock_aws() is active).
+    return boto3.client(
+        "s3",
+        region_name=REGION,
+        aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+@pytest.fixture
+def mocked(moto_client: Any) -> Iterator[Any]:
+    """A fresh in-process moto S3 with an empty bucket, and a client for it."""
+    with mock_aws():
+        moto_client.create_bucket(Bucket=BUCKET)
+        yield moto_client
+
+
+def fetcher(client: Any = None) -> S3Fetcher:
+    return S3Fetcher(concurrency=4, part_size=PART, s3_client=client)
+
+
+# --- S3, in-process moto ---
+
+
+def test_fetch_returns_the_exact_bytes(mocked: Any) -> None:
+    data = random_bytes(50_000, seed=1)
+    put = mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data)
+
+    weights = fetcher(mocked).fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}"))
+
+    assert content(weights) == data
+    assert weights.size == 50_000
+    assert weights.sha256 == sha256(data)
+    assert weights.etag == put["ETag"]
+    assert weights.uri == f"s3://{BUCKET}/{KEY}"
+    assert weights.version_id is None
+    assert weights.connections == 4
+
+
+@pytest.mark.parametrize("size", [1, PART - 1, PART, PART + 1, 3 * PART])
+def test_sizes_around_the_part_size(mocked: Any, size: int) -> None:
+    data = random_bytes(size, seed=size)
+    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data)
+    weights = fetcher(mocked).fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}"))
+    assert content(weights) == data
+    assert weights.sha256 == sha256(data)
+
+
+def test_expected_sha256_that_matches(mocked: Any) -> None:
+    data = random_bytes(10_000, seed=2)
+    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data)
+    uri = parse_model_uri(f"s3://{BUCKET}/{KEY}")
+    assert content(fetcher(mocked).fetch(uri, expected_sha256=sha256(data))) == data
+
+
+def test_pinned_version_is_fetched_after_an_overwrite(mocked: Any) -> None:
+    mocked.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    first, second = random_bytes(20_000, seed=3), random_bytes(30_000, seed=4)
+    v1 = mocked.put_object(Bucket=BUCKET, Key=KEY, Body=first)["VersionId"]
+    v2 = mocked.put_object(Bucket=BUCKET, Key=KEY, Body=second)["VersionId"]
+
+    pinned = fetcher(mocked).fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}?versionId={v1}"))
+    latest = fetcher(mocked).fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}"))
+
+    assert content(pinned) == first
+    assert pinned.version_id == v1
+    assert pinned.sha256 == sha256(first)
+    assert content(latest) == second
+    assert latest.version_id == v2
+
+
+def fetch_error(client: Any, uri: str, **kwargs: Any) -> ModelUnavailable:
+    with pytest.raises(ModelUnavailable) as info:
+        fetcher(client).fetch(parse_model_uri(uri), **kwargs)
+    return info.value
+
+
+def test_missing_key(mocked: Any) -> None:
+    error = fetch_error(mocked, f"s3://{BUCKET}/nope.safetensors")
+    assert isinstance(error, ModelFetchError)
+    message = str(error)
+    assert message.startswith(f"cannot read s3://{BUCKET}/nope.safetensors: S3 error NoSuchKey")
+    assert isinstance(error.__cause__, ClientError)
+
+
+def test_missing_bucket(mocked: Any) -> None:
+    error = fetch_error(mocked, "s3://no-such-bucket/k.safetensors")
+    assert isinstance(error, ModelFetchError)
+    assert str(error).startswith(
+        "cannot read s3://no-such-bucket/k.safetensors: S3 error NoSuchBucket"
+    )
+    assert isinstance(error.__cause__, ClientError)
+
+
+def test_missing_version(mocked: Any) -> None:
+    mocked.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=b"x" * 10)
+    error = fetch_error(mocked, f"s3://{BUCKET}/{KEY}?versionId=not-a-version")
+    assert isinstance(error, ModelFetchError)
+    assert f"s3://{BUCKET}/{KEY}" in str(error)
+
+
+def test_wrong_expected_sha256(mocked: Any) -> None:
+    data = random_bytes(9_000, seed=5)
+    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data)
+    wrong = "ab" * 32
+    error = fetch_error(mocked, f"s3://{BUCKET}/{KEY}", expected_sha256=wrong)
+    assert isinstance(error, ModelIntegrityError)
+    assert sha256(data) in str(error)
+    assert wrong in str(error)
+    assert "LAZYSERVE_MODEL_SHA256" in str(error)
+
+
+def test_sha256_stored_with_the_object_is_checked(mocked: Any) -> None:
+    data = random_bytes(9_000, seed=6)
+    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data, Metadata={"sha256": sha256(data)})
+    weights = fetcher(mocked).fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}"))
+    assert content(weights) == data
+
+
+def test_wrong_sha256_stored_with_the_object_fails(mocked: Any) -> None:
+    data = random_bytes(9_000, seed=7)
+    stored = "cd" * 32
+    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data, Metadata={"sha256": stored})
+    error = fetch_error(mocked, f"s3://{BUCKET}/{KEY}")
+    assert isinstance(error, ModelIntegrityError)
+    assert sha256(data) in str(error)
+    assert stored in str(error)
+    assert "stored with the object" in str(error)
+
+
+def test_empty_object(mocked: Any) -> None:
+    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=b"")
+    error = fetch_error(mocked, f"s3://{BUCKET}/{KEY}")
+    assert isinstance(error, ModelFormatError)
+    assert str(error) == f"s3://{BUCKET}/{KEY}: the object is empty"
+
+
+# --- clients ---
+
+
+def test_one_client_per_pool_size_with_bounded_timeouts() -> None:
+    client = s3_client(6)
+    assert s3_client(6) is client
+    assert s3_client(10) is not client
+    config: Any = client.meta.config
+    assert config.connect_timeout == lazyserve.sources.CONNECT_TIMEOUT
+    assert config.read_timeout == lazyserve.sources.READ_TIMEOUT
+    assert config.max_pool_connections == 6
+    reset_s3_clients()
+    assert s3_client(6) is not client
+
+
+# --- local files ---
+
+
+def test_local_file(tmp_path: Path) -> None:
+    data = random_bytes(30_000, seed=8)
+    path = tmp_path / "net.safetensors"
+    path.write_bytes(data)
+
+    weights = fetch_local(parse_model_uri(str(path)))
+
+    assert content(weights) == data
+    assert weights.size == 30_000
+    assert weights.sha256 == sha256(data)
+    assert weights.path == path
+
+
+def test_local_file_uri(tmp_path: Path) -> None:
+    path = tmp_path / "net.safetensors"
+    path.write_bytes(b"abc")
+    weights = fetch_local(parse_model_uri(path.as_uri()), expected_sha256=sha256(b"abc"))
+    assert content(weights) == b"abc"
+
+
+def test_local_pt_file_is_hashed_not_read_into_memory(tmp_path: Path) -> None:
+    data = random_bytes(5_000, seed=9)
+    path = tmp_path / "net.pt"
+    path.write_bytes(data)
+    weights = fetch_local(parse_model_uri(str(path)))
+    assert weights.buffer is None
+    assert weights.path == path
+    assert weights.sha256 == sha256(data)
+    assert weights.size == 5_000
+
+
+def test_missing_local_file(tmp_path: Path) -> None:
+    path = tmp_path / "missing.safetensors"
+    with pytest.raises(ModelFetchError) as info:
+        fetch_local(parse_model_uri(str(path)))
+    assert str(path) in str(info.value)
+    assert "No such file or directory" in str(info.value)
+
+
+def test_local_file_with_the_wrong_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "net.safetensors"
+    path.write_bytes(b"abc")
+    with pytest.raises(ModelIntegrityError) as info:
+        fetch_local(parse_model_uri(str(path)), expected_sha256="00" * 32)
+    assert sha256(b"abc") in str(info.value)
+    assert "00" * 32 in str(info.value)
+
+
+# --- fetch_weights and prefetch ---
+
+
+def test_fetch_weights_follows_the_settings(tmp_path: Path) -> None:
+    path = tmp_path / "net.safetensors"
+    path.write_bytes(b"weights")
+    settings = load_settings(
+        {"LAZYSERVE_MODEL_URI": str(path), "LAZYSERVE_MODEL_SHA256": sha256(b"weights").upper()}
+    )
+    assert content(fetch_weights(settings)) == b"weights"
+
+    bad = load_settings({"LAZYSERVE_MODEL_URI": str(path), "LAZYSERVE_MODEL_SHA256": "0" * 64})
+    with pytest.raises(ModelIntegrityError):
+        fetch_weights(bad)
+
+
+def test_prefetch_is_taken_once(tmp_path: Path) -> None:
+    path = tmp_path / "net.safetensors"
+    path.write_bytes(b"early bytes")
+    settings = load_settings({"LAZYSERVE_MODEL_URI": str(path)})
+
+    future = prefetch(settings)
+    assert prefetch(settings) is future  # a second call does not fetch again
+    assert content(future.result(10)) == b"early bytes"
+    assert take_prefetched(settings) is future
+    assert take_prefetched(settings) is None
+
+
+def test_prefetch_failure_is_kept_for_the_load(tmp_path: Path) -> None:
+    settings = load_settings({"LAZYSERVE_MODEL_URI": str(tmp_path / "missing.safetensors")})
+    prefetch(settings)
+    taken = take_prefetched(settings)
+    assert taken is not None
+    with pytest.raises(ModelFetchError, match=r"missing\.safetensors"):
+        taken.result(10)
+
+
+def test_prefetch_over_s3_fetches_once(s3: CountingS3Server) -> None:
+    key = "http/prefetch.safetensors"
+    data = random_bytes(20_000, seed=17)
+    seed(s3, key, data)
+    settings = load_settings(
+        {"LAZYSERVE_MODEL_URI": f"s3://{BUCKET}/{key}", "LAZYSERVE_S3_PART_SIZE": str(PART)}
+    )
+    try:
+        futures = [prefetch(settings) for _ in range(3)]
+        assert content(futures[0].result(10)) == data
+    finally:
+        taken = take_prefetched(settings)
+    assert all(f is taken for f in futures)
+    assert len(ranged_gets(s3, key)) == -(-len(data) // PART)
+
+
+# --- S3 over HTTP (moto's server), with faults ---
+
+
+_http_clients: dict[str, Any] = {}
+
+
+def http_client(s3: CountingS3Server) -> Any:
+    """A plain client for moto's server (cached: creating clients is slow), for seeding objects
+    and for faults that replace them."""
+    if s3.endpoint not in _http_clients:
+        _http_clients[s3.endpoint] = boto3.client(
+            "s3", region_name=REGION, endpoint_url=s3.endpoint
+        )
+    return _http_clients[s3.endpoint]
+
+
+def seed(s3: CountingS3Server, key: str, data: bytes) -> tuple[Any, str]:
+    client = http_client(s3)
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    etag = client.put_object(Bucket=BUCKET, Key=key, Body=data)["ETag"]
+    s3.clear()
+    return client, etag
+
+
+def ranged_gets(s3: CountingS3Server, key: str) -> list[Request]:
+    return [r for r in s3.object_gets(BUCKET, key) if r.range is not None]
+
+
+def test_http_fetch_reads_each_part_once(s3: CountingS3Server) -> None:
+    key = "http/plain.safetensors"
+    data = random_bytes(50_000, seed=10)
+    _, etag = seed(s3, key, data)
+
+    # No client given: the fetcher makes its own, which follows AWS_ENDPOINT_URL_S3.
+    weights = S3Fetcher(concurrency=4, part_size=PART).fetch(
+        parse_model_uri(f"s3://{BUCKET}/{key}")
+    )
+
+    assert content(weights) == data
+    assert weights.etag == etag
+    gets = s3.object_gets(BUCKET, key)
+    expected = [f"bytes={s}-{min(s + PART, len(data)) - 1}" for s in range(0, len(data), PART)]
+    assert sorted((r.range or "" for r in gets), key=lambda r: int(r[6:].split("-")[0])) == (
+        expected
+    )
+    # Every part after the first is pinned to the first part's ETag.
+    assert gets[0].headers.get("if-match") is None
+    assert all(r.headers.get("if-match") == etag for r in gets[1:])
+
+
+def test_object_replaced_during_a_load_restarts_from_the_new_version(
+    s3: CountingS3Server,
+) -> None:
+    key = "http/replaced.safetensors"
+    old, new = random_bytes(40_000, seed=11), random_bytes(45_000, seed=12)
+    client, old_etag = seed(s3, key, old)
+    replaced: list[str] = []
+    lock = threading.Lock()
+
+    def replace_on_first_pinned_get(request: Request) -> WSGIApp | None:
+        if request.method == "GET" and request.headers.get("if-match"):
+            with lock:
+                if not replaced:
+                    replaced.append(client.put_object(Bucket=BUCKET, Key=key, Body=new)["ETag"])
+        return None
+
+    s3.fault = replace_on_first_pinned_get
+    weights = fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
+
+    assert len(replaced) == 1
+    new_etag = replaced[0]
+    # Never a mix: the result is exactly the new version.
+    assert content(weights) == new
+    assert weights.sha256 == sha256(new)
+    assert weights.etag == new_etag
+    assert weights.size == len(new)
+
+    gets = ranged_gets(s3, key)
+    unpinned = [i for i, r in enumerate(gets) if r.headers.get("if-match") is None]
+    assert len(unpinned) == 2, "expected one restart from the first part"
+    restart = unpinned[1]
+    assert gets[restart].range == f"bytes=0-{PART - 1}"
+    assert {r.headers.get("if-match") for r in gets[1:restart]} == {old_etag}
+    assert gets[restart + 1 :]
+    assert all(r.headers.get("if-match") == new_etag for r in gets[restart + 1 :])
+
+
+def test_versioned_object_replaced_during_a_load_keeps_the_first_version(
+    s3: CountingS3Server,
+) -> None:
+    bucket = "lazyserve-sources-versioned"
+    key = "http/versioned.safetensors"
+    client = http_client(s3)
+    try:
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    old, new = random_bytes(30_000, seed=18), random_bytes(30_000, seed=19)
+    v1 = client.put_object(Bucket=bucket, Key=key, Body=old)["VersionId"]
+    s3.clear()
+    replaced: list[str] = []
+    lock = threading.Lock()
+
+    def replace_after_the_first_get(request: Request) -> WSGIApp | None:
+        if request.method == "GET" and request.path == f"/{bucket}/{key}":
+            with lock:
+                if len(s3.object_gets(bucket, key)) >= 2 and not replaced:
+                    replaced.append(
+                        client.put_object(Bucket=bucket, Key=key, Body=new)["VersionId"]
+                    )
+        return None
+
+    s3.fault = replace_after_the_first_get
+    weights = fetcher().fetch(parse_model_uri(f"s3://{bucket}/{key}"))
+
+    assert replaced and replaced[0] != v1
+    # The version seen first is read to the end: consistent, no restart needed.
+    assert content(weights) == old
+    assert weights.version_id == v1
+    gets = s3.object_gets(bucket, key)
+    assert "versionId" not in gets[0].query
+    assert all(f"versionId={v1}" in r.query for r in gets[1:])
+    assert len(gets) == -(-len(old) // PART)
+
+
+def test_object_replaced_twice_during_a_load_fails_clearly(s3: CountingS3Server) -> None:
+    key = "http/flapping.safetensors"
+    _, first_etag = seed(s3, key, random_bytes(20_000, seed=13))
+    client = http_client(s3)
+    lock = threading.Lock()
+    replaced_for: set[str] = set()
+
+    def replace_each_version_once(request: Request) -> WSGIApp | None:
+        etag = request.headers.get("if-match")
+        if request.method == "GET" and etag:
+            with lock:
+                if etag not in replaced_for and len(replaced_for) < 2:
+                    replaced_for.add(etag)
+                    body = random_bytes(20_000, seed=100 + len(replaced_for))
+                    client.put_object(Bucket=BUCKET, Key=key, Body=body)
+        return None
+
+    s3.fault = replace_each_version_once
+    with pytest.raises(ModelChangedError) as info:
+        fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
+
+    assert first_etag in replaced_for
+    assert len(replaced_for) == 2
+    assert str(info.value).startswith(f"s3://{BUCKET}/{key}: the object changed twice")
+    assert "versionId" in str(info.value)
+
+
+def answer_once(
+    s3: CountingS3Server, key: str, wanted_range: str, app: WSGIApp
+) -> Callable[[Request], WSGIApp | None]:
+    used = threading.Event()
+
+    def fault(request: Request) -> WSGIApp | None:
+        if request.path == f"/{BUCKET}/{key}" and request.range == wanted_range:
+            if not used.is_set():
+                used.set()
+                return app
+        return None
+
+    return fault
+
+
+def test_a_range_with_a_short_body_is_retried(s3: CountingS3Server) -> None:
+    key = "http/short.safetensors"
+    data = random_bytes(30_000, seed=14)
+    _, etag = seed(s3, key, data)
+    start, end = 2 * PART, 3 * PART - 1
+
+    def short_body(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response(
+            "206 Partial Content",
+            [
+                ("Content-Type", "binary/octet-stream"),
+                ("Content-Range", f"bytes {start}-{end}/{len(data)}"),
+                ("Content-Length", "100"),
+                ("ETag", etag),
+            ],
+        )
+        return [data[start : start + 100]]
+
+    s3.fault = answer_once(s3, key, f"bytes={start}-{end}", short_body)
+    weights = fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
+
+    assert content(weights) == data
+    assert weights.sha256 == sha256(data)
+    assert [r.range for r in ranged_gets(s3, key)].count(f"bytes={start}-{end}") == 2
+
+
+def test_a_range_answered_with_a_500_is_retried(s3: CountingS3Server) -> None:
+    key = "http/500.safetensors"
+    data = random_bytes(30_000, seed=15)
+    seed(s3, key, data)
+    start, end = PART, 2 * PART - 1
+
+    def internal_error(
+        environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+            b"<Message>We encountered an internal error. Please try again.</Message></Error>"
+        )
+        start_response(
+            "500 Internal Server Error",
+            [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+    s3.fault = answer_once(s3, key, f"bytes={start}-{end}", internal_error)
+    weights = fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
+
+    assert content(weights) == data
+    assert [r.range for r in ranged_gets(s3, key)].count(f"bytes={start}-{end}") == 2
+
+
+def test_a_stalled_endpoint_ends_in_a_fetch_error(
+    s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "http/stalled.safetensors"
+    seed(s3, key, random_bytes(10_000, seed=16))
+    monkeypatch.setattr(lazyserve.sources, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(lazyserve.sources, "BOTO_ATTEMPTS", 1)
+    release = threading.Event()
+
+    def stall(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        release.wait(10)
+        start_response("503 Slow Down", [("Content-Length", "0")])
+        return [b""]
+
+    s3.fault = lambda request: stall if request.method == "GET" else None
+    try:
+        with pytest.raises(ModelFetchError) as info:
+            fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
+    finally:
+        release.set()
+
+    assert str(info.value).startswith(f"cannot read s3://{BUCKET}/{key}: ReadTimeoutError")
