@@ -12,7 +12,7 @@ settings = load_settings()
 if settings.load != "lazy":
     prefetch(settings)
 
-import logging  # noqa: E402
+import os  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -21,16 +21,17 @@ from pydantic import BaseModel, Field, ValidationError  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from handler.model import CLASSES, INPUTS, PIXEL_MAX, DigitsMLP  # noqa: E402
-from lazyserve import Loaded, lambda_handler, lazy_model, setup_app, start_loading  # noqa: E402
+from lazyserve import Loaded, lambda_handler, lazy_model, setup_app, start_loading, timing  # noqa: E402
 from lazyserve.app import UNAVAILABLE  # noqa: E402
 from lazyserve.aws import invalid_input  # noqa: E402
+from lazyserve.logs import configure_logging  # noqa: E402
+from lazyserve.metrics import MetricsMiddleware, ModelMetrics, metrics_enabled  # noqa: E402
 from lazyserve.types import LambdaEvent  # noqa: E402
 
 MAX_ROWS = 256
 RULES = f"1 to {MAX_ROWS} rows, each exactly {INPUTS} finite numbers in 0..{PIXEL_MAX}"
 
-logging.basicConfig(level=settings.log_level)
-logging.getLogger("lazyserve").setLevel(settings.log_level)
+configure_logging(settings.log_level)  # JSON lines on Lambda, text in a terminal
 
 model = lazy_model(DigitsMLP, settings)
 
@@ -62,7 +63,7 @@ setup_app(app, model)
 
 
 def infer(loaded: Loaded[DigitsMLP], rows: list[list[float]]) -> PredictResponse:
-    with torch.inference_mode():
+    with timing.timed("infer"), torch.inference_mode():
         probs = torch.softmax(loaded.module(torch.tensor(rows, dtype=torch.float32)), dim=1)
     labels = probs.argmax(dim=1).tolist()
     return PredictResponse(
@@ -98,5 +99,9 @@ def predict_direct(event: LambdaEvent) -> dict[str, Any]:
     return infer(model.get(), request.inputs).model_dump()
 
 
-handler = lambda_handler(app, model, direct=predict_direct)
+# EMF metrics: on Lambda once per invocation; elsewhere per request if LAZYSERVE_METRICS=on.
+metrics = ModelMetrics(model) if metrics_enabled(settings.metrics) else None
+if metrics is not None and "AWS_LAMBDA_FUNCTION_NAME" not in os.environ:
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+handler = lambda_handler(app, model, direct=predict_direct, metrics=metrics)
 start_loading(model, settings)

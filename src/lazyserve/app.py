@@ -11,10 +11,11 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lazyserve import timing
 from lazyserve.errors import ModelLoadTimeout, ModelUnavailable
 from lazyserve.lazy import LazyModel, Status
 from lazyserve.model import Loaded
@@ -61,6 +62,7 @@ class ModelMetadata(BaseModel):
     loads: int
     load_attempts: int
     last_error: str | None = None
+    requests: dict[str, dict[str, float]] = {}
 
 
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
@@ -183,6 +185,7 @@ def model_metadata(holder: LazyModel[Loaded[Any]]) -> ModelMetadata:
         loads=holder.loads_succeeded,
         load_attempts=holder.loads_started,
         last_error=str(error) if error is not None else None,
+        requests=timing.stats(),
     )
     if loaded is not None:
         info = loaded.info
@@ -206,10 +209,39 @@ def model_metadata(holder: LazyModel[Loaded[Any]]) -> ModelMetadata:
     return meta
 
 
+class ServerTiming:
+    """ASGI middleware: a `Server-Timing` header on every response (`load`, `infer`, `app`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Inside a Lambda invocation the handler has begun a collector already: share it, so
+        # the invocation's metrics see what the request recorded.
+        token = timing.begin() if timing.current() is None else None
+        timings = timing.current()
+        assert timings is not None
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("Server-Timing", timings.header())
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_header)
+        finally:
+            if token is not None:
+                timing.end(token)
+
+
 def setup_app(app: FastAPI, holder: LazyModel[Loaded[Any]]) -> None:
     """Add the model routes, the 503 handler and Lambda's body size limit to `app`."""
     app.add_exception_handler(ModelUnavailable, _unavailable)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(ServerTiming)
     app.include_router(model_router(holder))

@@ -11,8 +11,11 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
+from lazyserve import timing
 from lazyserve.errors import InvalidInput, ModelLoadTimeout, ModelUnavailable, UnsupportedEvent
 from lazyserve.lazy import LazyModel
+from lazyserve.logs import bind
+from lazyserve.metrics import ModelMetrics
 from lazyserve.model import Loaded
 from lazyserve.settings import Settings
 from lazyserve.sources import reset_s3_clients
@@ -47,15 +50,30 @@ def lambda_handler(
     *,
     direct: Callable[[LambdaEvent], Any] | None = None,
     direct_key: str = "inputs",
+    metrics: ModelMetrics | None = None,
 ) -> LambdaHandler:
-    """Build the Lambda entry point for `app`; `direct` serves `{direct_key: ...}` payloads."""
+    """Build the Lambda entry point for `app`; `direct` serves `{direct_key: ...}` payloads,
+    `metrics` publishes one EMF document per invocation."""
     from mangum import Mangum
 
     # lifespan="off": Mangum would run the ASGI lifespan (startup and shutdown) on every
     # invocation; the model lives in `model` for the whole execution environment instead.
     http = Mangum(app, lifespan="off")
+    cold = [True]
 
     def handler(event: LambdaEvent, context: LambdaContext | None = None) -> Any:
+        request_id = getattr(context, "aws_request_id", None)
+        cold_start, cold[0] = cold[0], False
+        token = timing.begin()
+        try:
+            with bind(request_id=request_id, cold_start=cold_start):
+                return dispatch(event, context)
+        finally:
+            if metrics is not None:
+                metrics.publish(timing.current())
+            timing.end(token)
+
+    def dispatch(event: LambdaEvent, context: LambdaContext | None) -> Any:
         if not isinstance(event, Mapping):
             raise UnsupportedEvent(f"the event is a {type(event).__name__}; accepted: {ACCEPTED}")
         if _is_http(event):

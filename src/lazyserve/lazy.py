@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Generic, Literal, TypeVar
 
+from lazyserve import timing
 from lazyserve.errors import LazyserveError, ModelLoadError, ModelLoadTimeout, ModelUnavailable
 
 __all__ = ["LazyModel", "Status"]
@@ -75,8 +77,13 @@ class LazyModel(Generic[T]):
             self.loads_started += 1
         # A thread of its own rather than a loop's executor: the load must outlive the request
         # and the event loop that started it, and sync callers have no loop at all.
+        # The caller's context goes along, so the load's log lines carry its request id.
+        context = contextvars.copy_context()
         threading.Thread(
-            target=self._run, args=(future,), name=f"lazyserve-load-{self.name}", daemon=True
+            target=context.run,
+            args=(self._run, future),
+            name=f"lazyserve-load-{self.name}",
+            daemon=True,
         ).start()
         return future
 
@@ -105,11 +112,16 @@ class LazyModel(Generic[T]):
     def get(self, timeout: float | None = None) -> T:
         """Block this thread until the value is loaded (at most `timeout`, default `wait`)."""
         future = self.start()
+        if future.done():
+            return future.result()
         limit = self.wait if timeout is None else timeout
+        started = time.perf_counter()
         try:
             return future.result(timeout=limit)
         except TimeoutError:
             raise self._timeout(limit) from None
+        finally:
+            timing.record("load", time.perf_counter() - started)
 
     async def aget(self, timeout: float | None = None) -> T:
         """Await the value without blocking the event loop; cancelling the caller leaves the load
@@ -127,10 +139,13 @@ class LazyModel(Generic[T]):
 
             future.add_done_callback(wake)
             limit = self.wait if timeout is None else timeout
+            started = time.perf_counter()
             try:
                 await asyncio.wait_for(ready, limit)
             except TimeoutError:
                 raise self._timeout(limit) from None
+            finally:
+                timing.record("load", time.perf_counter() - started)
         return future.result()
 
     async def __call__(self) -> T:

@@ -13,6 +13,7 @@ import torch
 
 from lazyserve.formats import build_model, format_of, read_state_dict
 from lazyserve.lazy import LazyModel
+from lazyserve.logs import set_global
 from lazyserve.settings import Settings
 from lazyserve.sources import fetch_weights, take_prefetched
 from lazyserve.types import S3Client
@@ -77,12 +78,23 @@ def load_model(
         connections=weights.connections,
     )
     mbps = weights.size / 1e6 / max(info.fetch_seconds, 1e-9)
+    set_global(model_sha256=info.sha256)
     log.info(
-        "model loaded: %s sha256=%s bytes=%d fetch=%.3fs build=%.3fs total=%.3fs %.1f MB/s "
-        "connections=%d",
-        info.uri, info.sha256, info.size_bytes, info.fetch_seconds, info.build_seconds,
-        info.total_seconds, mbps, info.connections,
-    )  # fmt: skip
+        "model loaded from %s: %d bytes in %.3fs (%.1f MB/s)",
+        info.uri,
+        info.size_bytes,
+        info.total_seconds,
+        mbps,
+        extra={
+            "fetch_seconds": info.fetch_seconds,
+            "build_seconds": info.build_seconds,
+            "total_seconds": info.total_seconds,
+            "bytes": info.size_bytes,
+            "mb_per_s": round(mbps, 1),
+            "concurrency": info.connections,
+            "format": info.format,
+        },
+    )
     return Loaded(module, info)
 
 

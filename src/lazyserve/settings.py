@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     s3_part_size: int = Field(default=8 * 1024 * 1024, ge=4096)
     torch_threads: int = Field(default_factory=_cpus, ge=1, le=256)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    metrics: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("model_uri")
     @classmethod
@@ -114,7 +115,7 @@ class Settings(BaseSettings):
             raise ValueError("accepted: 64 hexadecimal characters (a sha256 digest)")
         return value.lower()
 
-    @field_validator("load", "log_level", mode="before")
+    @field_validator("load", "log_level", "metrics", mode="before")
     @classmethod
     def _fold_case(cls, value: Any, info: Any) -> Any:
         if not isinstance(value, str):

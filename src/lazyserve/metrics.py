@@ -1,0 +1,80 @@
+"""CloudWatch metrics in Embedded Metric Format (Powertools Metrics): ColdStart,
+ModelLoadSeconds, ModelBytes and InferenceMs, one EMF document per invocation or request."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from lazyserve import timing
+from lazyserve.lazy import LazyModel
+from lazyserve.model import Loaded
+
+__all__ = ["MetricsMiddleware", "ModelMetrics", "metrics_enabled"]
+
+NAMESPACE = "lazyserve"
+
+
+def metrics_enabled(setting: str, environ: Mapping[str, str] | None = None) -> bool:
+    """`on`, `off`, or `auto`: on inside Lambda (AWS_LAMBDA_FUNCTION_NAME is set), else off."""
+    env = os.environ if environ is None else environ
+    return setting == "on" or (setting == "auto" and "AWS_LAMBDA_FUNCTION_NAME" in env)
+
+
+class ModelMetrics:
+    """Publishes what one invocation did; the EMF document goes to stdout (CloudWatch Logs)."""
+
+    def __init__(self, model: LazyModel[Loaded[Any]], *, service: str = "lazyserve") -> None:
+        from aws_lambda_powertools import Metrics
+
+        self.model = model
+        self._metrics = Metrics(namespace=NAMESPACE, service=service)
+        self._reported_loads = 0
+        self._cold = True
+        self._lock = threading.Lock()
+
+    def publish(self, timings: timing.Timings | None) -> None:
+        from aws_lambda_powertools.metrics import MetricUnit
+
+        with self._lock:
+            added = 0
+            if self._cold:
+                self._cold = False
+                self._metrics.add_metric("ColdStart", MetricUnit.Count, 1)
+                added += 1
+            loaded = self.model.peek()
+            if loaded is not None and self.model.loads_succeeded > self._reported_loads:
+                self._reported_loads = self.model.loads_succeeded
+                info = loaded.info
+                self._metrics.add_metric("ModelLoadSeconds", MetricUnit.Seconds, info.total_seconds)
+                self._metrics.add_metric("ModelBytes", MetricUnit.Bytes, info.size_bytes)
+                added += 2
+            infer = timings.total("infer") if timings is not None else None
+            if infer is not None:
+                self._metrics.add_metric("InferenceMs", MetricUnit.Milliseconds, infer)
+                added += 1
+            if added:  # Powertools warns on an empty flush
+                self._metrics.flush_metrics()
+
+
+class MetricsMiddleware:
+    """Publishes per HTTP request, for servers other than Lambda (uvicorn) when asked for."""
+
+    def __init__(self, app: ASGIApp, metrics: ModelMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = timing.begin()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.metrics.publish(timing.current())
+            timing.end(token)
