@@ -279,20 +279,27 @@ class S3Fetcher:
         return response
 
     def _read(self, uri: ModelURI, view: memoryview, start: int, response: dict[str, Any]) -> int:
+        from http.client import HTTPException
+
         from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
 
         end = int(response["end"])
         body = response["Body"]
         target = view[start : end + 1]
+        direct = _direct_reader(body)
+        readinto = direct[0].readinto if direct is not None else body.readinto
         got = 0
         try:
             with body:
                 while got < len(target):
-                    n = body.readinto(target[got:])
+                    n = readinto(target[got:])
                     if not n:
                         break
                     got += n
-        except BotoCoreError as exc:
+                if direct is not None and got == len(target):
+                    direct[1].release_conn()  # fully read: the connection can be reused
+        except (BotoCoreError, HTTPError, HTTPException, OSError) as exc:
             raise ModelFetchError(
                 f"cannot read s3://{uri.bucket}/{uri.key} bytes {start}-{end}: "
                 f"{type(exc).__name__}: {exc}"
@@ -303,6 +310,21 @@ class S3Fetcher:
                 f"body ended after {got} of {len(target)} bytes"
             )
         return end
+
+
+def _direct_reader(body: Any) -> tuple[Any, Any] | None:
+    """(http.client response, urllib3 response) under a botocore body, when both are there.
+
+    urllib3 2.x's readinto() reads into a temporary bytes object and copies it over: for each
+    part an extra allocation the size of the part and a second copy of every byte. http.client's
+    own readinto() receives from the socket straight into our buffer. botocore asks urllib3 for
+    undecoded bytes, so reading below it changes nothing else; any other layout falls back.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    if callable(getattr(fp, "readinto", None)) and callable(getattr(raw, "release_conn", None)):
+        return fp, raw
+    return None
 
 
 def fetch_weights(settings: Settings, *, s3_client: S3Client | None = None) -> Weights:
