@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -137,7 +138,14 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Only the environment (or the mapping handed to load_settings): no .env files, no
         # secrets directories that could differ between a laptop and Lambda.
-        return (init_settings, env_settings)
+        environ = _environ.get()
+        if environ is None:
+            return (init_settings, env_settings)
+        return (init_settings, _MappingEnvSource(settings_cls, environ))
+
+
+# The mapping load_settings was given, for settings_customise_sources to read from.
+_environ: ContextVar[Mapping[str, str] | None] = ContextVar("lazyserve_environ", default=None)
 
 
 class _MappingEnvSource(EnvSettingsSource):
@@ -168,22 +176,11 @@ def _describe(error: Mapping[str, Any], environ: Mapping[str, str]) -> str:
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate the settings; raise SettingsError naming each bad variable."""
     env = os.environ if environ is None else environ
-
-    class _Settings(Settings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (_MappingEnvSource(settings_cls, env),)
-
+    token = _environ.set(env)
     try:
-        loaded = _Settings()  # type: ignore[call-arg]  # values come from the environment
+        return Settings()  # type: ignore[call-arg]  # values come from the environment
     except ValidationError as exc:
         lines = [_describe(err, env) for err in exc.errors()]
         raise SettingsError(" ".join(lines)) from None
-    return Settings.model_construct(**loaded.model_dump())
+    finally:
+        _environ.reset(token)
