@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Literal
 
@@ -62,7 +63,7 @@ class ModelMetadata(BaseModel):
     loads: int
     load_attempts: int
     last_error: str | None = None
-    requests: dict[str, dict[str, float]] = {}
+    requests: dict[str, dict[str, int | float]] = {}  # count stays an int in the JSON
 
 
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
@@ -88,6 +89,10 @@ async def _http_error(request: Request, exc: Exception) -> Any:
     if isinstance(exc.__cause__, RecursionError):
         detail = [{"type": "json_invalid", "loc": ["body"], "msg": "JSON nested too deeply"}]
         return JSONResponse({"detail": detail}, status_code=422)
+    if isinstance(exc.__cause__, _TooLarge):
+        # A body sent without Content-Length (chunked) that outgrows the limit while FastAPI
+        # reads it: FastAPI wraps our signal in its "400 error parsing the body".
+        return _too_large_response(exc.__cause__.limit)
     return await http_exception_handler(request, exc)
 
 
@@ -105,7 +110,15 @@ def _json_safe(value: Any) -> Any:
 
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    detail = _json_safe(jsonable_encoder(exc.errors()))
+    # A body that both a dependency and the endpoint take (so that it is validated before the
+    # dependency awaits the model) is validated once for each: report each error once.
+    seen: set[str] = set()
+    detail = []
+    for error in _json_safe(jsonable_encoder(exc.errors())):
+        key = json.dumps(error, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            detail.append(error)
     return JSONResponse({"detail": detail}, status_code=422)
 
 
@@ -132,7 +145,7 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
-                raise _TooLarge
+                raise _TooLarge(self.limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -148,12 +161,18 @@ class BodyLimit:
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        detail = f"the request body is larger than {self.limit} bytes"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+        await _too_large_response(self.limit)(scope, receive, send)
 
 
 class _TooLarge(Exception):
-    pass
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def _too_large_response(limit: int) -> JSONResponse:
+    detail = f"the request body is larger than {limit} bytes"
+    return JSONResponse({"detail": detail}, status_code=413)
 
 
 def model_router(holder: LazyModel[Loaded[Any]]) -> APIRouter:

@@ -59,9 +59,13 @@ class LazyModel(Generic[T]):
 
     def peek(self) -> T | None:
         """The loaded value, or None; never starts a load and never waits."""
+        loaded = self._loaded()
+        return loaded.result() if loaded is not None else None
+
+    def _loaded(self) -> Future[T] | None:
         future = self._future
         if future is not None and future.done() and future.exception() is None:
-            return future.result()
+            return future
         return None
 
     def start(self) -> Future[T]:
@@ -111,11 +115,15 @@ class LazyModel(Generic[T]):
 
     def get(self, timeout: float | None = None) -> T:
         """Block this thread until the value is loaded (at most `timeout`, default `wait`)."""
-        future = self.start()
-        if future.done():
-            return future.result()
-        limit = self.wait if timeout is None else timeout
+        loaded = self._loaded()
+        if loaded is not None:
+            return loaded.result()
+        # Timed from here, not from "the future is not done yet": a load fast enough to end
+        # before this thread looks again was still waited for (the GIL), and the caller that
+        # started it must show it (Server-Timing `load`).
         started = time.perf_counter()
+        future = self.start()
+        limit = self.wait if timeout is None else timeout
         try:
             return future.result(timeout=limit)
         except TimeoutError:
@@ -126,27 +134,31 @@ class LazyModel(Generic[T]):
     async def aget(self, timeout: float | None = None) -> T:
         """Await the value without blocking the event loop; cancelling the caller leaves the load
         running for the others."""
+        loaded = self._loaded()
+        if loaded is not None:
+            return loaded.result()
+        started = time.perf_counter()  # see get()
         future = self.start()
-        if not future.done():
-            loop = asyncio.get_running_loop()
-            ready = loop.create_future()
+        try:
+            if not future.done():
+                loop = asyncio.get_running_loop()
+                ready = loop.create_future()
 
-            def wake(_: Future[T]) -> None:
+                def wake(_: Future[T]) -> None:
+                    try:
+                        loop.call_soon_threadsafe(_set_done, ready)
+                    except RuntimeError:  # that loop has closed; its waiter is gone too
+                        pass
+
+                future.add_done_callback(wake)
+                limit = self.wait if timeout is None else timeout
                 try:
-                    loop.call_soon_threadsafe(_set_done, ready)
-                except RuntimeError:  # that loop has closed; its waiter is gone too
-                    pass
-
-            future.add_done_callback(wake)
-            limit = self.wait if timeout is None else timeout
-            started = time.perf_counter()
-            try:
-                await asyncio.wait_for(ready, limit)
-            except TimeoutError:
-                raise self._timeout(limit) from None
-            finally:
-                timing.record("load", time.perf_counter() - started)
-        return future.result()
+                    await asyncio.wait_for(ready, limit)
+                except TimeoutError:
+                    raise self._timeout(limit) from None
+            return future.result()
+        finally:
+            timing.record("load", time.perf_counter() - started)
 
     async def __call__(self) -> T:
         """FastAPI dependency: `model: Annotated[T, Depends(holder)]`."""

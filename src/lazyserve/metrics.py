@@ -28,10 +28,11 @@ def metrics_enabled(setting: str, environ: Mapping[str, str] | None = None) -> b
 class ModelMetrics:
     """Publishes what one invocation did; the EMF document goes to stdout (CloudWatch Logs)."""
 
-    def __init__(self, model: LazyModel[Loaded[Any]], *, service: str = "lazyserve") -> None:
+    def __init__(self, model: LazyModel[Loaded[Any]], *, service: str | None = None) -> None:
         from aws_lambda_powertools import Metrics
 
         self.model = model
+        service = service or os.environ.get("POWERTOOLS_SERVICE_NAME") or "lazyserve"
         self._metrics = Metrics(namespace=NAMESPACE, service=service)
         self._reported_loads = 0
         self._cold = True

@@ -61,11 +61,15 @@ def push(
 ) -> Pushed:
     """Upload `path` to `s3://bucket/key` (multipart above 8 MiB) with its sha256 stored as
     object metadata (`x-amz-meta-sha256`), which loads then verify without configuration."""
+    from boto3.exceptions import S3UploadFailedError
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
 
-    target = parse_model_uri(uri)
-    if not target.is_s3 or target.version_id is not None:
+    try:
+        target = parse_model_uri(uri)
+    except ValueError:
+        target = None  # the forms a load accepts besides S3 are no use here either
+    if target is None or not target.is_s3 or target.version_id is not None:
         raise ValueError(f"push needs s3://bucket/key without a versionId, got {uri!r}")
     s3 = client if client is not None else s3_client()
     size = path.stat().st_size
@@ -82,7 +86,9 @@ def push(
             Callback=_Progress(size, progress if progress is not None else sys.stderr),
         )
         head = s3.head_object(Bucket=bucket, Key=key)
-    except (BotoCoreError, ClientError) as exc:
+    # upload_file wraps the ClientError of a failed PutObject or multipart upload in boto3's
+    # S3UploadFailedError, which is neither a ClientError nor a BotoCoreError.
+    except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
         raise ModelFetchError(f"cannot upload to {uri}: {exc}") from exc
     if head.get("Metadata", {}).get("sha256") != digest:
         raise ModelFetchError(f"{uri}: the stored sha256 does not match the file's {digest}")

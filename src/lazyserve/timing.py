@@ -69,10 +69,14 @@ def timed(name: str) -> Iterator[None]:
         record(name, time.perf_counter() - started)
 
 
-def stats() -> dict[str, dict[str, float]]:
+def stats() -> dict[str, dict[str, int | float]]:
     """Process-wide figures by name: count, mean and last duration in milliseconds."""
     with _lock:
         return {
-            name: {"count": count, "mean_ms": round(total / count, 3), "last_ms": round(last, 3)}
+            name: {
+                "count": int(count),
+                "mean_ms": round(total / count, 3),
+                "last_ms": round(last, 3),
+            }
             for name, (count, total, last) in _stats.items()
         }

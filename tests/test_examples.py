@@ -1,0 +1,284 @@
+"""The "Bring your own model" example (examples/own_model/): the weights script, the app in
+process, on moto's S3, on Lambda, and the commands of its README exactly as written."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import anyio
+import httpx
+import pytest
+
+from lazyserve.cli import FakeContext
+from lazyserve.publish import push
+from tests.conftest import BUCKET, ROOT
+from tests.s3server import CountingS3Server, Request
+
+EXAMPLE = ROOT / "examples" / "own_model"
+APP_MODULE = "examples.own_model.app"
+LAZYSERVE = Path(sys.executable).parent / "lazyserve"
+ROWS = [[5, 4, 1, 0], [0, 1, 2, 3]]  # first two add up to more -> 0, else -> 1
+LABELS = [0, 1]
+
+ImportExample = Callable[[str], ModuleType]
+
+
+@pytest.fixture(autouse=True)
+def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """The loop Mangum adopts when the example (which builds a Lambda handler) is imported."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        yield loop
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    from examples.own_model.make_weights import make_weights
+
+    return make_weights(tmp_path / "mynet.safetensors")
+
+
+@pytest.fixture
+def import_example(monkeypatch: pytest.MonkeyPatch) -> Iterator[ImportExample]:
+    """Import the example app afresh, as a new process would, with LAZYSERVE_MODEL_URI set."""
+
+    def _import(uri: str) -> ModuleType:
+        monkeypatch.setenv("LAZYSERVE_MODEL_URI", uri)
+        sys.modules.pop(APP_MODULE, None)
+        return importlib.import_module(APP_MODULE)
+
+    yield _import
+    sys.modules.pop(APP_MODULE, None)
+
+
+@pytest.fixture
+async def example(
+    weights: Path, import_example: ImportExample
+) -> AsyncIterator[tuple[ModuleType, httpx.AsyncClient]]:
+    mod = import_example(str(weights))
+    async with asgi(mod) as client:
+        yield mod, client
+
+
+def asgi(mod: ModuleType) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=mod.app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args),
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+# --- in process -----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_predict_health_and_model(
+    weights: Path, example: tuple[ModuleType, httpx.AsyncClient]
+) -> None:
+    _, client = example
+    health = await client.get("/health")
+    assert health.json() == {"status": "ok", "model": "not_loaded"}
+
+    response = await client.post("/predict", json={"inputs": ROWS})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"labels": LABELS}
+    assert "infer;dur=" in response.headers["server-timing"]
+
+    health = await client.get("/health")
+    assert health.json() == {"status": "ok", "model": "loaded"}
+    meta = (await client.get("/model")).json()
+    assert meta["status"] == "loaded"
+    assert meta["source"] == str(weights)
+    assert meta["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert meta["size_bytes"] == weights.stat().st_size
+    assert meta["format"] == "safetensors"
+    assert meta["loads"] == 1
+
+
+@pytest.mark.anyio
+async def test_ten_concurrent_cold_requests_share_one_load_from_s3(
+    s3: CountingS3Server, weights: Path, import_example: ImportExample
+) -> None:
+    key = "examples/mynet.safetensors"
+    uri = f"s3://{BUCKET}/{key}"
+    push(weights, uri, progress=io.StringIO())
+    s3.clear()
+    mod = import_example(uri)
+    # S3 holds the first GET until all ten requests wait for the load it belongs to.
+    held, release = threading.Event(), threading.Event()
+
+    def gate(request: Request) -> None:
+        if request.method == "GET" and request.path == f"/{BUCKET}/{key}":
+            held.set()
+            release.wait(30)
+
+    s3.fault = gate
+    answers: list[httpx.Response] = []
+
+    async def one(client: httpx.AsyncClient) -> None:
+        answers.append(await client.post("/predict", json={"inputs": ROWS}))
+
+    try:
+        async with asgi(mod) as client, anyio.create_task_group() as group:
+            for _ in range(10):
+                group.start_soon(one, client)
+            await anyio.to_thread.run_sync(held.wait, 30)
+            await anyio.sleep(0.1)  # the other nine reach the wait for the same load
+            release.set()
+    finally:
+        release.set()
+        s3.fault = None
+    assert [a.status_code for a in answers] == [200] * 10
+    assert all(a.json() == {"labels": LABELS} for a in answers)
+    assert mod.model.loads_started == 1
+    assert len(s3.object_gets(BUCKET, key)) == 1
+
+
+@pytest.mark.anyio
+async def test_bad_body_is_422_at_once_without_a_load(
+    example: tuple[ModuleType, httpx.AsyncClient],
+) -> None:
+    mod, client = example
+    response = await client.post("/predict", json={"inputs": [[1, 2, 3]]})
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]  # each problem once
+    assert error["loc"] == ["body", "inputs", 0]
+    assert mod.model.loads_started == 0
+
+
+@pytest.mark.anyio
+async def test_bad_body_is_422_even_when_the_model_cannot_load(
+    tmp_path: Path, import_example: ImportExample
+) -> None:
+    mod = import_example(str(tmp_path / "missing.safetensors"))
+    async with asgi(mod) as client:
+        bad = await client.post("/predict", json={"inputs": []})
+        assert bad.status_code == 422
+        good = await client.post("/predict", json={"inputs": ROWS})
+    assert good.status_code == 503
+    assert good.json()["detail"]["error"] == "model_unavailable"
+    assert "missing.safetensors" in good.json()["detail"]["message"]
+
+
+def test_lambda_handler_answers_the_http_api_event(
+    weights: Path, import_example: ImportExample
+) -> None:
+    mod = import_example(str(weights))
+    event = json.loads((EXAMPLE / "event.json").read_text())
+    for request_id in ("cold", "warm"):
+        response = mod.handler(event, FakeContext(aws_request_id=request_id))
+        assert response["statusCode"] == 200, response
+        assert json.loads(response["body"]) == {"labels": LABELS}
+    assert mod.model.loads_started == 1
+
+
+# --- the commands of examples/own_model/README.md, as written -------------------------------------
+
+
+def readme_commands() -> list[str]:
+    text = (EXAMPLE / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_commands_make_weights_invoke_and_serve(tmp_path: Path) -> None:
+    commands = readme_commands()
+    make, invoke, serve, curl = (
+        next(c for c in commands if word in c)
+        for word in ("make_weights", "lazyserve invoke", "lazyserve serve", "curl")
+    )
+    out = "/tmp/mynet.safetensors"
+    assert out in make and f"LAZYSERVE_MODEL_URI={out}" in serve
+    # Run each as written, with the weights in this test's directory instead of /tmp.
+    path = tmp_path / "mynet.safetensors"
+
+    def argv(command: str) -> list[str]:
+        words = command.split("#", 1)[0].replace(out, str(path)).split()
+        return [w for w in words if not w.startswith("LAZYSERVE_MODEL_URI=")]
+
+    done = run(*argv(make))
+    assert done.returncode == 0, done.stderr
+    assert path.is_file()
+
+    done = run(*argv(invoke), LAZYSERVE_MODEL_URI=str(path))
+    assert done.returncode == 0, done.stderr
+    response = json.loads(done.stdout.splitlines()[0])
+    assert response["statusCode"] == 200
+    assert json.loads(response["body"]) == {"labels": LABELS}
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve_argv = [*argv(serve), "--port", str(port)]
+    server = subprocess.Popen(
+        serve_argv,
+        cwd=ROOT,
+        env={**os.environ, "LAZYSERVE_MODEL_URI": str(path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.communicate()[1]
+            try:
+                httpx.get(f"{base}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        body = re.search(r"-d '(.*?)'", curl)
+        assert body, curl
+        url = re.search(r"http://127\.0\.0\.1:8000(/\S*)", curl)
+        assert url, curl
+        response = httpx.post(
+            f"{base}{url[1]}",
+            content=body[1],
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        assert response.json() == {"labels": LABELS}
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
+# --- the README shows the example's code ----------------------------------------------------------
+
+
+def test_the_readme_shows_the_example_code() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Bring your own model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    for name in ("net.py", "app.py"):
+        assert (EXAMPLE / name).read_text() in blocks, f"README differs from {name}"
