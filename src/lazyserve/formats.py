@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import mmap
 import re
 import struct
 from collections.abc import Callable
@@ -54,7 +55,7 @@ def read_state_dict(weights: Weights) -> dict[str, torch.Tensor]:
     return _read_safetensors(weights.uri, weights.buffer)
 
 
-def _read_safetensors(uri: str, buffer: bytearray) -> dict[str, torch.Tensor]:
+def _read_safetensors(uri: str, buffer: bytearray | mmap.mmap) -> dict[str, torch.Tensor]:
     # safetensors.torch.load(bytes) copies every tensor out of the buffer; views over the
     # buffer we already hold avoid a second full copy of the weights.
     def bad(reason: str) -> ModelFormatError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import random
 import re
 import threading
@@ -58,7 +59,7 @@ class Weights:
     uri: str
     size: int
     sha256: str
-    buffer: bytearray | None = None
+    buffer: bytearray | mmap.mmap | None = None
     path: Path | None = None
     version_id: str | None = None
     etag: str | None = None
@@ -79,7 +80,7 @@ def fetch_local(uri: ModelURI, *, expected_sha256: str | None = None) -> Weights
     assert uri.path is not None
     started = time.perf_counter()
     digest = hashlib.sha256()
-    buffer: bytearray | None = None
+    buffer: bytearray | mmap.mmap | None = None
     try:
         with open(uri.path, "rb") as file:
             size = file.seek(0, 2)
@@ -89,7 +90,9 @@ def fetch_local(uri: ModelURI, *, expected_sha256: str | None = None) -> Weights
                 while chunk := file.read(_CHUNK):
                     digest.update(chunk)
             else:
-                buffer = bytearray(size)
+                # A private copy, not a map of the file: a file rewritten in place while we
+                # serve would change (or, truncated, SIGBUS) a mapped model under us.
+                buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if size else bytearray()
                 view = memoryview(buffer)
                 got = 0
                 while got < size and (n := file.readinto(view[got:])):
@@ -178,7 +181,11 @@ class S3Fetcher:
         first = self._get(uri, 0, self.part_size - 1, {"VersionId": uri.version_id})
         total, etag = first["total"], first["ETag"]
         version = first.get("VersionId")
-        buffer = bytearray(total)
+        # An anonymous private mapping: the kernel hands out zeroed pages as the ranges land,
+        # in the threads that write them. bytearray(total) would first memset every page here,
+        # on the critical path: 0.25-0.5 s for 512 MiB on a 2-vCPU Firecracker VM, where first
+        # touches of memory run at about 1 GB/s.
+        buffer = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE)
         view = memoryview(buffer)
         # Later ranges must come from the same version: pin its id where the bucket has
         # versions, else make S3 refuse any other ETag (412 PreconditionFailed).
