@@ -19,14 +19,14 @@ demo: $(STAMP)
 	$(BIN)/lazyserve demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src handler tests benchmarks
-	$(BIN)/ruff format --check src handler tests benchmarks
-	$(BIN)/mypy src handler
+	$(BIN)/ruff check src handler tests benchmarks examples
+	$(BIN)/ruff format --check src handler tests benchmarks examples
+	$(BIN)/mypy src handler examples
 	$(BIN)/cfn-lint template.yaml
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src handler tests benchmarks
-	$(BIN)/ruff format src handler tests benchmarks
+	$(BIN)/ruff check --fix src handler tests benchmarks examples
+	$(BIN)/ruff format src handler tests benchmarks examples
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

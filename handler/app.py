@@ -18,11 +18,10 @@ from typing import Annotated, Any  # noqa: E402
 import torch  # noqa: E402
 from fastapi import Depends, FastAPI  # noqa: E402
 from pydantic import BaseModel, Field, ValidationError  # noqa: E402
-from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from handler.model import CLASSES, INPUTS, PIXEL_MAX, DigitsMLP  # noqa: E402
 from lazyserve import Loaded, lambda_handler, lazy_model, setup_app, start_loading, timing  # noqa: E402
-from lazyserve.app import UNAVAILABLE  # noqa: E402
+from lazyserve.app import UNAVAILABLE, in_worker  # noqa: E402
 from lazyserve.aws import invalid_input  # noqa: E402
 from lazyserve.logs import configure_logging  # noqa: E402
 from lazyserve.metrics import MetricsMiddleware, ModelMetrics, metrics_enabled  # noqa: E402
@@ -87,7 +86,7 @@ async def predict(
     request: PredictRequest, loaded: Annotated[Loaded[DigitsMLP], Depends(digits_model)]
 ) -> PredictResponse:
     # Inference in a worker thread keeps the event loop free for /health under load.
-    return await run_in_threadpool(infer, loaded, request.inputs)
+    return await in_worker(infer, loaded, request.inputs)
 
 
 def predict_direct(event: LambdaEvent) -> dict[str, Any]:

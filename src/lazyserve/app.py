@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import json
 import math
-from typing import Any, Literal
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -21,7 +28,17 @@ from lazyserve.errors import ModelLoadTimeout, ModelUnavailable
 from lazyserve.lazy import LazyModel, Status
 from lazyserve.model import Loaded
 
-__all__ = ["MAX_BODY_BYTES", "model_metadata", "model_router", "setup_app", "unavailable_response"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "in_worker",
+    "model_metadata",
+    "model_router",
+    "setup_app",
+    "unavailable_response",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # Lambda's synchronous invocation payload limit; API Gateway and Function URLs enforce it too.
 MAX_BODY_BYTES = 6 * 1024 * 1024
@@ -173,6 +190,26 @@ class _TooLarge(Exception):
 def _too_large_response(limit: int) -> JSONResponse:
     detail = f"the request body is larger than {limit} bytes"
     return JSONResponse({"detail": detail}, status_code=413)
+
+
+_workers: ThreadPoolExecutor | None = None
+_workers_lock = threading.Lock()
+
+
+async def in_worker(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run blocking work (inference) in a long-lived worker thread; the event loop stays free.
+
+    Starlette's run_in_threadpool (anyio) stops its threads when the root task ends, which
+    under Mangum is every invocation: a new thread, and a new OpenMP team for torch, per call.
+    """
+    global _workers
+    with _workers_lock:
+        if _workers is None:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            _workers = ThreadPoolExecutor(max(1, cpus), thread_name_prefix="lazyserve-worker")
+    # The caller's context goes along: what the work records reaches its Server-Timing.
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_workers, call)
 
 
 def model_router(holder: LazyModel[Loaded[Any]]) -> APIRouter:
