@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError  # noqa: E402
 
 from handler.model import CLASSES, INPUTS, PIXEL_MAX, DigitsMLP  # noqa: E402
 from lazyserve import Loaded, lambda_handler, lazy_model, setup_app, start_loading, timing  # noqa: E402
-from lazyserve.app import UNAVAILABLE, in_worker  # noqa: E402
+from lazyserve.app import TOO_LARGE, UNAVAILABLE, in_worker  # noqa: E402
 from lazyserve.aws import invalid_input  # noqa: E402
 from lazyserve.logs import configure_logging  # noqa: E402
 from lazyserve.metrics import MetricsMiddleware, ModelMetrics, metrics_enabled  # noqa: E402
@@ -81,7 +81,7 @@ async def digits_model(request: PredictRequest) -> Loaded[DigitsMLP]:
     return await model.aget()
 
 
-@app.post("/predict", responses=UNAVAILABLE)
+@app.post("/predict", responses={**UNAVAILABLE, **TOO_LARGE})
 async def predict(
     request: PredictRequest, loaded: Annotated[Loaded[DigitsMLP], Depends(digits_model)]
 ) -> PredictResponse:

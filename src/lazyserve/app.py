@@ -14,10 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -30,6 +29,8 @@ from lazyserve.model import Loaded
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "TOO_LARGE",
+    "UNAVAILABLE",
     "in_worker",
     "model_metadata",
     "model_router",
@@ -88,6 +89,15 @@ UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 }
 
 
+class TooLargeBody(BaseModel):
+    detail: str
+
+
+TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    413: {"model": TooLargeBody, "description": "The request body is larger than 6 MiB"}
+}
+
+
 def unavailable_response(exc: ModelUnavailable) -> JSONResponse:
     retry = RETRY_AFTER_LOADING if isinstance(exc, ModelLoadTimeout) else RETRY_AFTER_FAILED
     body = ModelUnavailableBody(detail=ModelUnavailableDetail(message=str(exc)))
@@ -100,43 +110,53 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: Exception) -> Any:
-    # json.loads raises RecursionError on deeply nested input; FastAPI turns every body-parsing
-    # error other than JSONDecodeError into "400 There was an error parsing the body".
+    # FastAPI turns every body-parsing error other than JSONDecodeError into "400 There was an
+    # error parsing the body": deep nesting (RecursionError), bytes that are not UTF-8 and
+    # integers over Python's 4300-digit limit (ValueError) are invalid bodies, so 422; a body
+    # sent without Content-Length that outgrows the limit while FastAPI reads it is a 413.
     assert isinstance(exc, HTTPException)
-    if isinstance(exc.__cause__, RecursionError):
-        detail = [{"type": "json_invalid", "loc": ["body"], "msg": "JSON nested too deeply"}]
+    cause = exc.__cause__
+    if isinstance(cause, _TooLarge):
+        return _too_large_response(cause.limit)
+    if isinstance(cause, RecursionError | ValueError):
+        if isinstance(cause, RecursionError):
+            msg = "JSON nested too deeply"
+        elif isinstance(cause, UnicodeDecodeError):
+            msg = "JSON decode error: the body is not UTF-8"
+        else:
+            msg = "JSON decode error: a number has too many digits"
+        detail = [{"type": "json_invalid", "loc": ["body"], "msg": msg}]
         return JSONResponse({"detail": detail}, status_code=422)
-    if isinstance(exc.__cause__, _TooLarge):
-        # A body sent without Content-Length (chunked) that outgrows the limit while FastAPI
-        # reads it: FastAPI wraps our signal in its "400 error parsing the body".
-        return _too_large_response(exc.__cause__.limit)
     return await http_exception_handler(request, exc)
 
 
-def _json_safe(value: Any) -> Any:
-    # json.loads accepts NaN, Infinity and 1e400; echoing them back in the error's "input"
-    # makes the 422 itself unserialisable (a 500).
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
+def _plain(value: Any) -> Any:
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return str(value)
 
 
-async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+async def _invalid(request: Request, exc: Exception) -> Response:
+    # FastAPI's own handler echoes each bad "input" back: NaN or Infinity make that reply
+    # unserialisable (a 500), a lone surrogate breaks its encoding, a 6 MiB string makes a
+    # reply over Lambda's 6 MB response limit. Name the place and the rule, not the input.
+    # A body that both a dependency and the endpoint take is validated twice: list each once.
     assert isinstance(exc, RequestValidationError)
-    # A body that both a dependency and the endpoint take (so that it is validated before the
-    # dependency awaits the model) is validated once for each: report each error once.
-    seen: set[str] = set()
-    detail = []
-    for error in _json_safe(jsonable_encoder(exc.errors())):
-        key = json.dumps(error, sort_keys=True, default=str)
-        if key not in seen:
-            seen.add(key)
-            detail.append(error)
-    return JSONResponse({"detail": detail}, status_code=422)
+    detail: list[dict[str, Any]] = []
+    for error in exc.errors():
+        item: dict[str, Any] = {
+            "type": str(error["type"]),
+            "loc": [_plain(p) for p in error["loc"]],
+            "msg": str(error["msg"]),
+        }
+        if error.get("ctx"):
+            item["ctx"] = {str(k): _plain(v) for k, v in error["ctx"].items()}
+        if item not in detail:
+            detail.append(item)
+    content = json.dumps({"detail": detail}, ensure_ascii=True, separators=(",", ":"))
+    return Response(content, status_code=422, media_type="application/json")
 
 
 class BodyLimit:

@@ -104,6 +104,7 @@ class LazyModel(Generic[T]):
                 error,
                 exc_info=not isinstance(exc, LazyserveError),
             )
+            _drop_frames(error)
             self.last_error = error
             future.set_exception(error)
             if not isinstance(exc, Exception):
@@ -179,3 +180,14 @@ def _wrap(exc: BaseException) -> ModelLoadError:
     wrapped = ModelLoadError(f"{type(exc).__name__}: {exc}")
     wrapped.__cause__ = exc
     return wrapped
+
+
+def _drop_frames(error: BaseException) -> None:
+    # The error outlives the load (last_error, the future); its tracebacks' frames would keep
+    # the half-filled weights buffer alive, so a retry would hold the weights twice.
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        cause.__traceback__ = None
+        cause = cause.__cause__ or cause.__context__

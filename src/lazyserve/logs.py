@@ -89,3 +89,8 @@ def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) ->
     for handler in root.handlers:
         handler.setFormatter(formatter)
     logging.getLogger("lazyserve").setLevel(level)
+    # At DEBUG, botocore logs request headers: the access key id and the session token.
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+        noisy = logging.getLogger(name)
+        if noisy.getEffectiveLevel() < logging.INFO:
+            noisy.setLevel(logging.INFO)

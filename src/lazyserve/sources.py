@@ -38,7 +38,7 @@ log = logging.getLogger("lazyserve")
 
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 5.0
-BOTO_ATTEMPTS = 3  # botocore's own retries: throttling (SlowDown), 5xx, connection errors
+BOTO_ATTEMPTS = 3  # botocore's attempts per GET (first + retries): SlowDown, 5xx, connections
 BODY_ATTEMPTS = 3  # ours: errors while a range's body streams in, which botocore cannot retry
 _CHUNK = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
@@ -126,7 +126,8 @@ def s3_client(max_connections: int = 10) -> S3Client:
             config = Config(
                 connect_timeout=CONNECT_TIMEOUT,
                 read_timeout=READ_TIMEOUT,
-                retries={"mode": "standard", "max_attempts": BOTO_ATTEMPTS},
+                # total_max_attempts: botocore reads max_attempts as retries after the first.
+                retries={"mode": "standard", "total_max_attempts": BOTO_ATTEMPTS},
                 max_pool_connections=max_connections,
             )
             client = boto3.session.Session().client("s3", config=config)
@@ -297,6 +298,9 @@ class S3Fetcher:
         direct = _direct_reader(body)
         readinto = direct[0].readinto if direct is not None else body.readinto
         got = 0
+        request_id = response.get("ResponseMetadata", {}).get("RequestId", "")
+        where = f"cannot read s3://{uri.bucket}/{uri.key} bytes {start}-{end}"
+        tail = f", request id {request_id}" if request_id else ""
         try:
             with body:
                 while got < len(target):
@@ -307,15 +311,9 @@ class S3Fetcher:
                 if direct is not None and got == len(target):
                     direct[1].release_conn()  # fully read: the connection can be reused
         except (BotoCoreError, HTTPError, HTTPException, OSError) as exc:
-            raise ModelFetchError(
-                f"cannot read s3://{uri.bucket}/{uri.key} bytes {start}-{end}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise ModelFetchError(f"{where}: {type(exc).__name__}: {exc}{tail}") from exc
         if got != len(target):
-            raise ModelFetchError(
-                f"cannot read s3://{uri.bucket}/{uri.key} bytes {start}-{end}: "
-                f"body ended after {got} of {len(target)} bytes"
-            )
+            raise ModelFetchError(f"{where}: body ended after {got} of {len(target)} bytes{tail}")
         return end
 
 
