@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import background, cold_start, warm
+from benchmarks import background, cold_start, load, warm
 from benchmarks.s3endpoint import DEFAULT_BANDWIDTH, DEFAULT_LATENCY
 
 HERE = Path(__file__).resolve().parent
@@ -225,6 +225,7 @@ def render(
     cold: cold_start.ColdStartResults | None,
     warm_results: warm.WarmResults | None,
     bg: background.BackgroundResults | None,
+    load_report: dict[str, Any] | None = None,
 ) -> str:
     bandwidth = cold.bandwidth if cold else DEFAULT_BANDWIDTH
     latency = cold.latency if cold else DEFAULT_LATENCY
@@ -307,6 +308,26 @@ def render(
             background.table(bg),
             "",
         ]
+    if load_report is not None:
+        r, lat, health = load_report, load_report["latency"], load_report["health"]
+        out += [
+            f"## Load: {r['requests']:,} requests at {r['concurrency']} concurrent from the "
+            "cold start",
+            "",
+            "`benchmarks/load.py`: moto's S3 server and uvicorn (`handler.app:app`, one worker) "
+            "on 127.0.0.1 as their own process; this process sends `POST /predict` (one digit) "
+            "from the moment /health first answers, i.e. during the cold start, and probes "
+            "`GET /health` on its own connection meanwhile.",
+            "",
+            "| requests | 200 | 5xx | loads (S3 GETs / parts per load) | waited for the load "
+            "| throughput | p50 | p99 | /health p50 | /health p99 |",
+            "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {r['requests']} | {r['successes']} | {r['server_errors']} | {r['loads']} "
+            f"({r['s3_gets']} / {r['parts_per_load']}) | {r['waited_for_load']} "
+            f"| {r['throughput_rps']} req/s | {lat['p50_ms']} ms | {lat['p99_ms']} ms "
+            f"| {health['p50_ms']} ms | {health['p99_ms']} ms |",
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -322,12 +343,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--bg-repeats", type=int, default=3)
     parser.add_argument(
-        "--only", nargs="+", choices=("cold", "warm", "background"), help="run only these"
+        "--only", nargs="+", choices=("cold", "warm", "background", "load"), help="only these"
     )
+    parser.add_argument("--load-requests", type=int, default=5000)
+    parser.add_argument("--load-concurrency", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of warm runs")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    only = set(args.only or ("cold", "warm", "background"))
+    only = set(args.only or ("cold", "warm", "background", "load"))
     command = " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])])
     started = datetime.now(UTC)
     clock = time.perf_counter()
@@ -354,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"background load: sizes {args.bg_sizes} MiB, {args.bg_repeats} repeats")
         bg = background.run(args.bg_sizes, repeats=args.bg_repeats, log=log)
         log(background.table(bg))
+    load_report = None
+    if "load" in only:
+        log(f"load: {args.load_requests} requests at {args.load_concurrency} concurrent")
+        load_report = load.run(args.load_requests, args.load_concurrency)
+        log(json.dumps(load_report))
     text = render(
         command=command,
         started=started,
@@ -363,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cold=cold,
         warm_results=warm_results,
         bg=bg,
+        load_report=load_report,
     )
     args.output.write_text(text + "\n")
     RAW.parent.mkdir(parents=True, exist_ok=True)
@@ -371,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cold": cold.as_dict() if cold else None,
         "warm": asdict(warm_results) if warm_results else None,
         "background": asdict(bg) if bg else None,
+        "load": load_report,
     }
     RAW.write_text(json.dumps(raw, indent=1))
     log(f"wrote {args.output} (raw samples: {RAW})")
