@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import os
@@ -37,6 +38,19 @@ def load_event(name: str) -> dict[str, Any]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A fresh current event loop per test, closed after it: Mangum adopts the current loop when
+    an app module builds its handler, and one left open would leak into the next test."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        yield loop
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 @pytest.fixture(autouse=True)

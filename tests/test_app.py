@@ -3,7 +3,6 @@ the model loaded from moto's S3 server over real HTTP or from the committed weig
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import math
@@ -135,22 +134,6 @@ def assert_unavailable(
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The event loop Mangum adopts when handler.app is imported, closed after the test.
-
-    `Mangum()` creates and installs an event loop if there is none and never closes it; the
-    next asyncio runner (anyio's, in these tests) then drops it unclosed -> ResourceWarning.
-    """
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield loop
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 def asgi_client(mod: ModuleType) -> httpx.AsyncClient:

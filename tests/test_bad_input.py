@@ -6,7 +6,6 @@ InvalidInput naming the row and the rule; never an exception escaping, a 400 or 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import json
@@ -114,18 +113,6 @@ ACCEPTED: dict[str, tuple[bytes, str]] = {
     "vendor-json-type": (rows(1), "application/vnd.api+json"),
     "1e-400-underflows-to-0": (body_with("1e-400"), JSON),
 }
-
-
-@pytest.fixture(autouse=True)
-def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The event loop Mangum adopts when handler.app is imported, closed after the test."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield loop
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 @pytest.fixture

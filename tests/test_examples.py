@@ -3,7 +3,6 @@ process, on moto's S3, on Lambda, and the commands of its README exactly as writ
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import importlib
 import io
@@ -35,18 +34,6 @@ ROWS = [[5, 4, 1, 0], [0, 1, 2, 3]]  # first two add up to more -> 0, else -> 1
 LABELS = [0, 1]
 
 ImportExample = Callable[[str], ModuleType]
-
-
-@pytest.fixture(autouse=True)
-def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The loop Mangum adopts when the example (which builds a Lambda handler) is imported."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield loop
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 @pytest.fixture

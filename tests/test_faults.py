@@ -4,7 +4,6 @@ accepts them and never answers. Each fault is driven through the reference app, 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
@@ -290,18 +289,6 @@ BROKEN_BODIES = ["reset-mid-body", "short-body"]
 
 
 # --- fixtures -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The event loop Mangum adopts when handler.app is imported, closed after the test."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield loop
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ reaches the root logger is captured as it is formatted."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -62,18 +61,6 @@ class Captured:
             assert isinstance(record, dict), line
             records.append(record)
         return records
-
-
-@pytest.fixture(autouse=True)
-def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The loop Mangum adopts when handler.app is imported (one per execution environment)."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield loop
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 @pytest.fixture(autouse=True)

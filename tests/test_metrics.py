@@ -4,10 +4,9 @@ document per Lambda invocation (none when it recorded nothing), off under uvicor
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -34,18 +33,6 @@ UNITS = {
     "ModelBytes": "Bytes",
     "InferenceMs": "Milliseconds",
 }
-
-
-@pytest.fixture(autouse=True)
-def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The loop Mangum adopts when handler.app is imported (one per execution environment)."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield loop
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 @pytest.fixture

@@ -4,14 +4,13 @@ every later load verifies it without LAZYSERVE_MODEL_SHA256."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -59,18 +58,6 @@ class WideNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.linear(x)
         return out
-
-
-@pytest.fixture(autouse=True)
-def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The loop Mangum adopts when handler.app is imported (one per execution environment)."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield loop
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 def lazyserve(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,6 @@ same bytes come from S3 through the whole reference function."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -15,7 +14,7 @@ import os
 import pathlib
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -40,18 +39,6 @@ SECRETS = {
     "secret access key": FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
     "session token": SESSION_TOKEN,
 }
-
-
-@pytest.fixture(autouse=True)
-def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The event loop Mangum adopts when handler.app is imported, closed after the test."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield loop
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 # --- a pickle that would create a file, served from S3 --------------------------------------------

@@ -8,9 +8,8 @@ is driven with Hypothesis' `@given` directly."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -38,18 +37,6 @@ SETTINGS = settings(
     # 256 rows of 64 numbers are large examples; that is the API, not a generation problem.
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-@pytest.fixture(autouse=True)
-def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The event loop Mangum adopts when handler.app is imported, closed after the test."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield loop
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 # 503 is the contract's answer while the model cannot load, and the schema documents it; any

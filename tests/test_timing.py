@@ -4,12 +4,11 @@ app answers, in-process (ASGI) and through Mangum; and the same figures in `GET 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 
 import anyio
@@ -34,18 +33,6 @@ from tests.test_aws import header
 
 ImportHandler = Callable[..., ModuleType]
 ENTRY = re.compile(r"(?P<name>[A-Za-z0-9_-]+);dur=(?P<dur>[0-9.]+)")
-
-
-@pytest.fixture(autouse=True)
-def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The loop Mangum adopts when handler.app is imported (one per execution environment)."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield loop
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 def server_timing(value: str | None) -> dict[str, float]:
