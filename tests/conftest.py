@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -13,7 +14,7 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.s3server import CountingS3Server
+from tests.s3server import CountingS3Server, Request, WSGIApp
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "events"
@@ -109,6 +110,42 @@ def import_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Mo
 
     yield _import
     sys.modules.pop("handler.app", None)
+
+
+def is_weights_get(request: Request) -> bool:
+    return request.method == "GET" and request.path == f"/{BUCKET}/{KEY}"
+
+
+class Gate:
+    """A fault that holds every GET of the weights object until `open()`: a stalled S3 that the
+    test releases when it has seen what it wants (no timing involved)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Request) -> WSGIApp | None:
+        if is_weights_get(request):
+            with self._lock:
+                self.held += 1
+            # Bounded so a failing test cannot hang the server thread forever.
+            self._event.wait(60)
+        return None
+
+    def open(self) -> None:
+        self._event.set()
+
+
+@pytest.fixture
+def gate(s3: CountingS3Server) -> Iterator[Gate]:
+    gate = Gate()
+    s3.fault = gate
+    try:
+        yield gate
+    finally:
+        gate.open()
+        s3.fault = None
 
 
 def s3_uri() -> str:

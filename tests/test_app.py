@@ -6,8 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 from typing import Any
 
@@ -16,8 +15,17 @@ import httpx
 import pytest
 
 from handler.train import load_split
-from tests.conftest import BUCKET, FAKE_CREDENTIALS, KEY, WEIGHTS, load_event, s3_uri
-from tests.s3server import CountingS3Server, Fault, Request, WSGIApp
+from tests.conftest import (
+    BUCKET,
+    FAKE_CREDENTIALS,
+    KEY,
+    WEIGHTS,
+    Gate,
+    is_weights_get,
+    load_event,
+    s3_uri,
+)
+from tests.s3server import CountingS3Server, Fault, WSGIApp
 
 PART_SIZE = 16384
 WEIGHTS_BYTES = WEIGHTS.read_bytes()
@@ -63,10 +71,6 @@ def s3_error_app(status: int, code: str, message: str) -> WSGIApp:
     return app
 
 
-def is_weights_get(request: Request) -> bool:
-    return request.method == "GET" and request.path == f"/{BUCKET}/{KEY}"
-
-
 def failing_gets(status: int, code: str, message: str) -> Fault:
     """A fault that answers every GET of the weights object with an S3 error."""
     app = s3_error_app(status, code, message)
@@ -74,27 +78,6 @@ def failing_gets(status: int, code: str, message: str) -> Fault:
 
 
 ACCESS_DENIED = (403, "AccessDenied", "Access Denied")
-
-
-class Gate:
-    """A fault that holds every GET of the weights object until `open()`: a stalled S3 that the
-    test releases when it has seen what it wants (no timing involved)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.held = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, request: Request) -> WSGIApp | None:
-        if is_weights_get(request):
-            with self._lock:
-                self.held += 1
-            # Bounded so a failing test cannot hang the server thread forever.
-            self._event.wait(60)
-        return None
-
-    def open(self) -> None:
-        self._event.set()
 
 
 def weights_gets(s3: CountingS3Server) -> int:
@@ -164,17 +147,6 @@ async def s3_client(s3_app: ModuleType) -> AsyncIterator[httpx.AsyncClient]:
 async def local_client(local_app: ModuleType) -> AsyncIterator[httpx.AsyncClient]:
     async with asgi_client(local_app) as client:
         yield client
-
-
-@pytest.fixture
-def gate(s3: CountingS3Server) -> Iterator[Gate]:
-    gate = Gate()
-    s3.fault = gate
-    try:
-        yield gate
-    finally:
-        gate.open()
-        s3.fault = None
 
 
 # --- POST /predict --------------------------------------------------------------------------------

@@ -117,17 +117,6 @@ def start_server(s3: CountingS3Server, tmp_path: Path) -> Iterator[StartServer]:
             server.stop()
 
 
-@pytest.fixture
-def gate(s3: CountingS3Server) -> Iterator[Gate]:
-    gate = Gate()
-    s3.fault = gate
-    try:
-        yield gate
-    finally:
-        gate.open()
-        s3.fault = None
-
-
 async def wait_until(condition: Callable[[], bool], limit: float = 30.0) -> None:
     with anyio.fail_after(limit):
         while not condition():

@@ -62,17 +62,6 @@ def cold_url(s3: CountingS3Server, tmp_path: Path) -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture
-def gate(s3: CountingS3Server) -> Iterator[Gate]:
-    gate = Gate()
-    s3.fault = gate
-    try:
-        yield gate
-    finally:
-        gate.open()
-        s3.fault = None
-
-
 # --- (a) a load from a second process, started during the cold start ------------------------------
 
 

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import os
-import pathlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +30,7 @@ from tests.s3server import CountingS3Server, WSGIApp
 from tests.test_app import DIGIT_8, MAX_BODY, asgi_client, assert_unavailable, is_weights_get
 from tests.test_aws import body_of, header, with_path
 from tests.test_bad_input import HTTP_EVENTS, event_with
+from tests.test_formats import RunShell, TouchFile
 
 ImportHandler = Callable[..., ModuleType]
 SESSION_TOKEN = "FAKE-SESSION-TOKEN-that-must-never-be-logged"
@@ -42,22 +42,6 @@ SECRETS = {
 
 
 # --- a pickle that would create a file, served from S3 --------------------------------------------
-
-
-class TouchFile:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> Any:
-        return (pathlib.Path.touch, (self.marker,))
-
-
-class RunShell:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> Any:
-        return (os.system, (f"touch {self.marker}",))
 
 
 PAYLOADS: dict[str, tuple[type, str]] = {
