@@ -2,38 +2,16 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import boto3
 import pytest
 
-from tests.s3server import CountingS3Server, Request, WSGIApp
-
-ROOT = Path(__file__).resolve().parent.parent
-EVENTS = ROOT / "events"
-WEIGHTS = ROOT / "handler" / "weights" / "digits.safetensors"
-REGION = "us-east-1"
-BUCKET = "lazyserve-models"
-KEY = "digits/digits.safetensors"
-FAKE_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKEFAKE",
-    "AWS_SECRET_ACCESS_KEY": "fake/secret/key/that/must/never/be/logged00",
-    "AWS_DEFAULT_REGION": REGION,
-    "AWS_REGION": REGION,
-}
-
-
-def load_event(name: str) -> dict[str, Any]:
-    """A stored Lambda event from events/, by file name without `.json`."""
-    data: dict[str, Any] = json.loads((EVENTS / f"{name}.json").read_text())
-    return data
+from tests.helpers import BUCKET, FAKE_CREDENTIALS, KEY, REGION, WEIGHTS, Gate
+from tests.s3server import CountingS3Server
 
 
 @pytest.fixture
@@ -112,31 +90,6 @@ def import_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Mo
     sys.modules.pop("handler.app", None)
 
 
-def is_weights_get(request: Request) -> bool:
-    return request.method == "GET" and request.path == f"/{BUCKET}/{KEY}"
-
-
-class Gate:
-    """A fault that holds every GET of the weights object until `open()`: a stalled S3 that the
-    test releases when it has seen what it wants (no timing involved)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.held = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, request: Request) -> WSGIApp | None:
-        if is_weights_get(request):
-            with self._lock:
-                self.held += 1
-            # Bounded so a failing test cannot hang the server thread forever.
-            self._event.wait(60)
-        return None
-
-    def open(self) -> None:
-        self._event.set()
-
-
 @pytest.fixture
 def gate(s3: CountingS3Server) -> Iterator[Gate]:
     gate = Gate()
@@ -146,7 +99,3 @@ def gate(s3: CountingS3Server) -> Iterator[Gate]:
     finally:
         gate.open()
         s3.fault = None
-
-
-def s3_uri() -> str:
-    return f"s3://{BUCKET}/{KEY}"

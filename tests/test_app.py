@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
 
@@ -14,115 +13,33 @@ import anyio
 import httpx
 import pytest
 
-from handler.train import load_split
-from tests.conftest import (
+from tests.helpers import (
+    ACCESS_DENIED,
     BUCKET,
-    FAKE_CREDENTIALS,
+    DIGIT_8,
     KEY,
+    MAX_BODY,
+    PART_SIZE,
+    PARTS,
     WEIGHTS,
+    WEIGHTS_BYTES,
+    WEIGHTS_SHA256,
     Gate,
-    is_weights_get,
-    load_event,
+    ImportHandler,
+    asgi_client,
+    assert_prediction_shape,
+    assert_unavailable,
+    failing_gets,
+    held_out_digits,
     s3_uri,
+    weights_gets,
 )
-from tests.s3server import CountingS3Server, Fault, WSGIApp
-
-PART_SIZE = 16384
-WEIGHTS_BYTES = WEIGHTS.read_bytes()
-WEIGHTS_SHA256 = hashlib.sha256(WEIGHTS_BYTES).hexdigest()
-# One load of the reference weights = this many ranged GETs at LAZYSERVE_S3_PART_SIZE=16384.
-PARTS = math.ceil(len(WEIGHTS_BYTES) / PART_SIZE)
-MAX_BODY = 6 * 1024 * 1024
-DIGIT_8: list[int] = load_event("direct-predict")["inputs"][0]
-ZEROS = [0] * 64
-
-ImportHandler = Callable[..., ModuleType]
-
+from tests.s3server import CountingS3Server
 
 # --- helpers shared with test_aws.py and test_e2e_uvicorn.py ------------------------------------
 
 
-def held_out_digits(count: int) -> tuple[list[list[float]], list[int]]:
-    """`count` real digits from the split the reference model was NOT trained on."""
-    _, x_test, _, y_test = load_split(seed=0)
-    return x_test[:count].tolist(), y_test[:count].tolist()
-
-
-def s3_error_app(status: int, code: str, message: str) -> WSGIApp:
-    """A WSGI app answering like S3 does when it refuses a request."""
-    body = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f"<Error><Code>{code}</Code><Message>{message}</Message>"
-        "<RequestId>4442587FB7D0A2F9</RequestId><HostId>fake-host-id</HostId></Error>"
-    ).encode()
-    reasons = {403: "Forbidden", 404: "Not Found", 500: "Internal Server Error", 503: "Slow Down"}
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        start_response(
-            f"{status} {reasons.get(status, 'Error')}",
-            [
-                ("Content-Type", "application/xml"),
-                ("Content-Length", str(len(body))),
-                ("x-amz-request-id", "4442587FB7D0A2F9"),
-            ],
-        )
-        return [body]
-
-    return app
-
-
-def failing_gets(status: int, code: str, message: str) -> Fault:
-    """A fault that answers every GET of the weights object with an S3 error."""
-    app = s3_error_app(status, code, message)
-    return lambda request: app if is_weights_get(request) else None
-
-
-ACCESS_DENIED = (403, "AccessDenied", "Access Denied")
-
-
-def weights_gets(s3: CountingS3Server) -> int:
-    return len(s3.object_gets(BUCKET, KEY))
-
-
-def assert_prediction_shape(body: dict[str, Any], rows: int) -> None:
-    assert set(body) == {"predictions", "model"}
-    assert body["model"] == {"sha256": WEIGHTS_SHA256}
-    assert len(body["predictions"]) == rows
-    for prediction in body["predictions"]:
-        assert isinstance(prediction["label"], int)
-        probabilities = prediction["probabilities"]
-        assert len(probabilities) == 10
-        assert all(isinstance(p, float) and 0.0 <= p <= 1.0 for p in probabilities)
-        assert math.isclose(sum(probabilities), 1.0, abs_tol=1e-4)
-        assert prediction["label"] == probabilities.index(max(probabilities))
-
-
-def assert_unavailable(
-    status: int, headers: Any, body: Any, *must_name: str, retry_after: str = "5"
-) -> None:
-    """The contract's 503: Retry-After, the cause in words, no traceback, no credentials."""
-    assert status == 503, body
-    assert headers.get("retry-after") == retry_after
-    assert set(body) == {"detail"}
-    assert set(body["detail"]) == {"error", "message"}
-    assert body["detail"]["error"] == "model_unavailable"
-    message = body["detail"]["message"]
-    for word in must_name:
-        assert word in message, (word, message)
-    text = json.dumps(body)
-    assert "Traceback" not in text
-    assert 'File "' not in text
-    assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in text
-    assert FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"] not in text
-
-
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-def asgi_client(mod: ModuleType) -> httpx.AsyncClient:
-    # raise_app_exceptions=False: see the response a user would get (e.g. a 500), not the error.
-    transport = httpx.ASGITransport(app=mod.app, raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 @pytest.fixture

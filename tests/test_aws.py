@@ -4,90 +4,49 @@ events (as Mangum's own tests do), the model loaded from moto's S3 server over r
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import copy
 import json
 import math
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
 
 import pytest
 
 from lazyserve.errors import InvalidInput, ModelUnavailable, UnsupportedEvent
-from tests.conftest import BUCKET, KEY, load_event, s3_uri
-from tests.s3server import CountingS3Server
-from tests.test_app import (
+from tests.helpers import (
     ACCESS_DENIED,
+    BUCKET,
     DIGIT_8,
+    KEY,
     PART_SIZE,
     PARTS,
     WEIGHTS_BYTES,
     WEIGHTS_SHA256,
+    ImportHandler,
+    assert_label_8,
     assert_prediction_shape,
     assert_unavailable,
+    body_of,
     failing_gets,
+    header,
     held_out_digits,
+    load_event,
+    s3_uri,
     weights_gets,
+    with_body,
+    with_path,
 )
+from tests.s3server import CountingS3Server
 
-ImportHandler = Callable[..., ModuleType]
 HTTP_PREDICT_EVENTS = ["rest-predict", "http-api-predict", "alb-predict", "function-url-predict"]
 HTTP_HEALTH_EVENTS = ["rest-health", "http-api-health"]
-
-
-@pytest.fixture(autouse=True)
-def lambda_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """One event loop per simulated execution environment, as on Lambda: Mangum adopts it when
-    handler.app is imported and reuses it on every invocation; closed after the test."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        yield loop
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 @pytest.fixture
 def mod(s3: CountingS3Server, import_handler: ImportHandler) -> ModuleType:
     """A fresh execution environment: handler.app imported, lazy load from moto's S3."""
     return import_handler(LAZYSERVE_MODEL_URI=s3_uri(), LAZYSERVE_S3_PART_SIZE=str(PART_SIZE))
-
-
-def header(response: dict[str, Any], name: str) -> str | None:
-    """A response header, whichever of Mangum's response shapes carries it."""
-    for key, value in (response.get("headers") or {}).items():
-        if key.lower() == name:
-            return str(value)
-    for key, values in (response.get("multiValueHeaders") or {}).items():
-        if key.lower() == name:
-            return str(values[0])
-    return None
-
-
-def body_of(response: dict[str, Any]) -> Any:
-    body = response["body"]
-    if response.get("isBase64Encoded"):
-        body = base64.b64decode(body)
-    return json.loads(body)
-
-
-def with_body(name: str, body: bytes, *, b64: bool = True) -> dict[str, Any]:
-    """A copy of a stored HTTP event carrying another body."""
-    event = copy.deepcopy(load_event(name))
-    event["body"] = base64.b64encode(body).decode() if b64 else body.decode()
-    event["isBase64Encoded"] = b64
-    return event
-
-
-def assert_label_8(response: dict[str, Any]) -> None:
-    assert response["statusCode"] == 200, response
-    assert header(response, "content-type") == "application/json"
-    body = body_of(response)
-    assert_prediction_shape(body, 1)
-    assert body["predictions"][0]["label"] == 8
 
 
 # --- the stored events ----------------------------------------------------------------------------
@@ -219,13 +178,6 @@ def test_twenty_mixed_invocations_make_exactly_one_load(
     assert mod.model.loads_started == 1
     meta = body_of(mod.handler(with_path("http-api-health", "/model"), None))
     assert meta["loads"] == 1
-
-
-def with_path(name: str, path: str) -> dict[str, Any]:
-    event = copy.deepcopy(load_event(name))
-    event["rawPath"] = path
-    event["requestContext"]["http"]["path"] = path
-    return event
 
 
 # --- direct invocations that break the input rules ------------------------------------------------
@@ -406,7 +358,7 @@ def test_eager_load_that_fails_does_not_fail_init_and_is_retried(
 
 
 def test_invocations_reuse_one_event_loop_and_run_no_lifespan(
-    s3: CountingS3Server, mod: ModuleType, lambda_event_loop: asyncio.AbstractEventLoop
+    s3: CountingS3Server, mod: ModuleType, mangum_event_loop: asyncio.AbstractEventLoop
 ) -> None:
     lifespan_runs: list[str] = []
 
@@ -421,8 +373,8 @@ def test_invocations_reuse_one_event_loop_and_run_no_lifespan(
         assert_label_8(mod.handler(load_event("http-api-predict"), None))
         assert body_of(mod.handler(load_event("http-api-health"), None))["model"] == "loaded"
     assert lifespan_runs == []
-    assert not lambda_event_loop.is_closed()
-    assert asyncio.get_event_loop() is lambda_event_loop
+    assert not mangum_event_loop.is_closed()
+    assert asyncio.get_event_loop() is mangum_event_loop
     assert mod.model.loads_started == 1
     assert weights_gets(s3) == PARTS
     assert math.isclose(

@@ -7,11 +7,10 @@ InvalidInput naming the row and the rule; never an exception escaping, a 400 or 
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,15 +19,23 @@ import httpx
 import pytest
 
 from lazyserve.errors import InvalidInput
-from tests.conftest import FAKE_CREDENTIALS, WEIGHTS, load_event
-from tests.test_app import DIGIT_8, MAX_BODY, asgi_client, assert_prediction_shape
-from tests.test_aws import body_of, header
-from tests.test_e2e_uvicorn import UvicornProcess
+from tests.helpers import (
+    DIGIT_8,
+    FAKE_CREDENTIALS,
+    HTTP_EVENTS,
+    MAX_BODY,
+    WEIGHTS,
+    ImportHandler,
+    UvicornProcess,
+    asgi_client,
+    assert_prediction_shape,
+    body_of,
+    event_with,
+    header,
+)
 
-ImportHandler = Callable[..., ModuleType]
 RULES = "1 to 256 rows, each exactly 64 finite numbers in 0..16"
 ONES = ",".join(["1"] * 64)
-HTTP_EVENTS = ["rest-predict", "http-api-predict", "alb-predict", "function-url-predict"]
 
 
 def body_with(token: str, column: int = 5) -> bytes:
@@ -244,23 +251,6 @@ EVENT_BODIES = [
     "lists-500-deep",
     "objects-100000-deep",
 ]
-
-
-def event_with(name: str, body: bytes, content_type: str | None, *, b64: bool) -> dict[str, Any]:
-    """A stored HTTP event carrying `body` (base64 or plain) and, if given, a Content-Type."""
-    event = copy.deepcopy(load_event(name))
-    event["body"] = base64.b64encode(body).decode() if b64 else body.decode()
-    event["isBase64Encoded"] = b64
-    if content_type is not None:
-        for key in ("headers", "multiValueHeaders"):
-            headers = event.get(key)
-            if isinstance(headers, dict):
-                for existing in [k for k in headers if k.lower() == "content-type"]:
-                    del headers[existing]
-                headers["content-type"] = (
-                    [content_type] if key == "multiValueHeaders" else (content_type)
-                )
-    return event
 
 
 def _encodings(case: str) -> list[bool]:

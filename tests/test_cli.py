@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, WEIGHTS
+from tests.helpers import ROOT, WEIGHTS
 
 LAZYSERVE = Path(sys.executable).parent / "lazyserve"
 REPORT = re.compile(

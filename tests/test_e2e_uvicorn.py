@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,9 +12,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import ROOT, s3_uri
-from tests.s3server import CountingS3Server
-from tests.test_app import (
+from tests.helpers import (
     ACCESS_DENIED,
     BUCKET,
     DIGIT_8,
@@ -27,67 +21,19 @@ from tests.test_app import (
     PARTS,
     WEIGHTS_SHA256,
     Gate,
+    UvicornProcess,
     assert_prediction_shape,
     assert_unavailable,
     failing_gets,
+    s3_uri,
+    wait_until,
     weights_gets,
 )
+from tests.s3server import CountingS3Server
 
-STARTUP_LIMIT = 30.0  # seconds uvicorn may take to import torch and answer /health
 CLIENTS = 40
 
 StartServer = Callable[..., str]
-
-
-class UvicornProcess:
-    """`python -m uvicorn handler.app:app --fd N` on a socket the test bound to 127.0.0.1:0."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        host, port = self.sock.getsockname()
-        self.url = f"http://{host}:{port}"
-        self.log_path = log
-        self._log = log.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "handler.app:app", "--fd", str(self.sock.fileno())],
-            pass_fds=(self.sock.fileno(),),
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def wait_healthy(self) -> None:
-        deadline = time.monotonic() + STARTUP_LIMIT
-        with httpx.Client(base_url=self.url, timeout=5.0) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    pytest.fail(f"uvicorn exited with {self.process.returncode}:\n{self.log()}")
-                try:
-                    if client.get("/health").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-        pytest.fail(f"uvicorn did not answer /health within {STARTUP_LIMIT}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        try:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=10)
-        finally:
-            self._log.close()
-            self.sock.close()
 
 
 @pytest.fixture
@@ -115,12 +61,6 @@ def start_server(s3: CountingS3Server, tmp_path: Path) -> Iterator[StartServer]:
     finally:
         for server in servers:
             server.stop()
-
-
-async def wait_until(condition: Callable[[], bool], limit: float = 30.0) -> None:
-    with anyio.fail_after(limit):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 @pytest.mark.anyio

@@ -24,7 +24,7 @@ import pytest
 
 from lazyserve.cli import FakeContext
 from lazyserve.publish import push
-from tests.conftest import BUCKET, ROOT
+from tests.helpers import BUCKET, ROOT
 from tests.s3server import CountingS3Server, Request
 
 EXAMPLE = ROOT / "examples" / "own_model"

@@ -24,24 +24,26 @@ import pytest
 
 import lazyserve.sources
 from lazyserve.errors import ModelUnavailable
-from tests.conftest import REGION, load_event, s3_uri
-from tests.s3server import CountingS3Server, Request, WSGIApp
-from tests.test_app import (
+from tests.helpers import (
     BUCKET,
     DIGIT_8,
     KEY,
     PART_SIZE,
     PARTS,
+    REGION,
     WEIGHTS_BYTES,
     WEIGHTS_SHA256,
+    ImportHandler,
     asgi_client,
     assert_prediction_shape,
     assert_unavailable,
     is_weights_get,
+    load_event,
+    s3_uri,
     weights_gets,
 )
+from tests.s3server import CountingS3Server, Request, WSGIApp
 
-ImportHandler = Callable[..., ModuleType]
 Mode = Literal["relay", "reset", "stall"]
 API_GATEWAY_TIMEOUT = 29.0
 LOAD_WAIT = 25.0  # LAZYSERVE_LOAD_WAIT's default: a request waits this long for a load

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import pathlib
 import struct
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from torch import nn
 from lazyserve.errors import ModelFormatError
 from lazyserve.formats import build_model, read_state_dict
 from lazyserve.sources import Weights
+from tests.helpers import RunShell, TouchFile
 
 URI = "s3://models/net.safetensors"
 
@@ -316,22 +315,6 @@ def test_pt_from_a_buffer() -> None:
 def test_pth_is_a_pt_file() -> None:
     w = weights(torch_save_bytes({"w": torch.ones(3)}), uri="s3://models/net.PTH?versionId=1")
     assert torch.equal(read_state_dict(w)["w"], torch.ones(3))
-
-
-class TouchFile:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> Any:
-        return (pathlib.Path.touch, (self.marker,))
-
-
-class RunShell:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> Any:
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.mark.parametrize("payload", [TouchFile, RunShell])

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BUCKET, FAKE_CREDENTIALS, KEY, ROOT, WEIGHTS, load_event
+from tests.helpers import BUCKET, FAKE_CREDENTIALS, KEY, ROOT, WEIGHTS, load_event
 from tests.runtime_api import Call, Result, RuntimeAPI
 from tests.s3server import CountingS3Server
 

@@ -17,10 +17,19 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import FAKE_CREDENTIALS, ROOT, WEIGHTS, s3_uri
+from tests.helpers import (
+    FAKE_CREDENTIALS,
+    PART_SIZE,
+    PARTS,
+    ROOT,
+    WEIGHTS,
+    WEIGHTS_SHA256,
+    Gate,
+    UvicornProcess,
+    s3_uri,
+    weights_gets,
+)
 from tests.s3server import CountingS3Server
-from tests.test_app import PART_SIZE, PARTS, WEIGHTS_SHA256, Gate, weights_gets
-from tests.test_e2e_uvicorn import UvicornProcess
 
 LOAD_REQUESTS = 600
 LOAD_CONCURRENCY = 32

@@ -9,8 +9,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
-from types import ModuleType
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,19 +18,24 @@ from lazyserve import logs
 from lazyserve.cli import FakeContext
 from lazyserve.errors import ModelLoadError
 from lazyserve.lazy import LazyModel
-from tests.conftest import BUCKET, FAKE_CREDENTIALS, KEY, WEIGHTS, load_event, s3_uri
-from tests.s3server import CountingS3Server
-from tests.test_app import (
+from tests.helpers import (
     ACCESS_DENIED,
+    BUCKET,
     DIGIT_8,
+    FAKE_CREDENTIALS,
+    KEY,
     PART_SIZE,
+    WEIGHTS,
     WEIGHTS_BYTES,
     WEIGHTS_SHA256,
+    ImportHandler,
     asgi_client,
     failing_gets,
+    load_event,
+    s3_uri,
 )
+from tests.s3server import CountingS3Server
 
-ImportHandler = Callable[..., ModuleType]
 LOAD_FIGURES = ("fetch_seconds", "build_seconds", "total_seconds", "bytes", "mb_per_s")
 TEXT_LINE = re.compile(
     r"(?P<time>\d\d:\d\d:\d\d\.\d{3}) (?P<level>[A-Z]+) +(?P<logger>[\w.]+): (?P<rest>.*)"

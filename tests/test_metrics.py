@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -15,18 +14,20 @@ import pytest
 from lazyserve.cli import FakeContext
 from lazyserve.errors import InvalidInput, SettingsError
 from lazyserve.settings import load_settings
-from tests.conftest import WEIGHTS, load_event, s3_uri
-from tests.s3server import CountingS3Server
-from tests.test_app import (
+from tests.helpers import (
     ACCESS_DENIED,
     DIGIT_8,
     PART_SIZE,
+    WEIGHTS,
     WEIGHTS_BYTES,
+    ImportHandler,
     asgi_client,
     failing_gets,
+    load_event,
+    s3_uri,
 )
+from tests.s3server import CountingS3Server
 
-ImportHandler = Callable[..., ModuleType]
 UNITS = {
     "ColdStart": "Count",
     "ModelLoadSeconds": "Seconds",

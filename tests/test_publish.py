@@ -10,9 +10,7 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import boto3
@@ -26,18 +24,21 @@ from handler.model import DigitsMLP
 from lazyserve.errors import ModelIntegrityError
 from lazyserve.model import load_model
 from lazyserve.settings import load_settings
-from tests.conftest import REGION, ROOT, WEIGHTS, load_event
-from tests.s3server import CountingS3Server, Request
-from tests.test_app import (
+from tests.helpers import (
     DIGIT_8,
+    REGION,
+    ROOT,
+    WEIGHTS,
     WEIGHTS_BYTES,
     WEIGHTS_SHA256,
+    ImportHandler,
     asgi_client,
     assert_unavailable,
+    body_of,
+    load_event,
 )
-from tests.test_aws import body_of
+from tests.s3server import CountingS3Server, Request
 
-ImportHandler = Callable[..., ModuleType]
 LAZYSERVE = Path(sys.executable).parent / "lazyserve"
 VERSIONED = "lazyserve-versioned"
 PLAIN = "lazyserve-plain"

@@ -25,14 +25,31 @@ import torch
 
 import lazyserve.sources
 from lazyserve.errors import InvalidInput, ModelFormatError, ModelUnavailable, SettingsError
-from tests.conftest import BUCKET, FAKE_CREDENTIALS, KEY, REGION, ROOT, WEIGHTS, load_event, s3_uri
+from tests.helpers import (
+    BUCKET,
+    DIGIT_8,
+    FAKE_CREDENTIALS,
+    HTTP_EVENTS,
+    KEY,
+    MAX_BODY,
+    REGION,
+    ROOT,
+    WEIGHTS,
+    ImportHandler,
+    RunShell,
+    TouchFile,
+    asgi_client,
+    assert_unavailable,
+    body_of,
+    event_with,
+    header,
+    is_weights_get,
+    load_event,
+    s3_uri,
+    with_path,
+)
 from tests.s3server import CountingS3Server, WSGIApp
-from tests.test_app import DIGIT_8, MAX_BODY, asgi_client, assert_unavailable, is_weights_get
-from tests.test_aws import body_of, header, with_path
-from tests.test_bad_input import HTTP_EVENTS, event_with
-from tests.test_formats import RunShell, TouchFile
 
-ImportHandler = Callable[..., ModuleType]
 SESSION_TOKEN = "FAKE-SESSION-TOKEN-that-must-never-be-logged"
 SECRETS = {
     "access key id": FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],

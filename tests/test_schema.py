@@ -9,7 +9,6 @@ is driven with Hypothesis' `@given` directly."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,9 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.core.failures import FailureGroup
 
-from tests.conftest import WEIGHTS
+from tests.helpers import WEIGHTS, ImportHandler
 
-ImportHandler = Callable[..., ModuleType]
 MAX_EXAMPLES = 50
 OPERATIONS = [("GET", "/health"), ("GET", "/ready"), ("GET", "/model"), ("POST", "/predict")]
 # Negative data needs something to break: only /predict takes input (GETs have no parameters).

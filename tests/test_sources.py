@@ -33,7 +33,7 @@ from lazyserve.sources import (
     s3_client,
     take_prefetched,
 )
-from tests.conftest import FAKE_CREDENTIALS, REGION
+from tests.helpers import FAKE_CREDENTIALS, REGION
 from tests.s3server import CountingS3Server, Request, WSGIApp
 
 BUCKET = "lazyserve-sources"

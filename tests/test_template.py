@@ -21,7 +21,7 @@ import pytest
 from cfnlint.decode import decode  # type: ignore[import-untyped]
 
 from lazyserve.settings import Settings, load_settings
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 TEMPLATE = ROOT / "template.yaml"
 DOCKERFILE = ROOT / "Dockerfile"

@@ -8,7 +8,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from types import ModuleType
 
 import anyio
@@ -18,20 +18,22 @@ import pytest
 from lazyserve import timing
 from lazyserve.cli import FakeContext
 from lazyserve.lazy import LazyModel
-from tests.conftest import WEIGHTS, load_event, s3_uri
-from tests.s3server import CountingS3Server
-from tests.test_app import (
+from tests.helpers import (
     ACCESS_DENIED,
     DIGIT_8,
     MAX_BODY,
     PART_SIZE,
+    WEIGHTS,
     Gate,
+    ImportHandler,
     asgi_client,
     failing_gets,
+    header,
+    load_event,
+    s3_uri,
 )
-from tests.test_aws import header
+from tests.s3server import CountingS3Server
 
-ImportHandler = Callable[..., ModuleType]
 ENTRY = re.compile(r"(?P<name>[A-Za-z0-9_-]+);dur=(?P<dur>[0-9.]+)")
 
 

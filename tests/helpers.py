@@ -1,0 +1,302 @@
+"""Shared test helpers: the reference weights and events, S3 fault apps, assertions on the
+contract's answers, and a uvicorn process on 127.0.0.1. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import math
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from handler.train import load_split
+from tests.s3server import CountingS3Server, Fault, Request, WSGIApp
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTS = ROOT / "events"
+WEIGHTS = ROOT / "handler" / "weights" / "digits.safetensors"
+REGION = "us-east-1"
+BUCKET = "lazyserve-models"
+KEY = "digits/digits.safetensors"
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKEFAKE",
+    "AWS_SECRET_ACCESS_KEY": "fake/secret/key/that/must/never/be/logged00",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_REGION": REGION,
+}
+PART_SIZE = 16384
+WEIGHTS_BYTES = WEIGHTS.read_bytes()
+WEIGHTS_SHA256 = hashlib.sha256(WEIGHTS_BYTES).hexdigest()
+# One load of the reference weights = this many ranged GETs at LAZYSERVE_S3_PART_SIZE=16384.
+PARTS = math.ceil(len(WEIGHTS_BYTES) / PART_SIZE)
+MAX_BODY = 6 * 1024 * 1024
+DIGIT_8: list[int] = json.loads((EVENTS / "direct-predict.json").read_text())["inputs"][0]
+ZEROS = [0] * 64
+ImportHandler = Callable[..., ModuleType]
+
+
+def load_event(name: str) -> dict[str, Any]:
+    """A stored Lambda event from events/, by file name without `.json`."""
+    data: dict[str, Any] = json.loads((EVENTS / f"{name}.json").read_text())
+    return data
+
+
+def is_weights_get(request: Request) -> bool:
+    return request.method == "GET" and request.path == f"/{BUCKET}/{KEY}"
+
+
+class Gate:
+    """A fault that holds every GET of the weights object until `open()`: a stalled S3 that the
+    test releases when it has seen what it wants (no timing involved)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Request) -> WSGIApp | None:
+        if is_weights_get(request):
+            with self._lock:
+                self.held += 1
+            # Bounded so a failing test cannot hang the server thread forever.
+            self._event.wait(60)
+        return None
+
+    def open(self) -> None:
+        self._event.set()
+
+
+def s3_uri() -> str:
+    return f"s3://{BUCKET}/{KEY}"
+
+
+def held_out_digits(count: int) -> tuple[list[list[float]], list[int]]:
+    """`count` real digits from the split the reference model was NOT trained on."""
+    _, x_test, _, y_test = load_split(seed=0)
+    return x_test[:count].tolist(), y_test[:count].tolist()
+
+
+def s3_error_app(status: int, code: str, message: str) -> WSGIApp:
+    """A WSGI app answering like S3 does when it refuses a request."""
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message>"
+        "<RequestId>4442587FB7D0A2F9</RequestId><HostId>fake-host-id</HostId></Error>"
+    ).encode()
+    reasons = {403: "Forbidden", 404: "Not Found", 500: "Internal Server Error", 503: "Slow Down"}
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response(
+            f"{status} {reasons.get(status, 'Error')}",
+            [
+                ("Content-Type", "application/xml"),
+                ("Content-Length", str(len(body))),
+                ("x-amz-request-id", "4442587FB7D0A2F9"),
+            ],
+        )
+        return [body]
+
+    return app
+
+
+def failing_gets(status: int, code: str, message: str) -> Fault:
+    """A fault that answers every GET of the weights object with an S3 error."""
+    app = s3_error_app(status, code, message)
+    return lambda request: app if is_weights_get(request) else None
+
+
+ACCESS_DENIED = (403, "AccessDenied", "Access Denied")
+
+
+def weights_gets(s3: CountingS3Server) -> int:
+    return len(s3.object_gets(BUCKET, KEY))
+
+
+def assert_prediction_shape(body: dict[str, Any], rows: int) -> None:
+    assert set(body) == {"predictions", "model"}
+    assert body["model"] == {"sha256": WEIGHTS_SHA256}
+    assert len(body["predictions"]) == rows
+    for prediction in body["predictions"]:
+        assert isinstance(prediction["label"], int)
+        probabilities = prediction["probabilities"]
+        assert len(probabilities) == 10
+        assert all(isinstance(p, float) and 0.0 <= p <= 1.0 for p in probabilities)
+        assert math.isclose(sum(probabilities), 1.0, abs_tol=1e-4)
+        assert prediction["label"] == probabilities.index(max(probabilities))
+
+
+def assert_unavailable(
+    status: int, headers: Any, body: Any, *must_name: str, retry_after: str = "5"
+) -> None:
+    """The contract's 503: Retry-After, the cause in words, no traceback, no credentials."""
+    assert status == 503, body
+    assert headers.get("retry-after") == retry_after
+    assert set(body) == {"detail"}
+    assert set(body["detail"]) == {"error", "message"}
+    assert body["detail"]["error"] == "model_unavailable"
+    message = body["detail"]["message"]
+    for word in must_name:
+        assert word in message, (word, message)
+    text = json.dumps(body)
+    assert "Traceback" not in text
+    assert 'File "' not in text
+    assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in text
+    assert FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"] not in text
+
+
+def asgi_client(mod: ModuleType) -> httpx.AsyncClient:
+    # raise_app_exceptions=False: see the response a user would get (e.g. a 500), not the error.
+    transport = httpx.ASGITransport(app=mod.app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+def header(response: dict[str, Any], name: str) -> str | None:
+    """A response header, whichever of Mangum's response shapes carries it."""
+    for key, value in (response.get("headers") or {}).items():
+        if key.lower() == name:
+            return str(value)
+    for key, values in (response.get("multiValueHeaders") or {}).items():
+        if key.lower() == name:
+            return str(values[0])
+    return None
+
+
+def body_of(response: dict[str, Any]) -> Any:
+    body = response["body"]
+    if response.get("isBase64Encoded"):
+        body = base64.b64decode(body)
+    return json.loads(body)
+
+
+def with_body(name: str, body: bytes, *, b64: bool = True) -> dict[str, Any]:
+    """A copy of a stored HTTP event carrying another body."""
+    event = copy.deepcopy(load_event(name))
+    event["body"] = base64.b64encode(body).decode() if b64 else body.decode()
+    event["isBase64Encoded"] = b64
+    return event
+
+
+def assert_label_8(response: dict[str, Any]) -> None:
+    assert response["statusCode"] == 200, response
+    assert header(response, "content-type") == "application/json"
+    body = body_of(response)
+    assert_prediction_shape(body, 1)
+    assert body["predictions"][0]["label"] == 8
+
+
+def with_path(name: str, path: str) -> dict[str, Any]:
+    event = copy.deepcopy(load_event(name))
+    event["rawPath"] = path
+    event["requestContext"]["http"]["path"] = path
+    return event
+
+
+STARTUP_LIMIT = 30.0  # seconds uvicorn may take to import torch and answer /health
+
+
+class UvicornProcess:
+    """`python -m uvicorn handler.app:app --fd N` on a socket the test bound to 127.0.0.1:0."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        host, port = self.sock.getsockname()
+        self.url = f"http://{host}:{port}"
+        self.log_path = log
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "handler.app:app", "--fd", str(self.sock.fileno())],
+            pass_fds=(self.sock.fileno(),),
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + STARTUP_LIMIT
+        with httpx.Client(base_url=self.url, timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    pytest.fail(f"uvicorn exited with {self.process.returncode}:\n{self.log()}")
+                try:
+                    if client.get("/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        pytest.fail(f"uvicorn did not answer /health within {STARTUP_LIMIT}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        try:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(timeout=10)
+        finally:
+            self._log.close()
+            self.sock.close()
+
+
+async def wait_until(condition: Callable[[], bool], limit: float = 30.0) -> None:
+    with anyio.fail_after(limit):
+        while not condition():
+            await anyio.sleep(0.02)
+
+
+HTTP_EVENTS = ["rest-predict", "http-api-predict", "alb-predict", "function-url-predict"]
+
+
+def event_with(name: str, body: bytes, content_type: str | None, *, b64: bool) -> dict[str, Any]:
+    """A stored HTTP event carrying `body` (base64 or plain) and, if given, a Content-Type."""
+    event = copy.deepcopy(load_event(name))
+    event["body"] = base64.b64encode(body).decode() if b64 else body.decode()
+    event["isBase64Encoded"] = b64
+    if content_type is not None:
+        for key in ("headers", "multiValueHeaders"):
+            headers = event.get(key)
+            if isinstance(headers, dict):
+                for existing in [k for k in headers if k.lower() == "content-type"]:
+                    del headers[existing]
+                headers["content-type"] = (
+                    [content_type] if key == "multiValueHeaders" else (content_type)
+                )
+    return event
+
+
+class TouchFile:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (pathlib.Path.touch, (self.marker,))
+
+
+class RunShell:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (os.system, (f"touch {self.marker}",))
