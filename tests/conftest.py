@@ -35,8 +35,7 @@ def mangum_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No LAZYSERVE_* or AWS_* variable leaks into a test; fake credentials, fixed region."""
-    from lazyserve import sources
-    from lazyserve.sources import reset_s3_clients
+    from lazyserve.sources import reset_prefetches, reset_s3_clients
 
     for name in list(os.environ):
         if name.startswith(("LAZYSERVE_", "AWS_")):
@@ -47,7 +46,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     reset_s3_clients()
     # A prefetch an eager import started and no load took must not serve a later test.
-    sources._prefetches.clear()
+    reset_prefetches()
 
 
 @pytest.fixture(scope="session")

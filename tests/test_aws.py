@@ -103,7 +103,7 @@ def test_warmup_event_loads_the_model(name: str, s3: CountingS3Server, mod: Modu
     # A second ping finds the model loaded.
     assert mod.handler(load_event(name), None)["model"]["sha256"] == WEIGHTS_SHA256
     assert weights_gets(s3) == PARTS
-    assert mod.model.loads_started == 1
+    assert mod.service.model.loads_started == 1
 
 
 def test_direct_invalid_event_raises_invalid_input(mod: ModuleType) -> None:
@@ -116,9 +116,11 @@ def test_direct_invalid_event_raises_invalid_input(mod: ModuleType) -> None:
     assert "1 to 256 rows, each exactly 64 finite numbers in 0..16" in message
 
 
-def test_sqs_event_raises_unsupported_event_naming_the_accepted_shapes(mod: ModuleType) -> None:
+def test_s3_notification_raises_unsupported_event_naming_the_accepted_shapes(
+    mod: ModuleType,
+) -> None:
     with pytest.raises(UnsupportedEvent) as info:
-        mod.handler(load_event("sqs"), None)
+        mod.handler(load_event("s3-put"), None)
     assert type(info.value).__name__ == "UnsupportedEvent"
     message = str(info.value)
     assert "Records" in message
@@ -144,7 +146,7 @@ def test_non_dict_event_raises_unsupported_event(event: Any, mod: ModuleType) ->
 def test_other_dict_events_raise_unsupported_event(event: Any, mod: ModuleType) -> None:
     with pytest.raises(UnsupportedEvent):
         mod.handler(event, None)
-    assert mod.model.loads_started == 0
+    assert mod.service.model.loads_started == 0
 
 
 # --- one load per execution environment -----------------------------------------------------------
@@ -169,13 +171,13 @@ def test_twenty_mixed_invocations_make_exactly_one_load(
             assert result["warm"] is True
     # Invalid events in the same environment neither load nor break later invocations.
     with pytest.raises(UnsupportedEvent):
-        mod.handler(load_event("sqs"), None)
+        mod.handler(load_event("s3-put"), None)
     with pytest.raises(InvalidInput):
         mod.handler(load_event("direct-invalid"), None)
     assert_label_8(mod.handler(load_event("http-api-predict"), None))
 
     assert weights_gets(s3) == PARTS
-    assert mod.model.loads_started == 1
+    assert mod.service.model.loads_started == 1
     meta = body_of(mod.handler(with_path("http-api-health", "/model"), None))
     assert meta["loads"] == 1
 
@@ -283,7 +285,7 @@ def test_failed_s3_read_raises_on_warmup_answers_503_over_http_then_recovers(
     assert_label_8(mod.handler(load_event("rest-predict"), None))
     assert weights_gets(s3) == PARTS
     assert mod.handler(load_event("direct-predict"), None)["predictions"][0]["label"] == 8
-    assert mod.model.loads_started == 4  # three failed attempts, one success
+    assert mod.service.model.loads_started == 4  # three failed attempts, one success
     assert weights_gets(s3) == PARTS
 
 
@@ -317,11 +319,11 @@ def test_eager_load_happens_during_init(
         monkeypatch.setenv(name, value)
     mod = import_handler(LAZYSERVE_MODEL_URI=s3_uri(), LAZYSERVE_S3_PART_SIZE=str(PART_SIZE))
     # Loaded before the first invocation (the snapshot, or INIT, holds the model).
-    assert mod.model.status == "loaded"
+    assert mod.service.model.status == "loaded"
     assert weights_gets(s3) == PARTS
     assert_label_8(mod.handler(load_event("http-api-predict"), None))
     assert weights_gets(s3) == PARTS
-    assert mod.model.loads_started == 1
+    assert mod.service.model.loads_started == 1
 
 
 def test_background_load_starts_during_init(
@@ -332,11 +334,11 @@ def test_background_load_starts_during_init(
         LAZYSERVE_S3_PART_SIZE=str(PART_SIZE),
         LAZYSERVE_LOAD="background",
     )
-    assert mod.model.loads_started == 1  # started at import, without any invocation
+    assert mod.service.model.loads_started == 1  # started at import, without any invocation
     assert_label_8(mod.handler(load_event("http-api-predict"), None))
     assert mod.handler(load_event("direct-predict"), None)["predictions"][0]["label"] == 8
     assert weights_gets(s3) == PARTS
-    assert mod.model.loads_started == 1
+    assert mod.service.model.loads_started == 1
 
 
 def test_eager_load_that_fails_does_not_fail_init_and_is_retried(
@@ -346,12 +348,12 @@ def test_eager_load_that_fails_does_not_fail_init_and_is_retried(
     mod = import_handler(
         LAZYSERVE_MODEL_URI=s3_uri(), LAZYSERVE_S3_PART_SIZE=str(PART_SIZE), LAZYSERVE_LOAD="eager"
     )
-    assert mod.model.status == "failed"
+    assert mod.service.model.status == "failed"
     s3.fault = None
     s3.clear()
     assert_label_8(mod.handler(load_event("alb-predict"), None))
     assert weights_gets(s3) == PARTS
-    assert mod.model.loads_started == 2
+    assert mod.service.model.loads_started == 2
 
 
 # --- Mangum: no lifespan per invocation, one loop for all invocations -----------------------------
@@ -375,7 +377,7 @@ def test_invocations_reuse_one_event_loop_and_run_no_lifespan(
     assert lifespan_runs == []
     assert not mangum_event_loop.is_closed()
     assert asyncio.get_event_loop() is mangum_event_loop
-    assert mod.model.loads_started == 1
+    assert mod.service.model.loads_started == 1
     assert weights_gets(s3) == PARTS
     assert math.isclose(
         sum(mod.handler(load_event("direct-predict"), None)["predictions"][0]["probabilities"]),

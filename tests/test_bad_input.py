@@ -157,7 +157,7 @@ async def test_bad_body_is_a_json_422_naming_the_field(
     body, content_type, loc = BAD_BODIES[case]
     response = await client.post("/predict", content=body, headers={"content-type": content_type})
     assert_422(response.status_code, response.headers.get("content-type"), response.content, loc)
-    assert mod.model.loads_started == 0  # a bad body never starts a load
+    assert mod.service.model.loads_started == 0  # a bad body never starts a load
 
 
 @pytest.mark.anyio
@@ -220,9 +220,9 @@ def test_direct_invalid_payload_raises_invalid_input_naming_row_and_rule(
     assert type(info.value).__name__ == "InvalidInput"
     message = str(info.value)
     assert where in message, message[:300]
-    assert message.endswith(f"Accepted: {RULES}"), message[-200:]
+    assert message.endswith(f"Accepted: inputs: {RULES}"), message[-200:]
     assert len(message) < 2000  # Lambda's error payload carries it; no echo of the input
-    assert mod.model.loads_started == 0
+    assert mod.service.model.loads_started == 0
 
 
 def test_direct_invocation_at_the_limits_is_served(mod: ModuleType) -> None:
@@ -280,7 +280,7 @@ def test_http_event_with_bad_body_answers_a_json_422(
     raw = response["body"]
     raw = base64.b64decode(raw) if response.get("isBase64Encoded") else raw.encode()
     assert_422(response["statusCode"], header(response, "content-type"), raw, loc)
-    assert mod.model.loads_started == 0
+    assert mod.service.model.loads_started == 0
 
 
 @pytest.mark.parametrize("b64", [True, False], ids=["base64", "plain"])

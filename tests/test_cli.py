@@ -59,7 +59,7 @@ def test_invoke_reports_each_invocation_and_fails_when_one_fails() -> None:
         "invoke",
         "events/http-api-predict.json",
         "events/warmup.json",
-        "events/sqs.json",
+        "events/s3-put.json",
         "--repeat",
         "2",
         LAZYSERVE_MODEL_URI=str(WEIGHTS),

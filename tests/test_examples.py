@@ -144,7 +144,7 @@ async def test_ten_concurrent_cold_requests_share_one_load_from_s3(
         s3.fault = None
     assert [a.status_code for a in answers] == [200] * 10
     assert all(a.json() == {"labels": LABELS} for a in answers)
-    assert mod.model.loads_started == 1
+    assert mod.service.model.loads_started == 1
     assert len(s3.object_gets(BUCKET, key)) == 1
 
 
@@ -157,7 +157,7 @@ async def test_bad_body_is_422_at_once_without_a_load(
     assert response.status_code == 422
     (error,) = response.json()["detail"]  # each problem once
     assert error["loc"] == ["body", "inputs", 0]
-    assert mod.model.loads_started == 0
+    assert mod.service.model.loads_started == 0
 
 
 @pytest.mark.anyio
@@ -183,7 +183,7 @@ def test_lambda_handler_answers_the_http_api_event(
         response = mod.handler(event, FakeContext(aws_request_id=request_id))
         assert response["statusCode"] == 200, response
         assert json.loads(response["body"]) == {"labels": LABELS}
-    assert mod.model.loads_started == 1
+    assert mod.service.model.loads_started == 1
 
 
 # --- the commands of examples/own_model/README.md, as written -------------------------------------

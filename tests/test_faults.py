@@ -22,7 +22,7 @@ import boto3
 import httpx
 import pytest
 
-import lazyserve.sources
+import lazyserve.sources.s3
 from lazyserve.errors import ModelUnavailable
 from tests.helpers import (
     BUCKET,
@@ -403,7 +403,7 @@ async def test_fault_is_a_503_then_the_next_request_loads(
 
     # Logged once per failed load, naming the cause (and S3's request id where S3 answered).
     lines = load_failures(caplog)
-    assert len(lines) == mod.model.loads_started == 2, lines
+    assert len(lines) == mod.service.model.loads_started == 2, lines
     for line in lines:
         for word in fault.names:
             assert word in line, (word, line)
@@ -411,15 +411,15 @@ async def test_fault_is_a_503_then_the_next_request_loads(
             assert f"request id {fault.request_id}" in line, line
 
     # Nothing half-loaded is served.
-    assert mod.model.peek() is None
-    assert mod.model.status == "failed"
+    assert mod.service.model.peek() is None
+    assert mod.service.model.status == "failed"
 
     fault.disarm(s3, front, seeding_client)
     s3.clear()
     await assert_serves_again(client)
     assert weights_gets(s3) == PARTS
-    assert mod.model.loads_started == 3
-    assert mod.model.loads_succeeded == 1
+    assert mod.service.model.loads_started == 3
+    assert mod.service.model.loads_succeeded == 1
 
 
 @pytest.mark.anyio
@@ -456,12 +456,12 @@ async def test_a_failed_load_keeps_none_of_the_fetched_bytes(
     # tracebacks pinned the buffer, the retry would hold the weights twice (OOM on Lambda).
     await fail_twice(FAULTS[name], s3, front, seeding_client, client)
     size = len(WEIGHTS_BYTES) // 2
-    assert large_buffers_held_by(mod.model.last_error, size) == []
+    assert large_buffers_held_by(mod.service.model.last_error, size) == []
     # The same after a direct invocation (no HTTP exception handler in between).
     with pytest.raises(ModelUnavailable):
         mod.handler(load_event("direct-predict"), None)
-    assert mod.model.peek() is None
-    assert large_buffers_held_by(mod.model.last_error, size) == []
+    assert mod.service.model.peek() is None
+    assert large_buffers_held_by(mod.service.model.last_error, size) == []
 
 
 # --- throttling: a short burst is absorbed, a longer outage fails one load ------------------------
@@ -471,12 +471,12 @@ async def test_a_failed_load_keeps_none_of_the_fetched_bytes(
 async def test_a_short_slowdown_burst_is_absorbed_within_one_load(
     s3: CountingS3Server, mod: ModuleType, client: httpx.AsyncClient
 ) -> None:
-    burst = lazyserve.sources.BOTO_ATTEMPTS - 1
+    burst = lazyserve.sources.s3.BOTO_ATTEMPTS - 1
     s3.fault = Throttle(burst)
     response = await client.post("/predict", json={"inputs": [DIGIT_8]})
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["label"] == 8
-    assert mod.model.loads_started == 1
+    assert mod.service.model.loads_started == 1
     assert weights_gets(s3) == PARTS + burst  # the throttled GETs were retried by botocore
 
 
@@ -496,7 +496,7 @@ async def test_a_slowdown_outage_fails_the_load_then_the_next_request_recovers(
     )
     attempts = weights_gets(s3)
     assert (await client.get("/health")).json() == {"status": "ok", "model": "failed"}
-    assert mod.model.peek() is None
+    assert mod.service.model.peek() is None
     [line] = load_failures(caplog)
     assert "SlowDown" in line
     assert "request id LZFAULT-SLOWDOWN" in line
@@ -507,9 +507,9 @@ async def test_a_slowdown_outage_fails_the_load_then_the_next_request_recovers(
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["label"] == 8
     assert weights_gets(s3) == PARTS
-    assert mod.model.loads_started == 2
+    assert mod.service.model.loads_started == 2
     # One load makes BOTO_ATTEMPTS attempts at a throttled GET, no more.
-    assert attempts == lazyserve.sources.BOTO_ATTEMPTS
+    assert attempts == lazyserve.sources.s3.BOTO_ATTEMPTS
 
 
 # --- a stalled endpoint: cut by the real timeouts, inside API Gateway's 29 s ----------------------
@@ -520,10 +520,10 @@ async def test_a_stalled_endpoint_is_a_503_well_inside_api_gateways_timeout(
     s3: CountingS3Server, front: RawFront, mod: ModuleType, client: httpx.AsyncClient
 ) -> None:
     # The real settings: connect 2 s, read 5 s, 3 attempts; nothing patched.
-    assert lazyserve.sources.CONNECT_TIMEOUT == 2.0
-    assert lazyserve.sources.READ_TIMEOUT == 5.0
-    assert lazyserve.sources.BOTO_ATTEMPTS == 3
-    assert mod.model.wait == LOAD_WAIT
+    assert lazyserve.sources.s3.CONNECT_TIMEOUT == 2.0
+    assert lazyserve.sources.s3.READ_TIMEOUT == 5.0
+    assert lazyserve.sources.s3.BOTO_ATTEMPTS == 3
+    assert mod.service.model.wait == LOAD_WAIT
     front.mode = "stall"
     results: dict[str, httpx.Response] = {}
     health: list[httpx.Response] = []
@@ -558,8 +558,8 @@ async def test_a_stalled_endpoint_is_a_503_well_inside_api_gateways_timeout(
     assert_unavailable(ready_response.status_code, ready_response.headers, ready_response.json())
     assert [r.status_code for r in health] == [200] * 5
     assert all(r.json() == {"status": "ok", "model": "loading"} for r in health)
-    assert mod.model.loads_started == 1
-    assert mod.model.peek() is None
+    assert mod.service.model.loads_started == 1
+    assert mod.service.model.peek() is None
     attempts = front.accepted
 
     front.mode = "relay"
@@ -567,4 +567,4 @@ async def test_a_stalled_endpoint_is_a_503_well_inside_api_gateways_timeout(
     await assert_serves_again(client)
     assert weights_gets(s3) == PARTS
     # One load, BOTO_ATTEMPTS connections that each waited READ_TIMEOUT.
-    assert attempts == lazyserve.sources.BOTO_ATTEMPTS, attempts
+    assert attempts == lazyserve.sources.s3.BOTO_ATTEMPTS, attempts

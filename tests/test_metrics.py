@@ -117,7 +117,7 @@ def test_cold_invocation_that_loads_reports_all_four(
     assert set(values) == set(UNITS)
     assert values["ColdStart"] == [1.0]
     assert values["ModelBytes"] == [float(len(WEIGHTS_BYTES))]
-    loaded = mod.model.peek()
+    loaded = mod.service.model.peek()
     assert loaded is not None
     assert values["ModelLoadSeconds"] == [loaded.info.total_seconds]
 

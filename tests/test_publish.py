@@ -178,7 +178,7 @@ def test_push_then_the_reference_function_serves_it(
     body = body_of(response)
     assert body["predictions"][0]["label"] == 8
     assert body["model"] == {"sha256": result["sha256"]}
-    loaded = mod.model.peek()
+    loaded = mod.service.model.peek()
     assert loaded is not None
     assert loaded.info.version_id == result["version_id"]
     assert loaded.info.sha256 == result["sha256"]

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import torch
 
-import lazyserve.sources
+import lazyserve.sources.s3
 from lazyserve.errors import InvalidInput, ModelFormatError, ModelUnavailable, SettingsError
 from tests.helpers import (
     BUCKET,
@@ -109,8 +109,8 @@ async def test_pickle_served_from_s3_is_refused_and_never_runs(
         mod.handler(load_event("warmup"), None)
     with pytest.raises(ModelUnavailable):
         mod.handler(load_event("direct-predict"), None)
-    assert mod.model.peek() is None
-    assert mod.model.loads_started == 4
+    assert mod.service.model.peek() is None
+    assert mod.service.model.loads_started == 4
     assert not marker.exists()
 
 
@@ -143,7 +143,7 @@ def test_other_uri_schemes_are_refused_at_import(
     assert message.startswith(f"LAZYSERVE_MODEL_URI has value '{uri}': scheme '{scheme}'")
     assert "s3://bucket/key" in message and "file:///abs/path" in message
     assert created == []  # refused before any AWS client, even with LAZYSERVE_LOAD=eager
-    assert lazyserve.sources._clients == {}
+    assert lazyserve.sources.s3._clients == {}
 
 
 # --- credentials never reach logs or answers ------------------------------------------------------
@@ -230,7 +230,7 @@ def test_credentials_never_reach_lazyserve_logs_or_answers(
         mod.handler(load_event("direct-invalid"), None)
     answers.append(str(invalid.value))
 
-    assert mod.model.loads_succeeded == 1
+    assert mod.service.model.loads_succeeded == 1
     assert [leaks(answer) for answer in answers] == [[]] * len(answers)
     ours = [r for r in caplog.records if r.name.split(".")[0] == "lazyserve"]
     assert any(code in r.getMessage() for r in ours)  # the failure was logged ...
@@ -337,7 +337,7 @@ async def test_streamed_body_without_content_length_over_6_mib_is_413(
         "/predict", content=stream(), headers={"content-type": "application/json"}
     )
     assert_413(response.status_code, response.headers.get("content-type"), response.content)
-    assert local_mod.model.loads_started == 0
+    assert local_mod.service.model.loads_started == 0
 
 
 @pytest.mark.parametrize("b64", [True, False], ids=["base64", "plain"])

@@ -89,7 +89,7 @@ def test_responses_conform_to_the_schema(
     assert sum(statuses.values()) >= 1
     if mode is GenerationMode.NEGATIVE:
         assert set(statuses) <= {422}, statuses  # never served, never a load error
-    elif mod.model.source == str(WEIGHTS):
+    elif mod.service.model.source == str(WEIGHTS):
         assert set(statuses) == {200}, statuses
     else:
         assert set(statuses) == ({200} if path in ("/health", "/model") else {503}), statuses

@@ -11,7 +11,7 @@ from typing import Any
 import boto3
 import pytest
 
-import lazyserve.sources
+import lazyserve.sources.s3
 from lazyserve.errors import LazyserveError, SettingsError
 from lazyserve.settings import Settings, load_settings, parse_model_uri
 
@@ -208,7 +208,7 @@ def test_importing_the_function_with_a_bad_uri_fails_at_import(
 ) -> None:
     with pytest.raises(SettingsError, match="LAZYSERVE_MODEL_URI has value 'http://x/y'"):
         import_handler(LAZYSERVE_MODEL_URI="http://x/y")
-    assert lazyserve.sources._clients == {}
+    assert lazyserve.sources.s3._clients == {}
     assert no_boto3_clients == []
 
 
@@ -223,5 +223,5 @@ def test_settings_fail_before_an_eager_load_touches_s3(
             LAZYSERVE_LOAD="eager",
             LAZYSERVE_S3_PART_SIZE="12",
         )
-    assert lazyserve.sources._clients == {}
+    assert lazyserve.sources.s3._clients == {}
     assert no_boto3_clients == []

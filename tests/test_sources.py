@@ -14,7 +14,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-import lazyserve.sources
+import lazyserve.sources.s3
 from lazyserve.errors import (
     ModelChangedError,
     ModelFetchError,
@@ -203,8 +203,8 @@ def test_one_client_per_pool_size_with_bounded_timeouts() -> None:
     assert s3_client(6) is client
     assert s3_client(10) is not client
     config: Any = client.meta.config
-    assert config.connect_timeout == lazyserve.sources.CONNECT_TIMEOUT
-    assert config.read_timeout == lazyserve.sources.READ_TIMEOUT
+    assert config.connect_timeout == lazyserve.sources.s3.CONNECT_TIMEOUT
+    assert config.read_timeout == lazyserve.sources.s3.READ_TIMEOUT
     assert config.max_pool_connections == 6
     reset_s3_clients()
     assert s3_client(6) is not client
@@ -542,8 +542,8 @@ def test_a_stalled_endpoint_ends_in_a_fetch_error(
 ) -> None:
     key = "http/stalled.safetensors"
     seed(s3, key, random_bytes(10_000, seed=16))
-    monkeypatch.setattr(lazyserve.sources, "READ_TIMEOUT", 0.2)
-    monkeypatch.setattr(lazyserve.sources, "BOTO_ATTEMPTS", 1)
+    monkeypatch.setattr(lazyserve.sources.s3, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(lazyserve.sources.s3, "BOTO_ATTEMPTS", 1)
     release = threading.Event()
 
     def stall(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

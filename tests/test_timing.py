@@ -140,7 +140,7 @@ async def test_every_request_that_waited_for_the_cold_load_shows_load(
     async with asgi_client(s3_mod) as client, anyio.create_task_group() as group:
         for _ in range(10):
             group.start_soon(one, client)
-    assert s3_mod.model.loads_started == 1
+    assert s3_mod.service.model.loads_started == 1
     assert [list(server_timing(h)) for h in headers] == [["load", "infer", "app"]] * 10
 
 

@@ -5,7 +5,7 @@ import typing as _typing
 
 if _typing.TYPE_CHECKING:
     from lazyserve.app import setup_app
-    from lazyserve.aws import lambda_handler, start_loading
+    from lazyserve.aws import LambdaHandler, lambda_handler
     from lazyserve.errors import (
         InvalidInput,
         LazyserveError,
@@ -16,19 +16,23 @@ if _typing.TYPE_CHECKING:
     )
     from lazyserve.lazy import LazyModel
     from lazyserve.model import Loaded, ModelInfo, lazy_model, load_model
+    from lazyserve.service import Service
     from lazyserve.settings import Settings, load_settings
     from lazyserve.sources import prefetch
+    from lazyserve.startup import start_loading
 
-# Names resolve on first use (PEP 562), so `lazyserve.settings` and `lazyserve.sources` can
-# start a weights prefetch before anything imports torch.
+# Names resolve on first use (PEP 562): `import lazyserve` stays cheap, and the settings and
+# sources modules can be used before torch is imported.
 _WHERE = {
     "InvalidInput": "errors",
+    "LambdaHandler": "aws",
     "LazyModel": "lazy",
     "LazyserveError": "errors",
     "Loaded": "model",
     "ModelInfo": "model",
     "ModelLoadError": "errors",
     "ModelUnavailable": "errors",
+    "Service": "service",
     "Settings": "settings",
     "SettingsError": "errors",
     "UnsupportedEvent": "errors",
@@ -38,16 +42,18 @@ _WHERE = {
     "load_settings": "settings",
     "prefetch": "sources",
     "setup_app": "app",
-    "start_loading": "aws",
+    "start_loading": "startup",
 }
 __all__ = [
     "InvalidInput",
+    "LambdaHandler",
     "LazyModel",
     "LazyserveError",
     "Loaded",
     "ModelInfo",
     "ModelLoadError",
     "ModelUnavailable",
+    "Service",
     "Settings",
     "SettingsError",
     "UnsupportedEvent",

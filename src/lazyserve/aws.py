@@ -1,34 +1,35 @@
-"""The Lambda side: one entry point for HTTP events (through Mangum), direct invocations and
-warm-up pings, plus the load mode chosen for the execution environment's INIT."""
+"""The Lambda side: one entry point for HTTP events (through Mangum), direct invocations, SQS
+batches and warm-up pings."""
 
 from __future__ import annotations
 
+import binascii
+import json
 import logging
-import os
-import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, cast
 
 from pydantic import ValidationError
 
 from lazyserve import timing
-from lazyserve.errors import InvalidInput, ModelLoadTimeout, ModelUnavailable, UnsupportedEvent
+from lazyserve.errors import InvalidInput, ModelUnavailable, UnsupportedEvent
 from lazyserve.lazy import LazyModel
 from lazyserve.logs import bind
 from lazyserve.metrics import ModelMetrics
 from lazyserve.model import Loaded
-from lazyserve.settings import Settings
-from lazyserve.sources import reset_s3_clients
-from lazyserve.types import LambdaContext, LambdaEvent, LambdaHandler
+from lazyserve.types import LambdaContext, LambdaEvent
+from lazyserve.workers import one_at_a_time
 
-__all__ = ["INIT_BUDGET", "invalid_input", "lambda_handler", "start_loading"]
+__all__ = ["LambdaHandler", "invalid_input", "lambda_handler"]
 
 log = logging.getLogger("lazyserve")
 
-ACCEPTED = (
-    "an API Gateway REST (v1) or HTTP API (v2) request, a Function URL request, an ALB request, "
-    '{"inputs": [...]} for a direct prediction, or {} / {"warmup": true} to load the model'
+HTTP_SHAPES = (
+    "an API Gateway REST (v1) or HTTP API (v2) request, a Function URL request, an ALB request"
 )
+WARMUP_SHAPE = '{} / {"warmup": true} to load the model'
+
+Answer = Callable[[Mapping[str, Any]], Any]
 
 
 def _is_http(event: Mapping[str, Any]) -> bool:
@@ -40,123 +41,160 @@ def _is_http(event: Mapping[str, Any]) -> bool:
     return "elb" in context or "version" in event or "resource" in event
 
 
+def _is_sqs(event: Mapping[str, Any]) -> bool:
+    records = event.get("Records")
+    return (
+        isinstance(records, list)
+        and bool(records)
+        and all(isinstance(r, Mapping) and r.get("eventSource") == "aws:sqs" for r in records)
+    )
+
+
 def _is_warmup(event: Mapping[str, Any]) -> bool:
     return not event or (set(event) == {"warmup"} and event["warmup"] is True)
+
+
+class LambdaHandler:
+    """`handler(event, context)`: HTTP events through Mangum to the app, `{"<field>": ...}`
+    payloads and SQS records through `direct`, `{}` / `{"warmup": true}` through `warmup`."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        warmup: Answer,
+        direct: Answer | None = None,
+        direct_keys: Collection[str] = ("inputs",),
+        metrics: ModelMetrics | None = None,
+    ) -> None:
+        from mangum import Mangum
+
+        # lifespan="off": Mangum would run the ASGI lifespan (startup and shutdown) on every
+        # invocation; the model lives in a holder for the whole execution environment instead.
+        self._http = Mangum(app, lifespan="off")
+        self._warmup = warmup
+        self._direct = direct
+        self._direct_keys = frozenset(direct_keys)
+        self._metrics = metrics
+        self._cold = True
+        shapes = [HTTP_SHAPES]
+        if direct is not None:
+            example = ", ".join(f'"{key}": ...' for key in sorted(self._direct_keys))
+            shapes += [f"{{{example}}} for a direct prediction", "an SQS batch of those"]
+        self.accepted = ", ".join([*shapes, WARMUP_SHAPE])
+
+    def __call__(self, event: LambdaEvent, context: LambdaContext | None = None) -> Any:
+        request_id = getattr(context, "aws_request_id", None)
+        cold_start, self._cold = self._cold, False
+        token = timing.begin()
+        try:
+            with bind(request_id=request_id, cold_start=cold_start):
+                return self._dispatch(event, context)
+        finally:
+            if self._metrics is not None:
+                self._metrics.publish(timing.current())
+            timing.end(token)
+
+    def _dispatch(self, event: Any, context: LambdaContext | None) -> Any:
+        if not isinstance(event, Mapping):
+            raise UnsupportedEvent(
+                f"the event is a {type(event).__name__}; accepted: {self.accepted}"
+            )
+        if _is_http(event):
+            return self._serve_http(event, context)
+        if self._direct is not None:
+            if _is_sqs(event):
+                return self._sqs(event["Records"])
+            if self._direct_keys & event.keys():
+                return self._direct(event)
+        if _is_warmup(event):
+            return self._warmup(event)
+        keys = ", ".join(sorted(map(str, event))[:8])
+        raise UnsupportedEvent(f"unsupported event with keys [{keys}]; accepted: {self.accepted}")
+
+    def _serve_http(self, event: Mapping[str, Any], context: LambdaContext | None) -> Any:
+        # One invocation at a time per execution environment: inference runs inline.
+        with one_at_a_time():
+            try:
+                return self._http(cast(Any, event), cast(Any, context))
+            except (KeyError, TypeError, ValueError, binascii.Error, RuntimeError) as exc:
+                # Mangum builds the request from the event before the app runs: a field it
+                # needs is missing or malformed. The app's own errors never get here (Mangum
+                # answers them with a 500).
+                if isinstance(exc, RuntimeError) and "unable to infer" not in str(exc):
+                    raise
+                what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                raise UnsupportedEvent(
+                    f"malformed HTTP event ({what}); accepted: {self.accepted}"
+                ) from None
+
+    def _sqs(self, records: list[Mapping[str, Any]]) -> dict[str, Any]:
+        """Lambda's partial batch response: only the records that were invalid or failed are
+        listed, so SQS retries those alone (the event source mapping must set
+        ReportBatchItemFailures). On a FIFO queue a failure also fails the later records of its
+        message group, which keeps their order (as Powertools' SqsFifoPartialProcessor does)."""
+        assert self._direct is not None
+        failed: list[str] = []
+        failed_groups: set[str | None] = set()
+        unavailable: ModelUnavailable | None = None
+        for record in records:
+            message_id = str(record.get("messageId", ""))
+            attributes = record.get("attributes") or {}
+            group = attributes.get("MessageGroupId") if isinstance(attributes, Mapping) else None
+            fifo = str(record.get("eventSourceARN", "")).endswith(".fifo")
+            with bind(message_id=message_id):
+                if unavailable is not None or (fifo and group in failed_groups):
+                    failed.append(message_id)
+                    continue
+                try:
+                    payload = json.loads(record.get("body") or "")
+                    if not isinstance(payload, Mapping):
+                        raise InvalidInput("the message body is not a JSON object")
+                    answer = self._direct(payload)
+                except (ValueError, InvalidInput, ModelUnavailable) as exc:
+                    if isinstance(exc, ModelUnavailable):
+                        # Every later record would wait for (or retry) the same load.
+                        unavailable = exc
+                    reason = (
+                        exc
+                        if isinstance(exc, InvalidInput | ModelUnavailable)
+                        else (f"the message body is not JSON ({exc})")
+                    )
+                    log.warning("SQS message %s failed: %s", message_id, reason)
+                    failed.append(message_id)
+                    failed_groups.add(group)
+                else:
+                    log.info("SQS message %s answered", message_id, extra={"answer": answer})
+        return {"batchItemFailures": [{"itemIdentifier": item} for item in failed]}
 
 
 def lambda_handler(
     app: Any,
     model: LazyModel[Loaded[Any]],
     *,
-    direct: Callable[[LambdaEvent], Any] | None = None,
-    direct_key: str = "inputs",
+    direct: Answer | None = None,
+    direct_keys: Collection[str] = ("inputs",),
     metrics: ModelMetrics | None = None,
 ) -> LambdaHandler:
-    """Build the Lambda entry point for `app`; `direct` serves `{direct_key: ...}` payloads,
-    `metrics` publishes one EMF document per invocation."""
-    from mangum import Mangum
+    """The Lambda entry point for `app` and one model holder; `direct` answers `{"inputs": ...}`
+    payloads and SQS records, `metrics` publishes one EMF document per invocation."""
 
-    # lifespan="off": Mangum would run the ASGI lifespan (startup and shutdown) on every
-    # invocation; the model lives in `model` for the whole execution environment instead.
-    http = Mangum(app, lifespan="off")
-    cold = [True]
+    def warmup(event: Mapping[str, Any]) -> dict[str, Any]:
+        return {"warm": True, "model": model.get().info.model_dump()}
 
-    def handler(event: LambdaEvent, context: LambdaContext | None = None) -> Any:
-        request_id = getattr(context, "aws_request_id", None)
-        cold_start, cold[0] = cold[0], False
-        token = timing.begin()
-        try:
-            with bind(request_id=request_id, cold_start=cold_start):
-                return dispatch(event, context)
-        finally:
-            if metrics is not None:
-                metrics.publish(timing.current())
-            timing.end(token)
-
-    def dispatch(event: LambdaEvent, context: LambdaContext | None) -> Any:
-        if not isinstance(event, Mapping):
-            raise UnsupportedEvent(f"the event is a {type(event).__name__}; accepted: {ACCEPTED}")
-        if _is_http(event):
-            return http(event, cast(Any, context))
-        if direct is not None and direct_key in event:
-            return direct(event)
-        if _is_warmup(event):
-            loaded = model.get()
-            return {"warm": True, "model": loaded.info.as_dict()}
-        keys = ", ".join(sorted(map(str, event))[:8])
-        raise UnsupportedEvent(f"unsupported event with keys [{keys}]; accepted: {ACCEPTED}")
-
-    return handler
+    return LambdaHandler(
+        app, warmup=warmup, direct=direct, direct_keys=direct_keys, metrics=metrics
+    )
 
 
-def invalid_input(exc: ValidationError, rules: str) -> InvalidInput:
+def invalid_input(exc: ValidationError, rules: str | None = None) -> InvalidInput:
     """An InvalidInput naming each bad place (`inputs[3]`), what is wrong and the rules."""
+    errors = exc.errors()
     problems = []
-    for error in exc.errors()[:5]:
+    for error in errors[:5]:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
         problems.append(f"{where.lstrip('.') or 'payload'}: {error['msg']}")
-    more = len(exc.errors()) - len(problems)
+    more = len(errors) - len(problems)
     tail = f" (and {more} more)" if more > 0 else ""
-    return InvalidInput(f"{'; '.join(problems)}{tail}. Accepted: {rules}")
-
-
-INIT_BUDGET = 8.0
-"""Seconds an eager load may hold Lambda's INIT (10 s on on-demand functions, less our margin
-for the rest of the import) before it goes on in the background."""
-
-
-def start_loading(
-    model: LazyModel[Loaded[Any]], settings: Settings, environ: Mapping[str, str] | None = None
-) -> str:
-    """Apply LAZYSERVE_LOAD at import time (Lambda's INIT); return the mode applied.
-
-    `eager` waits at most INIT_BUDGET seconds: Lambda would otherwise kill INIT at 10 s and run
-    it again inside the first invocation, throwing the partial download away. A load still
-    running then carries on in its thread and the first request awaits it. Under SnapStart the
-    load always completes before the snapshot (whose INIT may take up to 15 minutes).
-    """
-    env = os.environ if environ is None else environ
-    mode: str = settings.load
-    if env.get("AWS_LAMBDA_INITIALIZATION_TYPE") == "snap-start":
-        _register_snapstart_hooks(model)
-        mode = "snap-start"
-    if mode == "lazy":
-        return mode
-    model.start()
-    if mode == "background":
-        return mode
-    budget = 900.0 if mode == "snap-start" else min(INIT_BUDGET, settings.load_wait)
-    try:
-        model.get(timeout=budget)
-    except ModelLoadTimeout:
-        log.warning("model load goes on after init (%.1fs budget); requests will await it", budget)
-    except ModelUnavailable as exc:
-        # Failing INIT would only make Lambda re-run it inside the first invocation; the
-        # first request that needs the model retries the load instead.
-        retry = "the before-snapshot hook retries" if mode == "snap-start" else "the next request"
-        log.error("model load failed during init; %s tries again: %s", retry, exc)
-    return mode
-
-
-def _register_snapstart_hooks(model: LazyModel[Loaded[Any]]) -> None:
-    try:
-        from snapshot_restore_py import register_after_restore, register_before_snapshot
-    except ImportError:  # not on Lambda's runtime: nothing will take a snapshot
-        log.info("snapshot_restore_py is not installed; SnapStart hooks not registered")
-        return
-
-    def before_snapshot() -> None:
-        model.get(timeout=900.0)
-
-    def after_restore() -> None:
-        # Every restored copy would otherwise share the snapshot's connections, credentials
-        # and random state.
-        reset_s3_clients()
-        random.seed()
-        import torch
-
-        torch.seed()
-        log.info("restored from a SnapStart snapshot: S3 clients and random seeds renewed")
-
-    register_before_snapshot(before_snapshot)
-    register_after_restore(after_restore)
+    accepted = f". Accepted: {rules}" if rules else ""
+    return InvalidInput(f"{'; '.join(problems)}{tail}{accepted}")

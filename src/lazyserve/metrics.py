@@ -8,21 +8,19 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
 from lazyserve import timing
+from lazyserve.environment import on_lambda
 from lazyserve.lazy import LazyModel
 from lazyserve.model import Loaded
 
-__all__ = ["MetricsMiddleware", "ModelMetrics", "metrics_enabled"]
+__all__ = ["ModelMetrics", "metrics_enabled"]
 
 NAMESPACE = "lazyserve"
 
 
 def metrics_enabled(setting: str, environ: Mapping[str, str] | None = None) -> bool:
-    """`on`, `off`, or `auto`: on inside Lambda (AWS_LAMBDA_FUNCTION_NAME is set), else off."""
-    env = os.environ if environ is None else environ
-    return setting == "on" or (setting == "auto" and "AWS_LAMBDA_FUNCTION_NAME" in env)
+    """`on`, `off`, or `auto`: on inside Lambda, else off."""
+    return setting == "on" or (setting == "auto" and on_lambda(environ))
 
 
 class ModelMetrics:
@@ -60,22 +58,3 @@ class ModelMetrics:
                 added += 1
             if added:  # Powertools warns on an empty flush
                 self._metrics.flush_metrics()
-
-
-class MetricsMiddleware:
-    """Publishes per HTTP request, for servers other than Lambda (uvicorn) when asked for."""
-
-    def __init__(self, app: ASGIApp, metrics: ModelMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        token = timing.begin()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.metrics.publish(timing.current())
-            timing.end(token)

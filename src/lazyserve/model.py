@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from lazyserve.formats import build_model, format_of, read_state_dict
 from lazyserve.lazy import LazyModel
@@ -24,9 +25,10 @@ M = TypeVar("M", bound=torch.nn.Module)
 log = logging.getLogger("lazyserve")
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What was loaded, from where, and how long it took."""
+class ModelInfo(BaseModel):
+    """What was loaded, from where, and how long it took (`GET /model` shows every field)."""
+
+    model_config = ConfigDict(frozen=True)
 
     uri: str
     sha256: str
@@ -39,9 +41,6 @@ class ModelInfo:
     total_seconds: float
     loaded_at: str
     connections: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Where weights come from: S3 (parallel ranged GETs into one buffer) or a local file."""
+"""Weights from S3: parallel ranged GETs of one object version straight into a single buffer."""
 
 from __future__ import annotations
 
@@ -10,28 +10,20 @@ import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from lazyserve.errors import (
-    ModelChangedError,
-    ModelFetchError,
-    ModelFormatError,
-    ModelIntegrityError,
-)
-from lazyserve.settings import ModelURI, Settings
+from lazyserve.errors import ModelChangedError, ModelFetchError, ModelFormatError
+from lazyserve.settings import ModelURI
+from lazyserve.sources.weights import Weights, verify
 from lazyserve.types import S3Client
 
 __all__ = [
+    "BOTO_ATTEMPTS",
+    "CONNECT_TIMEOUT",
+    "READ_TIMEOUT",
     "S3Fetcher",
-    "Weights",
-    "fetch_local",
-    "fetch_weights",
-    "prefetch",
     "reset_s3_clients",
     "s3_client",
-    "take_prefetched",
 ]
 
 log = logging.getLogger("lazyserve")
@@ -40,7 +32,6 @@ CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 5.0
 BOTO_ATTEMPTS = 3  # botocore's attempts per GET (first + retries): SlowDown, 5xx, connections
 BODY_ATTEMPTS = 3  # ours: errors while a range's body streams in, which botocore cannot retry
-_CHUNK = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _S3_HINTS = {
     "NoSuchKey": "no object has that key",
@@ -50,64 +41,6 @@ _S3_HINTS = {
     "SlowDown": "S3 is throttling requests",
     "InvalidRange": "the object is empty",
 }
-
-
-@dataclass
-class Weights:
-    """The bytes of a weights file (or its path, for memory-mapped formats) and their origin."""
-
-    uri: str
-    size: int
-    sha256: str
-    buffer: bytearray | mmap.mmap | None = None
-    path: Path | None = None
-    version_id: str | None = None
-    etag: str | None = None
-    fetch_seconds: float = 0.0
-    connections: int = 1
-    started: float = 0.0  # time.perf_counter() when the fetch began
-
-
-def _verify(uri: str, actual: str, expected: str | None, origin: str) -> None:
-    if expected is not None and actual != expected.lower():
-        raise ModelIntegrityError(
-            f"{uri}: sha256 of the weights is {actual}, expected {expected.lower()} ({origin})"
-        )
-
-
-def fetch_local(uri: ModelURI, *, expected_sha256: str | None = None) -> Weights:
-    """Read a local weights file into one buffer (or only hash it, for `.pt` memory maps)."""
-    assert uri.path is not None
-    started = time.perf_counter()
-    digest = hashlib.sha256()
-    buffer: bytearray | mmap.mmap | None = None
-    try:
-        with open(uri.path, "rb") as file:
-            size = file.seek(0, 2)
-            file.seek(0)
-            if uri.suffix in (".pt", ".pth"):
-                # torch.load(mmap=True) maps the file itself; only hash it here.
-                while chunk := file.read(_CHUNK):
-                    digest.update(chunk)
-            else:
-                # A private copy, not a map of the file: a file rewritten in place while we
-                # serve would change (or, truncated, SIGBUS) a mapped model under us.
-                buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if size else bytearray()
-                view = memoryview(buffer)
-                got = 0
-                while got < size and (n := file.readinto(view[got:])):
-                    got += n
-                digest.update(view[:got])
-                if got != size:
-                    raise ModelFetchError(f"{uri.uri}: file shrank while reading ({got}/{size})")
-    except OSError as exc:
-        raise ModelFetchError(f"{uri.uri}: cannot read {uri.path}: {exc.strerror}") from exc
-    sha = digest.hexdigest()
-    _verify(uri.uri, sha, expected_sha256, "LAZYSERVE_MODEL_SHA256")
-    elapsed = time.perf_counter() - started
-    return Weights(
-        uri.uri, size, sha, buffer=buffer, path=uri.path, fetch_seconds=elapsed, started=started
-    )
 
 
 _clients: dict[int, S3Client] = {}
@@ -213,9 +146,9 @@ class S3Fetcher:
         sha = digest.hexdigest()
         stored = (first.get("Metadata") or {}).get("sha256")
         if expected is not None:
-            _verify(uri.uri, sha, expected, "LAZYSERVE_MODEL_SHA256")
+            verify(uri.uri, sha, expected, "LAZYSERVE_MODEL_SHA256")
         else:
-            _verify(uri.uri, sha, stored, "the sha256 stored with the object")
+            verify(uri.uri, sha, stored, "the sha256 stored with the object")
         return Weights(
             uri.uri,
             total,
@@ -330,47 +263,3 @@ def _direct_reader(body: Any) -> tuple[Any, Any] | None:
     if callable(getattr(fp, "readinto", None)) and callable(getattr(raw, "release_conn", None)):
         return fp, raw
     return None
-
-
-def fetch_weights(settings: Settings, *, s3_client: S3Client | None = None) -> Weights:
-    """The weights' bytes, from S3 or a local file, checked against the expected sha256."""
-    uri = settings.uri
-    if uri.is_s3:
-        fetcher = S3Fetcher(
-            concurrency=settings.s3_concurrency,
-            part_size=settings.s3_part_size,
-            s3_client=s3_client,
-        )
-        return fetcher.fetch(uri, expected_sha256=settings.model_sha256)
-    return fetch_local(uri, expected_sha256=settings.model_sha256)
-
-
-_prefetches: dict[str, Future[Weights]] = {}
-_prefetch_lock = threading.Lock()
-
-
-def prefetch(settings: Settings, *, s3_client: S3Client | None = None) -> Future[Weights]:
-    """Start fetching the weights in a thread now, e.g. before `import torch`, so the download
-    overlaps the rest of the import; the next load with these settings takes the result."""
-    with _prefetch_lock:
-        future = _prefetches.get(settings.model_uri)
-        if future is not None:
-            return future
-        future = Future()
-        future.set_running_or_notify_cancel()
-        _prefetches[settings.model_uri] = future
-
-    def run() -> None:
-        try:
-            future.set_result(fetch_weights(settings, s3_client=s3_client))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="lazyserve-prefetch", daemon=True).start()
-    return future
-
-
-def take_prefetched(settings: Settings) -> Future[Weights] | None:
-    """The prefetch started for these settings, if any; each prefetch is taken once."""
-    with _prefetch_lock:
-        return _prefetches.pop(settings.model_uri, None)

@@ -1,0 +1,77 @@
+"""Facts about where this process runs, each decided here once: on Lambda or not, how it was
+initialised, the CPUs it may use, the memory it may use and the memory it holds."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = [
+    "cpus",
+    "initialization_type",
+    "memory_limit",
+    "on_lambda",
+    "resident_bytes",
+]
+
+_MIB = 1024 * 1024
+# cgroup v2, then v1: the limit a container runtime (or Lambda's sandbox) puts on this process.
+_CGROUP_LIMITS = (
+    Path("/sys/fs/cgroup/memory.max"),
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+)
+_NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a number near 2**63
+
+
+def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def on_lambda(environ: Mapping[str, str] | None = None) -> bool:
+    """Inside an AWS Lambda execution environment (also `sam local` and the runtime emulator,
+    which set the same variables)."""
+    return "AWS_LAMBDA_FUNCTION_NAME" in _env(environ)
+
+
+def initialization_type(environ: Mapping[str, str] | None = None) -> str | None:
+    """`on-demand`, `provisioned-concurrency` or `snap-start` on Lambda; None elsewhere."""
+    return _env(environ).get("AWS_LAMBDA_INITIALIZATION_TYPE") or None
+
+
+def cpus() -> int:
+    """CPUs this process may run on: Lambda and containers restrict them, and
+    os.cpu_count() reports the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def memory_limit(environ: Mapping[str, str] | None = None) -> int | None:
+    """Bytes this process may use: the function's memory on Lambda
+    (AWS_LAMBDA_FUNCTION_MEMORY_SIZE, in MB), else the cgroup limit; None when unbounded."""
+    size = _env(environ).get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "")
+    if size.isdigit():
+        return int(size) * _MIB
+    for path in _CGROUP_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < _NO_LIMIT:
+            return int(text)
+        return None  # "max": this cgroup sets no limit
+    return None
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (VmRSS), or 0 where /proc is not there."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,64 @@
+"""The JSON shapes lazyserve's own routes answer with, and their OpenAPI entries."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, create_model
+
+from lazyserve.lazy import Status
+from lazyserve.model import ModelInfo
+
+__all__ = [
+    "TOO_LARGE",
+    "UNAVAILABLE",
+    "Health",
+    "ModelMetadata",
+    "ModelUnavailableBody",
+    "ModelUnavailableDetail",
+    "TooLargeBody",
+]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: Status
+
+
+class ModelUnavailableDetail(BaseModel):
+    error: Literal["model_unavailable"] = "model_unavailable"
+    message: str
+
+
+class ModelUnavailableBody(BaseModel):
+    detail: ModelUnavailableDetail
+
+
+class TooLargeBody(BaseModel):
+    detail: str
+
+
+class ModelStatus(BaseModel):
+    status: Status
+    source: str | None
+    loads: int
+    load_attempts: int
+    last_error: str | None = None
+    requests: dict[str, dict[str, int | float]] = {}  # count stays an int in the JSON
+
+
+# `GET /model`: the holder's status, then every ModelInfo field (None until a load succeeds).
+# Derived, so a field added to ModelInfo is one edit.
+_optional: dict[str, Any] = {
+    name: (field.annotation | None, None)  # type: ignore[operator]
+    for name, field in ModelInfo.model_fields.items()
+    if name not in ModelStatus.model_fields
+}
+ModelMetadata = create_model("ModelMetadata", __base__=ModelStatus, **_optional)
+
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ModelUnavailableBody, "description": "The model is loading or cannot load"}
+}
+TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    413: {"model": TooLargeBody, "description": "The request body is larger than 6 MiB"}
+}

@@ -1,0 +1,51 @@
+"""Weights from a local file: one private copy, so a file rewritten under us cannot change the
+model being served."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import time
+
+from lazyserve.errors import ModelFetchError
+from lazyserve.settings import ModelURI
+from lazyserve.sources.weights import Weights, verify
+
+__all__ = ["fetch_local"]
+
+_CHUNK = 1024 * 1024
+
+
+def fetch_local(uri: ModelURI, *, expected_sha256: str | None = None) -> Weights:
+    """Read a local weights file into one buffer (or only hash it, for `.pt` memory maps)."""
+    assert uri.path is not None
+    started = time.perf_counter()
+    digest = hashlib.sha256()
+    buffer: bytearray | mmap.mmap | None = None
+    try:
+        with open(uri.path, "rb") as file:
+            size = file.seek(0, 2)
+            file.seek(0)
+            if uri.suffix in (".pt", ".pth"):
+                # torch.load(mmap=True) maps the file itself; only hash it here.
+                while chunk := file.read(_CHUNK):
+                    digest.update(chunk)
+            else:
+                # A private copy, not a map of the file: a file rewritten in place while we
+                # serve would change (or, truncated, SIGBUS) a mapped model under us.
+                buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if size else bytearray()
+                view = memoryview(buffer)
+                got = 0
+                while got < size and (n := file.readinto(view[got:])):
+                    got += n
+                digest.update(view[:got])
+                if got != size:
+                    raise ModelFetchError(f"{uri.uri}: file shrank while reading ({got}/{size})")
+    except OSError as exc:
+        raise ModelFetchError(f"{uri.uri}: cannot read {uri.path}: {exc.strerror}") from exc
+    sha = digest.hexdigest()
+    verify(uri.uri, sha, expected_sha256, "LAZYSERVE_MODEL_SHA256")
+    elapsed = time.perf_counter() - started
+    return Weights(
+        uri.uri, size, sha, buffer=buffer, path=uri.path, fetch_seconds=elapsed, started=started
+    )

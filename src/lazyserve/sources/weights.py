@@ -1,0 +1,34 @@
+"""The bytes of one weights file, where they came from, and the check of their digest."""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyserve.errors import ModelIntegrityError
+
+__all__ = ["Weights", "verify"]
+
+
+@dataclass
+class Weights:
+    """The bytes of a weights file (or its path, for memory-mapped formats) and their origin."""
+
+    uri: str
+    size: int
+    sha256: str
+    buffer: bytearray | mmap.mmap | None = None
+    path: Path | None = None
+    version_id: str | None = None
+    etag: str | None = None
+    fetch_seconds: float = 0.0
+    connections: int = 1
+    started: float = 0.0  # time.perf_counter() when the fetch began
+
+
+def verify(uri: str, actual: str, expected: str | None, origin: str) -> None:
+    if expected is not None and actual != expected.lower():
+        raise ModelIntegrityError(
+            f"{uri}: sha256 of the weights is {actual}, expected {expected.lower()} ({origin})"
+        )

@@ -1,0 +1,91 @@
+"""LAZYSERVE_LOAD applied when the app module is imported (Lambda's INIT): lazy, background,
+eager, and what SnapStart and provisioned concurrency change about them."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from lazyserve import _boot
+from lazyserve.environment import initialization_type
+from lazyserve.errors import ModelLoadTimeout, ModelUnavailable
+from lazyserve.lazy import LazyModel
+from lazyserve.model import Loaded
+from lazyserve.settings import Settings
+from lazyserve.sources import reset_s3_clients
+
+__all__ = ["INIT_BUDGET", "PREINIT_BUDGET", "start_loading"]
+
+log = logging.getLogger("lazyserve")
+
+INIT_BUDGET = 8.0
+"""Seconds an eager load may hold an on-demand INIT (Lambda stops INIT at 10 s and runs it
+again inside the first invocation) before it goes on in the background."""
+PREINIT_BUDGET = 120.0
+"""Seconds a load may hold INIT under provisioned concurrency or SnapStart, where the 10 s
+limit does not apply: Lambda allows the larger of 130 s and the function's timeout
+(https://docs.aws.amazon.com/lambda/latest/dg/lambda-runtime-environment.html)."""
+
+
+def start_loading(
+    model: LazyModel[Loaded[Any]], settings: Settings, environ: Mapping[str, str] | None = None
+) -> str:
+    """Apply LAZYSERVE_LOAD at import time (Lambda's INIT); return the mode applied.
+
+    `eager` waits at most INIT_BUDGET seconds on an on-demand function, then the load carries
+    on in its thread and the first request awaits it. Where INIT happens ahead of any request
+    (provisioned concurrency, SnapStart), Lambda freezes the environment as soon as INIT ends:
+    a download left running would stall until the first request, so `background` and `eager`
+    both wait for the model there.
+    """
+    mode: str = settings.load
+    kind = initialization_type(environ)
+    if kind == "snap-start":
+        _register_snapstart_hooks(model)
+        mode = "snap-start"
+    elif kind == "provisioned-concurrency" and mode != "lazy":
+        mode = "provisioned"
+    if mode == "lazy":
+        return mode
+    if _boot.failure is not None:
+        log.warning("the download could not start with the interpreter: %s", _boot.failure)
+    model.start()
+    if mode == "background":
+        return mode
+    budget = INIT_BUDGET if mode == "eager" else PREINIT_BUDGET
+    try:
+        model.get(timeout=budget)
+    except ModelLoadTimeout:
+        log.warning("model load goes on after init (%.1fs budget); requests will await it", budget)
+    except ModelUnavailable as exc:
+        # Failing INIT would only make Lambda re-run it inside the first invocation; the
+        # first request that needs the model retries the load instead.
+        retry = "the before-snapshot hook retries" if mode == "snap-start" else "the next request"
+        log.error("model load failed during init; %s tries again: %s", retry, exc)
+    return mode
+
+
+def _register_snapstart_hooks(model: LazyModel[Loaded[Any]]) -> None:
+    try:
+        from snapshot_restore_py import register_after_restore, register_before_snapshot
+    except ImportError:  # not on Lambda's runtime: nothing will take a snapshot
+        log.info("snapshot_restore_py is not installed; SnapStart hooks not registered")
+        return
+
+    def before_snapshot() -> None:
+        model.get(timeout=900.0)
+
+    def after_restore() -> None:
+        # Every restored copy would otherwise share the snapshot's connections, credentials
+        # and random state.
+        reset_s3_clients()
+        random.seed()
+        import torch
+
+        torch.seed()
+        log.info("restored from a SnapStart snapshot: S3 clients and random seeds renewed")
+
+    register_before_snapshot(before_snapshot)
+    register_after_restore(after_restore)
