@@ -495,27 +495,35 @@ def table(results: PeersResults) -> str:
 # --- where lazyserve's time goes (one instrumented load) --------------------------------------
 
 
-def timeline(size_mib: int = 64, *, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Load once with lazyserve in a fresh process, stamping its steps (see `_timeline_worker`)."""
+def timeline(
+    size_mib: int = 64, repeats: int = 3, *, log: Callable[[str], None] = print
+) -> dict[str, float]:
+    """Load with lazyserve in `repeats` fresh processes, stamping its steps (see
+    `_timeline_worker`); the median of each stamp."""
     wf = weights_file(size_mib)
+    runs: list[dict[str, float]] = []
     with S3Endpoint() as s3:
         key = wf.path.name
         s3.add(BUCKET, key, wf.path)
         target = Target(s3.endpoint, key, wf.size, wf.layers, wf.width, wf.sha256)
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.peers", "--timeline-worker"],
-            input=json.dumps(asdict(target)),
-            cwd=ROOT,
-            env=worker_env(s3.endpoint),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    if proc.returncode != 0:
-        raise RuntimeError(f"timeline worker failed:\n{proc.stderr[-4000:]}")
-    stamps: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+        for _ in range(repeats):
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.peers", "--timeline-worker"],
+                input=json.dumps(asdict(target)),
+                cwd=ROOT,
+                env=worker_env(s3.endpoint),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"timeline worker failed:\n{proc.stderr[-4000:]}")
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    stamps = {name: statistics.median(r[name] for r in runs) for name in runs[0]}
+    log(f"lazyserve at {size_mib} MiB, median of {repeats} (ms; load average {_load_average()})")
     for name, value in stamps.items():
-        log(f"  {name:<44} {value * 1e3:8.1f} ms")
+        each = " ".join(f"{r[name] * 1e3:6.1f}" for r in runs)
+        log(f"  {name:<48} {value * 1e3:8.1f}   ({each})")
     return stamps
 
 
@@ -578,7 +586,8 @@ def _timeline_worker(target: Target) -> dict[str, float]:
     loaded = load_model(target.build, settings)
     done = clock()
     first_sent, first_headers = gets[0]
-    rest_headers = sorted(h for _, h in gets[1:])
+    rest_sent = sorted(sent for sent, _ in gets[1:]) or [start]
+    rest_headers = sorted(h for _, h in gets[1:]) or [start]
     last_byte = max(reads)
     # First touches of fresh anonymous memory, alone: the cost the receiving threads pay as
     # the ranges land in lazyserve's buffer (one write per 4 KiB page).
@@ -595,7 +604,10 @@ def _timeline_worker(target: Target) -> dict[str, float]:
         "boto3 client creation (lazyserve's s3_client)": t_client,
         "first GET: request to response headers": first_headers - first_sent,
         "first GET sent, after the clock started": first_sent - start,
-        "other GETs: first headers in": (rest_headers[0] - start) if rest_headers else 0.0,
+        "first part's last byte in": (min(reads) - start) if reads else 0.0,
+        "other GETs: first sent": rest_sent[0] - start,
+        "other GETs: first headers in": rest_headers[0] - start,
+        "other GETs: last headers in": rest_headers[-1] - start,
         "last byte in": last_byte - start,
         "sha256 done (fetch_seconds)": loaded.info.fetch_seconds,
         "sha256 tail after the last byte": hashing[-1][1] - last_byte,
@@ -617,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH / 1e6, help="MB/s")
     parser.add_argument("--latency", type=float, default=DEFAULT_LATENCY * 1e3, help="ms")
-    parser.add_argument("--timeline", type=int, metavar="MIB", help="one instrumented load")
+    parser.add_argument("--timeline", type=int, metavar="MIB", help="instrumented lazyserve loads")
     parser.add_argument("--json", type=Path, help="also write the samples here")
     args = parser.parse_args(argv)
     if args.worker:
@@ -628,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_timeline_worker(Target(**json.loads(sys.stdin.read())))))
         return 0
     if args.timeline:
-        timeline(args.timeline)
+        timeline(args.timeline, args.repeats)
         return 0
     results = run(
         args.sizes,
