@@ -254,9 +254,13 @@ def measure(
     return {"method": method, "size": size, **measured(runs[method], checks, label=method), **extra}
 
 
-def measured(run: Callable[[], Any], checks: dict[str, float], *, label: str) -> dict[str, Any]:
+def measured(
+    run: Callable[[], Any], checks: dict[str, float], *, label: str, touch_all: bool = False
+) -> dict[str, Any]:
     """Time `run()` (which returns a model, or None for a link measurement), with its peak RSS
-    growth and CPU; then check the model's tensors against the file's sums."""
+    growth and CPU; then check the model's tensors against the file's sums. `touch_all` adds
+    `rss_touched`: RSS growth once every parameter has been read (a memory-mapped file's pages
+    become resident only then, e.g. at the first inference)."""
     import torch
 
     gc.collect()
@@ -278,6 +282,11 @@ def measured(run: Callable[[], Any], checks: dict[str, float], *, label: str) ->
             if abs(got - expected) > 1e-6 * max(1.0, abs(expected)):
                 raise RuntimeError(f"{label}: {name} sums to {got}, the file's to {expected}")
         verified = True
+    extra: dict[str, Any] = {}
+    if touch_all:
+        for param in params.values() if model is not None else ():
+            param.detach().sum()
+        extra["rss_touched"] = _status("VmRSS") - baseline
     return {
         "seconds": seconds,
         "peak_growth": peak - baseline,
@@ -286,6 +295,7 @@ def measured(run: Callable[[], Any], checks: dict[str, float], *, label: str) ->
         "cpu_sys": after.ru_stime - usage.ru_stime,
         "minor_faults": after.ru_minflt - usage.ru_minflt,
         "verified": verified,
+        **extra,
     }
 
 

@@ -249,7 +249,8 @@ def measure(method: str, target: dict[str, Any], checks: dict[str, float]) -> di
     """One load by `method` in this (fresh) process."""
     name, connections = parse_method(method)
     run = MAKERS[name](Target(**target), connections)
-    return {"method": method, "size": target["size"], **measured(run, checks, label=method)}
+    out = measured(run, checks, label=method, touch_all=True)
+    return {"method": method, "size": target["size"], **out}
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -267,6 +268,7 @@ class PeersSample:
     cpu_sys: float
     minor_faults: int
     verified: bool | None
+    rss_touched: int  # RSS growth once every parameter was read (0 for the link)
     server_cpu: float  # CPU seconds the endpoint (this process) spent meanwhile
     connections: int  # most connections open at the endpoint at once
     gets: int  # GET requests the endpoint answered
@@ -281,6 +283,7 @@ class PeersSummary:
     size: int
     seconds: float
     peak_growth: int
+    rss_touched: int
     cpu: float
     server_cpu: float
     connections: int
@@ -325,6 +328,7 @@ class PeersResults:
                         size=size,
                         seconds=med(lambda s: s.seconds),
                         peak_growth=int(med(lambda s: s.peak_growth)),
+                        rss_touched=int(med(lambda s: s.rss_touched)),
                         cpu=med(lambda s: s.cpu_user + s.cpu_sys),
                         server_cpu=med(lambda s: s.server_cpu),
                         connections=int(med(lambda s: s.connections)),
@@ -476,18 +480,21 @@ def table(results: PeersResults) -> str:
     """A markdown table of the medians: loader x size."""
     lines = [
         "| size | loader | seconds to ready model | fraction of link8 | MB/s "
-        "| peak RSS growth ÷ weights | client CPU s | connections seen | GETs |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| peak RSS growth ÷ weights | RSS after reading every weight ÷ weights "
+        "| client CPU s | connections seen | GETs |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     summaries = results.summaries()
     links = {s.size: s for s in summaries if s.method in (LINK, "link")}
     for s in summaries:
         link = links.get(s.size)
         fraction = f"{link.seconds / s.seconds:.2f}" if link else "n/a"
-        rss = "n/a" if s.method.startswith("link") else f"{s.rss_ratio:.2f}"
+        link_row = s.method.startswith("link")
+        rss = "n/a" if link_row else f"{s.rss_ratio:.2f}"
+        touched = "n/a" if link_row else f"{s.rss_touched / s.size:.2f}"
         lines.append(
             f"| {s.size / 2**20:.0f} MiB | {label(s.method)} | {s.seconds:.3f} | {fraction} "
-            f"| {s.mbps:.0f} | {rss} | {s.cpu:.2f} | {s.connections} | {s.gets} |"
+            f"| {s.mbps:.0f} | {rss} | {touched} | {s.cpu:.2f} | {s.connections} | {s.gets} |"
         )
     return "\n".join(lines)
 
