@@ -2,8 +2,10 @@
 loading safetensors weights from S3, next to the link limit measured in the same run.
 
 Methods (each in a fresh subprocess, so RSS is clean; the endpoint runs in this process):
-  naive     boto3 download_file to /tmp, safetensors.torch.load_file, build, load_state_dict
-  one_get   get_object()["Body"].read(), safetensors.torch.load(bytes), build, load_state_dict
+  naive     boto3 download_file to /tmp (s3transfer's defaults: 10 threads, 8 MB parts),
+            safetensors.torch.load_file (a memory map), the model built on the meta device,
+            load_state_dict(assign=True): the best-practice recipe without lazyserve
+  one_get   get_object()["Body"].read(), safetensors.torch.load(bytes), meta build, assign
   lazyserve lazyserve.model.load_model (parallel ranged GETs into one buffer, tensor views)
   link8     the same ranged GETs on 8 connections, bytes discarded: the endpoint+loopback limit
   link1     one full GET on one connection, bytes discarded
@@ -53,11 +55,23 @@ FAKE_AWS = {
 }
 
 
-def build_synthetic(layers: int) -> nn.Sequential:
+def build_synthetic(layers: int, width: int = WIDTH) -> nn.Sequential:
     """The benchmark model: `layers` x nn.Linear(4096, 4096, bias=False), 64 MiB each."""
     from torch import nn
 
-    return nn.Sequential(*(nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(layers)))
+    return nn.Sequential(*(nn.Linear(width, width, bias=False) for _ in range(layers)))
+
+
+def build_on_meta(build: Callable[[], nn.Module], state: dict[str, Any]) -> nn.Module:
+    """PyTorch's recipe for loading a state dict without initialising the model first: build on
+    the meta device, then let load_state_dict(assign=True) adopt the tensors as parameters
+    (https://pytorch.org/tutorials/recipes/recipes/module_load_state_dict_tips.html)."""
+    import torch
+
+    with torch.device("meta"):
+        module = build()
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
 
 
 @dataclass(frozen=True)
@@ -67,25 +81,29 @@ class WeightsFile:
     layers: int
     sha256: str
     checks: dict[str, float]  # float64 sums of a few tensors, to verify what was loaded
+    width: int = WIDTH
 
 
-def weights_file(size_mib: int, data_dir: Path = DATA) -> WeightsFile:
-    """A deterministic safetensors file of `size_mib` MiB of float32 (made once, then reused)."""
-    if size_mib % LAYER_MIB:
-        raise ValueError(f"sizes are multiples of {LAYER_MIB} MiB, got {size_mib}")
-    layers = size_mib // LAYER_MIB
-    path = data_dir / f"synthetic-{size_mib}mib.safetensors"
+def weights_file(size_mib: int, data_dir: Path = DATA, *, width: int = WIDTH) -> WeightsFile:
+    """A deterministic safetensors file of `size_mib` MiB of float32 (made once, then reused);
+    `width` x `width` layers (a smaller width makes small files for tests)."""
+    layer_mib = width * width * 4 / 2**20
+    layers = round(size_mib / layer_mib)
+    if layers < 1 or layers * layer_mib != size_mib:
+        raise ValueError(f"sizes are multiples of {layer_mib:g} MiB, got {size_mib}")
+    suffix = "" if width == WIDTH else f"-w{width}"
+    path = data_dir / f"synthetic-{size_mib}mib{suffix}.safetensors"
     sidecar = path.with_suffix(".json")
     if path.is_file() and sidecar.is_file():
         meta = json.loads(sidecar.read_text())
         if meta.get("size") == path.stat().st_size and meta.get("layers") == layers:
-            return WeightsFile(path, meta["size"], layers, meta["sha256"], meta["checks"])
+            return WeightsFile(path, meta["size"], layers, meta["sha256"], meta["checks"], width)
     import torch
     from safetensors.torch import save_file
 
     data_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(size_mib)
-    state = {f"{i}.weight": torch.randn(WIDTH, WIDTH) / 64 for i in range(layers)}
+    state = {f"{i}.weight": torch.randn(width, width) / 64 for i in range(layers)}
     checks = {name: _checksum(state[name]) for name in _checked(layers)}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"generator": "benchmarks.cold_start"})
@@ -97,7 +115,7 @@ def weights_file(size_mib: int, data_dir: Path = DATA) -> WeightsFile:
     tmp.replace(path)
     meta = {"size": path.stat().st_size, "layers": layers, "sha256": digest.hexdigest()}
     sidecar.write_text(json.dumps({**meta, "checks": checks}, indent=1))
-    return WeightsFile(path, meta["size"], layers, digest.hexdigest(), checks)
+    return WeightsFile(path, meta["size"], layers, digest.hexdigest(), checks, width)
 
 
 def _checked(layers: int) -> list[str]:
@@ -189,7 +207,6 @@ def measure(
 
     import boto3
     import safetensors.torch
-    import torch
     from botocore.config import Config
 
     from lazyserve.model import load_model
@@ -208,24 +225,18 @@ def measure(
         }
     )
     s3_client(settings.s3_concurrency + 2)
-    model: Any = None
     extra: dict[str, Any] = {}
 
     def naive() -> Any:
         with tempfile.TemporaryDirectory(dir="/tmp", prefix="bench-naive-") as tmp:
             path = os.path.join(tmp, "weights.safetensors")
             client.download_file(BUCKET, key, path)
-            state = safetensors.torch.load_file(path)
-            module = build()
-            module.load_state_dict(state)
-            return module.eval()
+            # The tensors map the file; unlinking it (leaving the block) keeps the mapping valid.
+            return build_on_meta(build, safetensors.torch.load_file(path))
 
     def one_get() -> Any:
         data = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        state = safetensors.torch.load(data)
-        module = build()
-        module.load_state_dict(state)
-        return module.eval()
+        return build_on_meta(build, safetensors.torch.load(data))
 
     def lazy() -> Any:
         loaded = load_model(build, settings)
@@ -240,7 +251,18 @@ def measure(
         "link8": lambda: _link(endpoint, BUCKET, key, size, concurrency, part_size),
         "link1": lambda: _link(endpoint, BUCKET, key, size, 1, size),
     }
-    run = runs[method]
+    return {"method": method, "size": size, **measured(runs[method], checks, label=method), **extra}
+
+
+def measured(
+    run: Callable[[], Any], checks: dict[str, float], *, label: str, touch_all: bool = False
+) -> dict[str, Any]:
+    """Time `run()` (which returns a model, or None for a link measurement), with its peak RSS
+    growth and CPU; then check the model's tensors against the file's sums. `touch_all` adds
+    `rss_touched`: RSS growth once every parameter has been read (a memory-mapped file's pages
+    become resident only then, e.g. at the first inference)."""
+    import torch
+
     gc.collect()
     baseline = _status("VmRSS")
     peak_reset = _reset_peak()
@@ -254,15 +276,18 @@ def measure(
     if model is not None:
         params = dict(model.named_parameters())
         if any(p.is_meta or p.dtype != torch.float32 for p in params.values()):
-            raise RuntimeError(f"{method}: the model has meta or non-float32 parameters")
+            raise RuntimeError(f"{label}: the model has meta or non-float32 parameters")
         for name, expected in checks.items():
             got = _checksum(params[name].detach())
             if abs(got - expected) > 1e-6 * max(1.0, abs(expected)):
-                raise RuntimeError(f"{method}: {name} sums to {got}, the file's to {expected}")
+                raise RuntimeError(f"{label}: {name} sums to {got}, the file's to {expected}")
         verified = True
+    extra: dict[str, Any] = {}
+    if touch_all:
+        for param in params.values() if model is not None else ():
+            param.detach().sum()
+        extra["rss_touched"] = _status("VmRSS") - baseline
     return {
-        "method": method,
-        "size": size,
         "seconds": seconds,
         "peak_growth": peak - baseline,
         "peak_reset": peak_reset,
