@@ -339,6 +339,7 @@ def test_outputs_name_the_endpoints_and_the_function(template: dict[str, Any]) -
     # <function>Url is the logical id SAM gives the resource it makes for FunctionUrlConfig.
     assert outputs["FunctionUrl"] == {"Fn::GetAtt": [f"{FUNCTION}Url", "FunctionUrl"]}
     assert outputs["FunctionArn"] == {"Fn::GetAtt": [FUNCTION, "Arn"]}
+    assert outputs["LogGroupName"] == {"Ref": "FunctionLogGroup"}
 
 
 # -- who may call it -----------------------------------------------------------------------
