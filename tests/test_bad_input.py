@@ -15,9 +15,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
+from lazyserve.error_handlers import MAX_ERRORS
 from lazyserve.errors import InvalidInput
 from tests.helpers import (
     DIGIT_8,
@@ -359,3 +361,41 @@ def test_uvicorn_answers_422_for_bodies_that_break_the_error_handler(
     ).encode()
     status, headers, content = exchange(uvicorn_url, head, body)
     assert_422(status, headers.get("content-type"), content, loc)
+
+
+@pytest.mark.anyio
+async def test_a_body_with_thousands_of_errors_gets_a_bounded_422(
+    client: httpx.AsyncClient,
+) -> None:
+    # 256 rows x 64 out-of-range numbers: 16,384 validation errors in a 49 KB body.
+    body = json.dumps({"inputs": [[99] * 64] * 256}).encode()
+    response = await client.post("/predict", content=body)
+    assert response.status_code == 422
+    assert len(response.content) < 8 * 1024
+    detail = response.json()["detail"]
+    assert len(detail) == MAX_ERRORS + 1
+    assert detail[0]["loc"] == ["body", "inputs", 0, 0]
+    assert detail[0]["type"] == "less_than_equal"
+    assert detail[-1] == {
+        "type": "too_many_errors",
+        "loc": ["body"],
+        "msg": f"{256 * 64 - MAX_ERRORS} more errors not listed (at most {MAX_ERRORS} are)",
+    }
+
+
+@pytest.mark.anyio
+async def test_health_answers_while_bad_bodies_are_answered(client: httpx.AsyncClient) -> None:
+    body = json.dumps({"inputs": [[99] * 64] * 256}).encode()
+    statuses: list[int] = []
+
+    async def bad() -> None:
+        statuses.append((await client.post("/predict", content=body)).status_code)
+
+    async def health() -> None:
+        statuses.append((await client.get("/health")).status_code)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(8):
+            group.start_soon(bad)
+            group.start_soon(health)
+    assert sorted(statuses) == [200] * 8 + [422] * 8

@@ -343,7 +343,9 @@ def test_other_exceptions_are_wrapped_with_their_cause() -> None:
     assert type(info.value) is ModelLoadError
     assert "ValueError: boom" in str(info.value)
     assert info.value.__cause__ is boom
-    assert holder.last_error is info.value
+    # Each caller gets its own copy of the load's error (see the waiters' memory tests).
+    assert type(holder.last_error) is ModelLoadError
+    assert str(holder.last_error) == str(info.value)
     assert holder.status == "failed"
 
 
@@ -502,3 +504,62 @@ async def test_fastapi_dependency_serves_many_requests_with_one_load() -> None:
         assert {r.json()["model"] for r in responses} == {id(loader.values[0])}
         assert loader.calls == 1
         assert (await client.get("/health")).json() == {"status": "ok", "model": "loaded"}
+
+
+def test_waiters_of_a_failed_load_leave_nothing_behind() -> None:
+    """50 callers holding 1 MB each wait for a load that fails: once they have all been told,
+    their memory is free again, although the failed load is kept (for /model) until a retry."""
+    import tracemalloc
+
+    loader = Loader(gated=True, fail_on=lambda n: ModelFetchError("cannot read s3://b/k"))
+    holder: LazyModel[object] = LazyModel(loader, wait=WAIT)
+    errors: list[BaseException] = []
+    arrivals = Arrivals()
+
+    def waiter() -> None:
+        payload = bytearray(1024 * 1024)  # what a request holds while it waits
+        try:
+            arrivals.arrive()
+            holder.get()
+        except ModelUnavailable as exc:
+            errors.append(type(exc)(str(exc)))
+        del payload
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        threads = [threading.Thread(target=waiter) for _ in range(50)]
+        for thread in threads:
+            thread.start()
+        assert arrivals.wait_for(50)
+        loader.gate.set()
+        for thread in threads:
+            thread.join(WAIT)
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(errors) == 50
+    assert holder.status == "failed"
+    assert retained < 2 * 1024 * 1024, retained  # not 50 MB
+
+
+@pytest.mark.anyio
+async def test_async_waiters_of_a_failed_load_get_their_own_error() -> None:
+    loader = Loader(gated=True, fail_on=lambda n: ModelFetchError("cannot read s3://b/k"))
+    holder: LazyModel[object] = LazyModel(loader, wait=WAIT)
+    seen: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await holder.aget()
+        except ModelFetchError as exc:
+            seen.append(exc)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(5):
+            group.start_soon(waiter)
+        await wait_until(lambda: loader.entered.is_set())
+        loader.gate.set()
+    assert len({id(e) for e in seen}) == 5  # five errors, not one shared and growing
+    assert all(str(e) == "cannot read s3://b/k" for e in seen)
+    assert holder.last_error is not None and holder.last_error.__traceback__ is None

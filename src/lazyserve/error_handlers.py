@@ -23,6 +23,8 @@ __all__ = [
     "unavailable_response",
 ]
 
+MAX_ERRORS = 20
+"""Validation errors a 422 lists; the rest are counted in one last entry."""
 RETRY_AFTER_LOADING = 2
 RETRY_AFTER_FAILED = 5
 
@@ -83,10 +85,21 @@ def _plain(value: Any) -> Any:
 async def _invalid(request: Request, exc: Exception) -> Response:
     # FastAPI's own handler echoes each bad "input" back: NaN or Infinity make that reply
     # unserialisable (a 500), a lone surrogate breaks its encoding, a 6 MiB string makes a
-    # reply over Lambda's 6 MB response limit. Name the place and the rule, not the input.
+    # reply over Lambda's 6 MB response limit. Name the place and the rule, not the input; list
+    # at most MAX_ERRORS of them (a 256x64 body of bad numbers has 16,384) and count the rest.
     assert isinstance(exc, RequestValidationError)
     detail: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
+    more = 0
     for error in exc.errors():
+        # One pass, constant work per error: an item is built only for the ones listed.
+        key = (error["type"], tuple(error["loc"]), error["msg"])
+        if key in seen:
+            continue
+        seen.add(key)
+        if len(detail) == MAX_ERRORS:
+            more += 1
+            continue
         item: dict[str, Any] = {
             "type": str(error["type"]),
             "loc": [_plain(p) for p in error["loc"]],
@@ -94,8 +107,15 @@ async def _invalid(request: Request, exc: Exception) -> Response:
         }
         if error.get("ctx"):
             item["ctx"] = {str(k): _plain(v) for k, v in error["ctx"].items()}
-        if item not in detail:
-            detail.append(item)
+        detail.append(item)
+    if more:
+        detail.append(
+            {
+                "type": "too_many_errors",
+                "loc": ["body"],
+                "msg": f"{more} more errors not listed (at most {MAX_ERRORS} are)",
+            }
+        )
     content = json.dumps({"detail": detail}, ensure_ascii=True, separators=(",", ":"))
     return Response(content, status_code=422, media_type="application/json")
 

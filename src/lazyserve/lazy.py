@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import contextvars
 import logging
 import threading
@@ -126,9 +127,9 @@ class LazyModel(Generic[T]):
         future = self.start()
         limit = self.wait if timeout is None else timeout
         try:
-            return future.result(timeout=limit)
-        except TimeoutError:
-            raise self._timeout(limit) from None
+            if not _wait(future, limit):
+                raise self._timeout(limit)
+            return _outcome(future)
         finally:
             timing.record("load", time.perf_counter() - started)
 
@@ -157,7 +158,7 @@ class LazyModel(Generic[T]):
                     await asyncio.wait_for(ready, limit)
                 except TimeoutError:
                     raise self._timeout(limit) from None
-            return future.result()
+            return _outcome(future)
         finally:
             timing.record("load", time.perf_counter() - started)
 
@@ -169,6 +170,27 @@ class LazyModel(Generic[T]):
         return ModelLoadTimeout(
             f"the {self.name} is still loading after {limit:g}s; the load carries on, retry shortly"
         )
+
+
+def _wait(future: Future[T], limit: float) -> bool:
+    try:
+        future.exception(timeout=limit)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _outcome(future: Future[T]) -> T:
+    """The load's value, or its error raised as a copy of its own: re-raising the one shared
+    error object would add each waiter's frames (and what they hold, a request body say) to its
+    traceback, kept alive with the failed load until the next success."""
+    error = future.exception()
+    if error is None:
+        return future.result()
+    clone = copy.copy(error)  # class, args and attributes; not the traceback
+    clone.__cause__ = error.__cause__
+    clone.__suppress_context__ = True
+    raise clone
 
 
 def _set_done(waiter: asyncio.Future[None]) -> None:
