@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import contextvars
+import copy
 import logging
 import threading
 import time
