@@ -395,3 +395,26 @@ def test_demo_console_shows_the_banner_lazyserves_line_and_the_access_log() -> N
     # lazyserve's one line: the model it loaded for that request.
     (loaded,) = stderr
     assert re.match(r"\d\d:\d\d:\d\d\.\d{3} INFO +lazyserve: model loaded from s3://", loaded)
+
+
+def test_serve_on_port_0_announces_the_port_it_bound() -> None:
+    process = subprocess.Popen(
+        [str(LAZYSERVE), "serve", "--port", "0"],
+        cwd=ROOT,
+        env={**os.environ, "LAZYSERVE_MODEL_URI": str(WEIGHTS)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    console = Console(process)
+    try:
+        running = console.wait_for(r"Uvicorn running on http://127\.0\.0\.1:(\d+) ", 180)
+        port = int(running[1])
+        assert port != 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as response:
+            assert json.loads(response.read()) == {"status": "ok", "model": "not_loaded"}
+    finally:
+        process.send_signal(signal.SIGINT)
+        console.rest()
+    assert process.returncode == 130, console.seen
+    assert not any("Traceback" in line for _, line in console.seen)

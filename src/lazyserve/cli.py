@@ -68,8 +68,6 @@ def _listen(host: str, port: int) -> socket.socket:
 def _load_app(app: str) -> Any:
     from uvicorn.importer import ImportFromStringError, import_from_string
 
-    from lazyserve.errors import LazyserveError
-
     _importable_cwd()
     try:
         return import_from_string(app)
@@ -79,7 +77,7 @@ def _load_app(app: str) -> Any:
         raise CommandError(None, f"{app}: {type(exc).__name__}: {exc}") from None
 
 
-def serve(app: str, host: str, port: int, workers: int, **config: Any) -> int:
+def serve(app: str, host: str, port: int, workers: int) -> int:
     import uvicorn
 
     if workers > 1:
@@ -93,11 +91,17 @@ def serve(app: str, host: str, port: int, workers: int, **config: Any) -> int:
         if not found:
             raise CommandError("APP", f"{app}: no module named {module!r}", code=2)
         _listen(host, port).close()
-        uvicorn.run(app, host=host, port=port, workers=workers, **config)
+        uvicorn.run(app, host=host, port=port, workers=workers)
         return 0
     asgi = _load_app(app)
     sock = _listen(host, port)
-    server = uvicorn.Server(uvicorn.Config(asgi, host=host, port=port, **config))
+    server = uvicorn.Server(uvicorn.Config(asgi, host=host, port=port))
+    # uvicorn announces the address only for sockets it binds itself.
+    bound = sock.getsockname()[1]
+    where = f"[{host}]" if ":" in host else host
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", where, bound
+    )
     server.run(sockets=[sock])
     return 0
 

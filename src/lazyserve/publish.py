@@ -72,16 +72,14 @@ def _existing_file(path: Path) -> None:
         raise IsADirectoryError(f"{path}: not a file")
 
 
-def check_weights_file(
-    path: Path, expected: Literal["pt", "safetensors"], label: str | None = None
-) -> None:
+def check_weights_file(path: Path, expected: Literal["pt", "safetensors"]) -> None:
     """Raise ModelFormatError unless `path` is a readable weights file of format `expected`
     (`safetensors` or `pt`), checked by the same reader a load uses (weights_only for `.pt`),
     without reading the tensors' data."""
     from lazyserve.formats import read_state_dict, sniff_format
     from lazyserve.sources import Weights
 
-    name = label or str(path)
+    name = str(path)
     with open(path, "rb") as file:
         head = file.read(16)
         size = file.seek(0, 2)
