@@ -3,14 +3,31 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 
 import boto3
 import pytest
 
-from tests.helpers import BUCKET, FAKE_CREDENTIALS, KEY, REGION, WEIGHTS, Gate
+from tests.helpers import (
+    BUCKET,
+    FAKE_CREDENTIALS,
+    KEY,
+    PYTHON,
+    REGION,
+    ROOT,
+    WEIGHTS,
+    Gate,
+    LambdaFunction,
+    StartFunction,
+    TaskImage,
+    lambda_environ,
+    run_command,
+)
+from tests.runtime_api import RuntimeAPI
 from tests.s3server import CountingS3Server
 
 
@@ -98,3 +115,84 @@ def gate(s3: CountingS3Server) -> Iterator[Gate]:
     finally:
         gate.open()
         s3.fault = None
+
+
+@pytest.fixture(scope="session")
+def image(tmp_path_factory: pytest.TempPathFactory) -> TaskImage:
+    """Build a wheel of the project, install it non-editable into the site-packages of a
+    Python of its own, and copy handler/ and examples/ into a task root, as the Dockerfile does.
+
+    The dependencies (torch, FastAPI, awslambdaric...) come from this venv through a path
+    entry: only a real site-packages directory runs .pth files, so this venv's editable
+    lazyserve stays out of the picture and the wheel's own start-up hook is what runs."""
+    root = tmp_path_factory.mktemp("lambda-image")
+    # Build from a copy: an in-tree build would write build/ into the checkout.
+    source = root / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "src", source / "src", ignore=ignore)
+    dist = root / "dist"
+    wheel_cmd = [str(PYTHON), "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist)]
+    built = run_command([*wheel_cmd, "--no-build-isolation", str(source)], 180)
+    if built.returncode != 0:  # e.g. a build backend missing from the venv
+        built = run_command([*wheel_cmd, str(source)], 300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = dist.glob("lazyserve-*.whl")
+    env = root / "python"
+    made = run_command([sys.executable, "-m", "venv", "--without-pip", str(env)], 120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    python = env / "bin" / "python"
+    (site,) = (
+        Path(p)
+        for p in run_command(
+            [str(python), "-c", "import site; print(site.getsitepackages()[0])"], 60
+        ).stdout.split()
+    )
+    installed = run_command(
+        [str(PYTHON), "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        180,
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert (site / "lazyserve.pth").is_file()
+    deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir())
+    (site / "00-dependencies.pth").write_text(f"{deps}\n")
+    task = root / "task"
+    shutil.copytree(ROOT / "handler", task / "handler", ignore=ignore)
+    shutil.copytree(ROOT / "examples", task / "examples", ignore=ignore)
+    return TaskImage(python, site, task)
+
+
+@pytest.fixture
+def start_function(
+    image: TaskImage, s3: CountingS3Server, tmp_path: Path
+) -> Iterator[StartFunction]:
+    """Start execution environments (`start_function(LAZYSERVE_LOAD="eager")`); each Runtime
+    API records, on every call, how many GETs of the weights moto had served by then."""
+    started: list[LambdaFunction] = []
+
+    def start(**overrides: str) -> LambdaFunction:
+        # Whichever object LAZYSERVE_MODEL_URI names: "s3://bucket/key" -> ("bucket", "key").
+        uri = overrides.get("LAZYSERVE_MODEL_URI", f"s3://{BUCKET}/{KEY}")
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        api = RuntimeAPI(
+            next_timeout=60.0, observe=lambda: len(s3.object_gets(bucket, key))
+        ).start()
+        env = lambda_environ(image, api.address, s3.endpoint, tmp_path, **overrides)
+        log = tmp_path / f"function-{len(started)}.log"
+        try:
+            function = LambdaFunction(api, env, image, log)
+        except BaseException:
+            api.stop()
+            raise
+        started.append(function)
+        return function
+
+    yield start
+    for function in started:
+        try:
+            function.stop()
+        finally:
+            function.api.stop()

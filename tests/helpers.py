@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,6 +26,7 @@ import httpx
 import pytest
 
 from handler.train import load_split
+from tests.runtime_api import Call, Result, RuntimeAPI
 from tests.s3server import CountingS3Server, Fault, Request, WSGIApp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -300,3 +302,133 @@ class RunShell:
 
     def __reduce__(self) -> Any:
         return (os.system, (f"touch {self.marker}",))
+
+
+# -- a Lambda execution environment: awslambdaric on a test Runtime API --------------------
+
+HANDLER = "handler.app.handler"
+
+
+PYTHON = Path(sys.executable)
+
+
+INIT_TIMEOUT = 60.0  # starting Python, importing torch and FastAPI
+
+
+INVOKE_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class TaskImage:
+    """What the container image holds: a Python whose site-packages has lazyserve installed
+    from its wheel (its .pth start-up hook included), and the task root."""
+
+    python: Path
+    site: Path
+    task: Path
+
+
+def run_command(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def lambda_environ(
+    image: TaskImage, runtime_api: str, s3_endpoint: str, home: Path, **overrides: str
+) -> dict[str, str]:
+    """The environment Lambda gives a container-image function (python3.13 base image),
+    pointed at the test's Runtime API and S3; `overrides` add or replace variables."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "LANG": "en_US.UTF-8",
+        "TZ": ":UTC",
+        "PYTHONPATH": str(image.task),
+        "LAMBDA_TASK_ROOT": str(image.task),
+        "LAMBDA_RUNTIME_DIR": "/var/runtime",
+        "_HANDLER": HANDLER,
+        "AWS_LAMBDA_RUNTIME_API": runtime_api,
+        # As for the python3.13 base image; it makes awslambdaric poll /next from a thread.
+        "AWS_EXECUTION_ENV": "AWS_Lambda_python3.13",
+        "AWS_LAMBDA_FUNCTION_NAME": "lazyserve-test",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "3008",
+        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+        "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
+        "AWS_LAMBDA_LOG_GROUP_NAME": "/aws/lambda/lazyserve-test",
+        "AWS_LAMBDA_LOG_STREAM_NAME": "2026/01/01/[$LATEST]0123456789abcdef0123456789abcdef",
+        **FAKE_CREDENTIALS,
+        "AWS_SESSION_TOKEN": "fake-session-token",
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "LAZYSERVE_MODEL_URI": f"s3://{BUCKET}/{KEY}",
+        "LAZYSERVE_S3_PART_SIZE": str(PART_SIZE),
+    }
+    env.update(overrides)
+    return env
+
+
+class LambdaFunction:
+    """One execution environment: the awslambdaric process and the Runtime API it talks to."""
+
+    def __init__(self, api: RuntimeAPI, env: dict[str, str], image: TaskImage, log: Path) -> None:
+        self.api = api
+        self.log_path = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [str(image.python), "-m", "awslambdaric", env["_HANDLER"]],
+                cwd=image.task,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def exited(self) -> str | None:
+        """Why waiting is pointless (the process ended), else None."""
+        code = self.process.poll()
+        if code is None:
+            return None
+        return f"the function exited with code {code}; its output:\n{self.log()[-4000:]}"
+
+    def invoke(self, event: Any, timeout: float = INVOKE_TIMEOUT) -> Result:
+        request_id = self.api.invoke(event, timeout=timeout)
+        return self.api.wait_result(request_id, timeout, abort=self.exited)
+
+    def wait_call(self, method: str, suffix: str, timeout: float = INIT_TIMEOUT) -> Call:
+        return self.api.wait_call(method, suffix, timeout, abort=self.exited)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+StartFunction = Callable[..., LambdaFunction]
+
+
+def assert_prediction(payload: dict[str, Any]) -> None:
+    (prediction,) = payload["predictions"]
+    assert prediction["label"] == 8
+    assert len(prediction["probabilities"]) == 10
+    assert max(prediction["probabilities"]) == prediction["probabilities"][8]
+    assert payload["model"]["sha256"] == WEIGHTS_SHA256
+
+
+def http_body(result: Result) -> Any:
+    """The JSON body of a 200 answer to an HTTP event (API Gateway, ALB, Function URL)."""
+    assert result.kind == "response", result.body
+    response = result.json()
+    assert response["statusCode"] == 200, response
+    assert not response.get("isBase64Encoded"), response
+    return json.loads(response["body"])
+
+
+def error_of(result: Result) -> dict[str, Any]:
+    assert result.kind == "error", result.body
+    error: dict[str, Any] = result.json()
+    return error

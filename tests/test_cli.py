@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.helpers import ROOT, WEIGHTS
 
@@ -118,3 +126,295 @@ def test_help_lists_the_commands() -> None:
     assert done.returncode == 0, done.stderr
     for command in ("demo", "serve", "invoke"):
         assert re.search(rf"^\s+{command}\s", done.stdout, re.MULTILINE), done.stdout
+
+
+# --- every error is one line naming the argument ---------------------------------------------
+
+BAD_JSON = '{"inputs": [1, 2,]}'
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode != 0, done.stdout
+    assert done.stdout == ""
+    assert "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.splitlines()
+    return line
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (
+            ["invoke", "events/nothere.json"],
+            "lazyserve invoke: error: argument EVENT.json: events/nothere.json: no such file",
+            2,
+        ),
+        (
+            ["invoke", "events"],
+            "lazyserve invoke: error: argument EVENT.json: events: is a directory, not an event "
+            "file",
+            2,
+        ),
+        (
+            ["invoke", "events/empty.json", "--handler", "nothere"],
+            "lazyserve invoke: error: argument --handler: 'nothere' is not MODULE.FUNCTION "
+            "(e.g. handler.app.handler) (see lazyserve invoke --help)",
+            2,
+        ),
+        (
+            ["invoke", "events/empty.json", "--handler", "nothere.handler"],
+            "lazyserve invoke: error: argument --handler: nothere.handler: no module named "
+            "'nothere' (run from the directory that holds it)",
+            2,
+        ),
+        (
+            ["invoke", "events/empty.json", "--handler", "handler.model.nothere"],
+            "lazyserve invoke: error: argument --handler: handler.model.nothere: module "
+            "'handler.model' has no attribute 'nothere'",
+            2,
+        ),
+        (
+            ["invoke", "events/empty.json", "--handler", "handler.model.CLASSES"],
+            "lazyserve invoke: error: argument --handler: handler.model.CLASSES: not a function "
+            "but a int",
+            2,
+        ),
+        (
+            ["invoke", "events/empty.json", "--repeat", "0"],
+            "lazyserve invoke: error: argument --repeat: '0' is not accepted: a whole number, 1 "
+            "or more (see lazyserve invoke --help)",
+            2,
+        ),
+        (
+            ["demo", "--port", "65536"],
+            "lazyserve demo: error: argument --port: '65536' is not a port: accepted: 0 to 65535 "
+            "(0 picks a free one) (see lazyserve demo --help)",
+            2,
+        ),
+        (
+            ["serve", "--port", "http"],
+            "lazyserve serve: error: argument --port: 'http' is not a port: accepted: 0 to 65535 "
+            "(0 picks a free one) (see lazyserve serve --help)",
+            2,
+        ),
+        (
+            ["serve", "--workers", "0"],
+            "lazyserve serve: error: argument --workers: '0' is not accepted: a whole number, 1 "
+            "or more (see lazyserve serve --help)",
+            2,
+        ),
+        (
+            ["serve", "handler/app.py"],
+            "lazyserve serve: error: argument APP: 'handler/app.py' is not MODULE:ATTRIBUTE "
+            "(e.g. handler.app:app) (see lazyserve serve --help)",
+            2,
+        ),
+        (
+            ["serve", "nothere:app"],
+            'lazyserve serve: error: argument APP: nothere:app: Could not import module "nothere".',
+            2,
+        ),
+        (
+            ["serve", "nothere:app", "--workers", "2"],
+            "lazyserve serve: error: argument APP: nothere:app: no module named 'nothere'",
+            2,
+        ),
+        (
+            ["serve", "--host", "no-such-host.invalid", "--port", "0"],
+            "lazyserve serve: error: argument --host: cannot listen on no-such-host.invalid:0: "
+            "Name or service not known",
+            1,
+        ),
+        (
+            ["nothere"],
+            "lazyserve: error: argument COMMAND: invalid choice: 'nothere' (choose from 'demo', "
+            "'serve', 'invoke', 'push', 'convert') (see lazyserve --help)",
+            2,
+        ),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_errors_are_one_line_naming_the_argument(args: list[str], message: str, code: int) -> None:
+    done = lazyserve(*args, LAZYSERVE_MODEL_URI=str(WEIGHTS))
+    assert one_line_error(done) == message
+    assert done.returncode == code
+
+
+def test_an_event_file_that_is_not_json_names_file_line_and_column(tmp_path: Path) -> None:
+    event = tmp_path / "event.json"
+    event.write_text(BAD_JSON)
+    done = lazyserve("invoke", str(event), LAZYSERVE_MODEL_URI=str(WEIGHTS))
+    assert one_line_error(done) == (
+        f"lazyserve invoke: error: argument EVENT.json: {event}: not JSON: Expecting value at "
+        "line 1 column 18"
+    )
+    assert done.returncode == 2
+
+
+def test_an_event_file_that_is_not_text_is_named(tmp_path: Path) -> None:
+    event = tmp_path / "event.json"
+    event.write_bytes(b"\xff\xfe{}")
+    done = lazyserve("invoke", str(event), LAZYSERVE_MODEL_URI=str(WEIGHTS))
+    assert one_line_error(done) == (
+        f"lazyserve invoke: error: argument EVENT.json: {event}: not UTF-8 text (invalid start "
+        "byte at byte 0)"
+    )
+
+
+def test_a_port_in_use_is_named(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = lazyserve("serve", "--port", str(port), LAZYSERVE_MODEL_URI=str(WEIGHTS))
+    assert one_line_error(done) == (
+        f"lazyserve serve: error: argument --port: cannot listen on 127.0.0.1:{port}: Address "
+        "already in use"
+    )
+    assert done.returncode == 1
+
+
+def test_serve_reports_an_invalid_setting_in_one_line() -> None:
+    done = lazyserve("serve", "--port", "0", LAZYSERVE_MODEL_URI=str(WEIGHTS), LAZYSERVE_LOAD="x")
+    assert one_line_error(done) == (
+        "lazyserve serve: error: handler.app:app: SettingsError: LAZYSERVE_LOAD has value 'x': "
+        "accepted: 'lazy', 'eager' or 'background'."
+    )
+    assert done.returncode == 1
+
+
+def test_an_import_error_inside_the_handler_module_is_its_init_error(tmp_path: Path) -> None:
+    # The module exists; something it imports does not: Lambda reports that as the function's
+    # INIT error (Runtime.ImportModuleError), not as a wrong --handler.
+    (tmp_path / "broken_app.py").write_text(
+        "import no_such_dependency\n\n\ndef handler(e, c): ...\n"
+    )
+    done = subprocess.run(
+        [
+            str(LAZYSERVE),
+            "invoke",
+            str(ROOT / "events" / "empty.json"),
+            "--handler",
+            "broken_app.handler",
+        ],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    error = json.loads(done.stdout)
+    assert error == {
+        "errorType": "ModuleNotFoundError",
+        "errorMessage": "No module named 'no_such_dependency'",
+    }
+
+
+# --- the demo's console --------------------------------------------------------------------------
+
+
+class Console:
+    """The lines a process writes to stdout and stderr, read in threads as they come."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.seen: list[tuple[str, str]] = []
+        self.threads = [
+            threading.Thread(target=self._pump, args=(name, getattr(process, name)), daemon=True)
+            for name in ("stdout", "stderr")
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _pump(self, name: str, stream: Any) -> None:
+        for line in stream:
+            self.lines.put((name, line.rstrip("\n")))
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                name, line = self.lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                assert self.process.poll() is None, f"exited: {self.seen}"
+                continue
+            self.seen.append((name, line))
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"no line matched {pattern!r} in {timeout}s: {self.seen}")
+
+    def rest(self) -> None:
+        """Collect what is left once the process has ended."""
+        self.process.wait(timeout=30)
+        for thread in self.threads:
+            thread.join(timeout=10)  # they end at the end of their pipe
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_demo_console_shows_the_banner_lazyserves_line_and_the_access_log() -> None:
+    process = subprocess.Popen(
+        [str(LAZYSERVE), "demo", "--port", "0"],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    console = Console(process)
+    try:
+        curl = console.wait_for(r"curl -s (http://127\.0\.0\.1:(\d+)/predict) .* -d '(.*)'$", 180)
+        url, port, body = curl[1], int(curl[2]), curl[3]
+        assert port != 0
+        request = urllib.request.Request(
+            url, data=body.encode(), headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        assert answer["predictions"][0]["label"] == 4
+        console.wait_for(r'"POST /predict HTTP/1\.1" 200', 30)
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        console.rest()
+    assert process.returncode == 130, console.seen  # Ctrl-C's exit status, and no traceback
+    stdout = [line for name, line in console.seen if name == "stdout"]
+    stderr = [line for name, line in console.seen if name == "stderr"]
+    # The banner, then uvicorn's access line for the one request; nothing else.
+    assert stdout[0].startswith("embedded S3 at http://127.0.0.1:")
+    assert stdout[1] == f"serving the digits function on http://127.0.0.1:{port} (Ctrl-C stops)"
+    assert stdout[2] == 'try it (a real handwritten 4; expect "label":4):'
+    assert stdout[3].startswith(f"  curl -s http://127.0.0.1:{port}/predict ")
+    (access,) = stdout[4:]
+    assert re.fullmatch(r'INFO: +127\.0\.0\.1:\d+ - "POST /predict HTTP/1\.1" 200 OK', access)
+    # lazyserve's one line: the model it loaded for that request.
+    (loaded,) = stderr
+    assert re.match(r"\d\d:\d\d:\d\d\.\d{3} INFO +lazyserve: model loaded from s3://", loaded)
+
+
+def test_serve_on_port_0_announces_the_port_it_bound() -> None:
+    process = subprocess.Popen(
+        [str(LAZYSERVE), "serve", "--port", "0"],
+        cwd=ROOT,
+        env={**os.environ, "LAZYSERVE_MODEL_URI": str(WEIGHTS)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    console = Console(process)
+    try:
+        running = console.wait_for(r"Uvicorn running on http://127\.0\.0\.1:(\d+) ", 180)
+        port = int(running[1])
+        assert port != 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60) as response:
+            assert json.loads(response.read()) == {"status": "ok", "model": "not_loaded"}
+    finally:
+        process.send_signal(signal.SIGINT)
+        console.rest()
+    assert process.returncode == 130, console.seen
+    assert not any("Traceback" in line for _, line in console.seen)

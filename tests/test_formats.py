@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from safetensors.torch import save
 from torch import nn
 
 from lazyserve.errors import ModelFormatError
-from lazyserve.formats import build_model, read_state_dict
+from lazyserve.formats import build_model, format_of, read_state_dict
 from lazyserve.sources import Weights
 from tests.helpers import RunShell, TouchFile
 
@@ -365,7 +366,107 @@ def test_pt_that_is_not_a_state_dict_is_refused(obj: object) -> None:
     assert message == "s3://models/net.pt: expected a state dict of name -> tensor"
 
 
-def test_pt_that_is_not_a_torch_save_file() -> None:
-    data = torch_save_bytes({"w": torch.ones(2)})[:100]
-    message = format_error(weights(data, uri="s3://models/net.pt"))
-    assert message.startswith("s3://models/net.pt: not a torch.save file")
+def legacy_save_bytes(obj: object) -> bytes:
+    """torch.save's format before PyTorch 1.6: pickles one after another, not a zip archive."""
+    out = io.BytesIO()
+    torch.save(obj, out, _use_new_zipfile_serialization=False)
+    return out.getvalue()
+
+
+def from_file(tmp_path: Path, data: bytes, name: str = "net.pt") -> Weights:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return Weights(str(path), len(data), "0" * 64, path=path)
+
+
+def test_legacy_pt_from_a_file_loads_without_a_memory_map(tmp_path: Path) -> None:
+    w = from_file(tmp_path, legacy_save_bytes(net_state()))
+    state = read_state_dict(w)
+    for name, tensor in net_state().items():
+        assert torch.equal(state[name], tensor), name
+    assert w.path is not None
+    # torch can map only its zip format: a legacy file's tensors are read into memory.
+    assert not any(mapped_from(w.path, t.data_ptr()) for t in state.values() if t.numel())
+    assert not build_model(Net, state, w.uri).training
+
+
+def test_legacy_pt_from_a_buffer_loads() -> None:
+    state = read_state_dict(weights(legacy_save_bytes(net_state()), uri="s3://models/net.pt"))
+    assert torch.equal(state["fc.weight"], net_state()["fc.weight"])
+
+
+@pytest.mark.parametrize("payload", [TouchFile, RunShell])
+def test_legacy_pickle_that_runs_code_is_refused_from_a_file(tmp_path: Path, payload: type) -> None:
+    marker = tmp_path / "pwned"
+    w = from_file(tmp_path, legacy_save_bytes({"w": torch.ones(2), "x": payload(marker)}))
+    message = format_error(w)
+    assert message.startswith(f"{w.uri}: refused: not a plain state dict (torch.load ")
+    assert "GLOBAL" in message
+    assert not marker.exists()
+
+
+DAMAGED = "cannot read this torch.save file, it is damaged or truncated"
+
+
+@pytest.mark.parametrize("where", ["file", "buffer"])
+@pytest.mark.parametrize(
+    ("data", "detail"),
+    [
+        (
+            torch_save_bytes({"w": torch.ones(200)})[:300],
+            r"RuntimeError: PytorchStreamReader failed reading zip archive: failed finding "
+            "central directory",
+        ),
+        # Where the legacy pickles are cut decides which error the unpickler meets first.
+        (legacy_save_bytes({"w": torch.ones(200)})[:300], "(EOFError|IndexError): .+"),
+        (
+            b"PK\x03\x04" + b"\0" * 60,
+            r"RuntimeError: PytorchStreamReader failed reading zip archive: failed finding "
+            "central directory",
+        ),
+    ],
+    ids=["truncated-zip", "truncated-legacy", "zip-header-only"],
+)
+def test_a_damaged_pt_says_so(tmp_path: Path, where: str, data: bytes, detail: str) -> None:
+    w = from_file(tmp_path, data) if where == "file" else weights(data, uri="s3://models/net.pt")
+    message = format_error(w)
+    assert message.startswith(f"{w.uri}: {DAMAGED}: "), message
+    assert re.fullmatch(detail, message.removeprefix(f"{w.uri}: {DAMAGED}: ")), message
+
+
+@pytest.mark.parametrize("where", ["file", "buffer"])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "it is empty"),
+        (
+            b"# My model\n\nWeights for the digits net.\n",
+            "it starts with b'# My mod', neither a zip archive (torch.save) nor a pickle "
+            "(torch.save with _use_new_zipfile_serialization=False)",
+        ),
+        (
+            bytes(save({"w": torch.ones(2)})),
+            "it is a safetensors file; name it .safetensors",
+        ),
+    ],
+    ids=["empty", "text", "safetensors"],
+)
+def test_a_pt_that_is_not_a_torch_save_file_says_what_it_is(
+    tmp_path: Path, where: str, data: bytes, reason: str
+) -> None:
+    w = from_file(tmp_path, data) if where == "file" else weights(data, uri="s3://models/net.pt")
+    assert format_error(w) == f"{w.uri}: not a torch.save file: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("uri", "fmt"),
+    [
+        ("s3://models/net.pt?versionId=v1", "pt"),
+        ("s3://models/what?.pt", "pt"),
+        ("s3://models/net.pt#1.safetensors", "safetensors"),
+        ("/srv/net.PTH", "pt"),
+        ("s3://models/net.safetensors?versionId=a.pt", "safetensors"),
+    ],
+)
+def test_format_of_follows_the_model_uri(uri: str, fmt: str) -> None:
+    assert format_of(Weights(uri, 0, "0" * 64)) == fmt

@@ -7,25 +7,34 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 
-from tests.helpers import BUCKET, FAKE_CREDENTIALS, KEY, REGION, ROOT, WEIGHTS, load_event
-from tests.runtime_api import Call, Result, RuntimeAPI
+from tests.helpers import (
+    BUCKET,
+    FAKE_CREDENTIALS,
+    INIT_TIMEOUT,
+    INVOKE_TIMEOUT,
+    KEY,
+    REGION,
+    ROOT,
+    WEIGHTS,
+    LambdaFunction,
+    StartFunction,
+    TaskImage,
+    assert_prediction,
+    error_of,
+    http_body,
+    lambda_environ,
+    load_event,
+)
 from tests.s3server import CountingS3Server
 
-HANDLER = "handler.app.handler"
-PYTHON = Path(sys.executable)
 PART_SIZE = 16384
 WEIGHTS_BYTES = WEIGHTS.read_bytes()
 WEIGHTS_SHA256 = hashlib.sha256(WEIGHTS_BYTES).hexdigest()
@@ -35,183 +44,7 @@ EXPECTED_RANGES = {
     for start in range(0, len(WEIGHTS_BYTES), PART_SIZE)
 }
 DIGIT = 8  # the label of the image in every stored predict event
-INIT_TIMEOUT = 60.0  # starting Python, importing torch and FastAPI
-INVOKE_TIMEOUT = 30.0
 HTTP_PREDICT = ["rest-predict", "http-api-predict", "alb-predict", "function-url-predict"]
-
-
-@dataclass(frozen=True)
-class TaskImage:
-    """What the container image holds: a Python whose site-packages has lazyserve installed
-    from its wheel (its .pth start-up hook included), and the task root."""
-
-    python: Path
-    site: Path
-    task: Path
-
-
-def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-@pytest.fixture(scope="session")
-def image(tmp_path_factory: pytest.TempPathFactory) -> TaskImage:
-    """Build a wheel of the project, install it non-editable into the site-packages of a
-    Python of its own, and copy handler/ and examples/ into a task root, as the Dockerfile does.
-
-    The dependencies (torch, FastAPI, awslambdaric...) come from this venv through a path
-    entry: only a real site-packages directory runs .pth files, so this venv's editable
-    lazyserve stays out of the picture and the wheel's own start-up hook is what runs."""
-    root = tmp_path_factory.mktemp("lambda-image")
-    # Build from a copy: an in-tree build would write build/ into the checkout.
-    source = root / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        if (ROOT / name).exists():
-            shutil.copy2(ROOT / name, source / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    shutil.copytree(ROOT / "src", source / "src", ignore=ignore)
-    dist = root / "dist"
-    wheel_cmd = [str(PYTHON), "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist)]
-    built = _run([*wheel_cmd, "--no-build-isolation", str(source)], 180)
-    if built.returncode != 0:  # e.g. a build backend missing from the venv
-        built = _run([*wheel_cmd, str(source)], 300)
-    assert built.returncode == 0, built.stdout + built.stderr
-    (wheel,) = dist.glob("lazyserve-*.whl")
-    env = root / "python"
-    made = _run([sys.executable, "-m", "venv", "--without-pip", str(env)], 120)
-    assert made.returncode == 0, made.stdout + made.stderr
-    python = env / "bin" / "python"
-    (site,) = (
-        Path(p)
-        for p in _run(
-            [str(python), "-c", "import site; print(site.getsitepackages()[0])"], 60
-        ).stdout.split()
-    )
-    installed = _run(
-        [str(PYTHON), "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-        180,
-    )
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    assert (site / "lazyserve.pth").is_file()
-    deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir())
-    (site / "00-dependencies.pth").write_text(f"{deps}\n")
-    task = root / "task"
-    shutil.copytree(ROOT / "handler", task / "handler", ignore=ignore)
-    shutil.copytree(ROOT / "examples", task / "examples", ignore=ignore)
-    return TaskImage(python, site, task)
-
-
-def lambda_environ(
-    image: TaskImage, runtime_api: str, s3_endpoint: str, home: Path, **overrides: str
-) -> dict[str, str]:
-    """The environment Lambda gives a container-image function (python3.13 base image),
-    pointed at the test's Runtime API and S3; `overrides` add or replace variables."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "LANG": "en_US.UTF-8",
-        "TZ": ":UTC",
-        "PYTHONPATH": str(image.task),
-        "LAMBDA_TASK_ROOT": str(image.task),
-        "LAMBDA_RUNTIME_DIR": "/var/runtime",
-        "_HANDLER": HANDLER,
-        "AWS_LAMBDA_RUNTIME_API": runtime_api,
-        # As for the python3.13 base image; it makes awslambdaric poll /next from a thread.
-        "AWS_EXECUTION_ENV": "AWS_Lambda_python3.13",
-        "AWS_LAMBDA_FUNCTION_NAME": "lazyserve-test",
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "3008",
-        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
-        "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
-        "AWS_LAMBDA_LOG_GROUP_NAME": "/aws/lambda/lazyserve-test",
-        "AWS_LAMBDA_LOG_STREAM_NAME": "2026/01/01/[$LATEST]0123456789abcdef0123456789abcdef",
-        **FAKE_CREDENTIALS,
-        "AWS_SESSION_TOKEN": "fake-session-token",
-        "AWS_ENDPOINT_URL_S3": s3_endpoint,
-        "LAZYSERVE_MODEL_URI": f"s3://{BUCKET}/{KEY}",
-        "LAZYSERVE_S3_PART_SIZE": str(PART_SIZE),
-    }
-    env.update(overrides)
-    return env
-
-
-class LambdaFunction:
-    """One execution environment: the awslambdaric process and the Runtime API it talks to."""
-
-    def __init__(self, api: RuntimeAPI, env: dict[str, str], image: TaskImage, log: Path) -> None:
-        self.api = api
-        self.log_path = log
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                [str(image.python), "-m", "awslambdaric", env["_HANDLER"]],
-                cwd=image.task,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def exited(self) -> str | None:
-        """Why waiting is pointless (the process ended), else None."""
-        code = self.process.poll()
-        if code is None:
-            return None
-        return f"the function exited with code {code}; its output:\n{self.log()[-4000:]}"
-
-    def invoke(self, event: Any, timeout: float = INVOKE_TIMEOUT) -> Result:
-        request_id = self.api.invoke(event, timeout=timeout)
-        return self.api.wait_result(request_id, timeout, abort=self.exited)
-
-    def wait_call(self, method: str, suffix: str, timeout: float = INIT_TIMEOUT) -> Call:
-        return self.api.wait_call(method, suffix, timeout, abort=self.exited)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-
-
-StartFunction = Callable[..., LambdaFunction]
-
-
-@pytest.fixture
-def start_function(
-    image: TaskImage, s3: CountingS3Server, tmp_path: Path
-) -> Iterator[StartFunction]:
-    """Start execution environments (`start_function(LAZYSERVE_LOAD="eager")`); each Runtime
-    API records, on every call, how many GETs of the weights moto had served by then."""
-    started: list[LambdaFunction] = []
-
-    def start(**overrides: str) -> LambdaFunction:
-        # Whichever object LAZYSERVE_MODEL_URI names: "s3://bucket/key" -> ("bucket", "key").
-        uri = overrides.get("LAZYSERVE_MODEL_URI", f"s3://{BUCKET}/{KEY}")
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
-        api = RuntimeAPI(
-            next_timeout=60.0, observe=lambda: len(s3.object_gets(bucket, key))
-        ).start()
-        env = lambda_environ(image, api.address, s3.endpoint, tmp_path, **overrides)
-        log = tmp_path / f"function-{len(started)}.log"
-        try:
-            function = LambdaFunction(api, env, image, log)
-        except BaseException:
-            api.stop()
-            raise
-        started.append(function)
-        return function
-
-    yield start
-    for function in started:
-        try:
-            function.stop()
-        finally:
-            function.api.stop()
 
 
 def weights_gets(s3: CountingS3Server) -> list[Any]:
@@ -223,29 +56,6 @@ def assert_one_load(s3: CountingS3Server) -> None:
     gets = weights_gets(s3)
     assert len(gets) == LOAD_GETS, [g.range for g in gets]
     assert {g.range for g in gets} == EXPECTED_RANGES
-
-
-def assert_prediction(payload: dict[str, Any]) -> None:
-    (prediction,) = payload["predictions"]
-    assert prediction["label"] == DIGIT
-    assert len(prediction["probabilities"]) == 10
-    assert max(prediction["probabilities"]) == prediction["probabilities"][DIGIT]
-    assert payload["model"]["sha256"] == WEIGHTS_SHA256
-
-
-def http_body(result: Result) -> Any:
-    """The JSON body of a 200 answer to an HTTP event (API Gateway, ALB, Function URL)."""
-    assert result.kind == "response", result.body
-    response = result.json()
-    assert response["statusCode"] == 200, response
-    assert not response.get("isBase64Encoded"), response
-    return json.loads(response["body"])
-
-
-def error_of(result: Result) -> dict[str, Any]:
-    assert result.kind == "error", result.body
-    error: dict[str, Any] = result.json()
-    return error
 
 
 # -- the image's layout ------------------------------------------------------------------------
@@ -492,9 +302,6 @@ def test_example_with_background_sends_the_first_get_during_init(
     assert function.api.init_errors == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="JSON log lines run together under awslambdaric's stdout sink (issue 10)"
-)
 def test_sqs_batch_reports_only_the_bad_records(
     start_function: StartFunction, s3: CountingS3Server
 ) -> None:

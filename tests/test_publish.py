@@ -21,10 +21,12 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from handler.model import DigitsMLP
-from lazyserve.errors import ModelIntegrityError
+from lazyserve.errors import ModelFormatError, ModelIntegrityError
 from lazyserve.model import load_model
+from lazyserve.publish import push
 from lazyserve.settings import load_settings
 from tests.helpers import (
+    ACCESS_DENIED,
     DIGIT_8,
     REGION,
     ROOT,
@@ -36,8 +38,9 @@ from tests.helpers import (
     assert_unavailable,
     body_of,
     load_event,
+    s3_error_app,
 )
-from tests.s3server import CountingS3Server, Request
+from tests.s3server import CountingS3Server, Fault, Request
 
 LAZYSERVE = Path(sys.executable).parent / "lazyserve"
 VERSIONED = "lazyserve-versioned"
@@ -233,37 +236,216 @@ async def test_the_reference_function_answers_503_for_a_replaced_object(
     )
 
 
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The single stderr line of a failed command: no traceback, no progress bar, no output."""
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert "\r" not in done.stderr  # no progress bar was drawn
+    return line
+
+
 def test_push_to_a_uri_that_is_not_s3_is_refused() -> None:
     uri = "http://example.com/weights.safetensors"
-    done = lazyserve("push", str(WEIGHTS), uri)
-    assert done.returncode != 0
-    assert done.stdout == ""
-    assert "Traceback" not in done.stderr
-    assert done.stderr.startswith("error: ")
     # What push accepts, and the value it got; not the forms only a load accepts.
-    assert "s3://bucket/key" in done.stderr
-    assert repr(uri) in done.stderr
-    assert "file://" not in done.stderr
+    assert one_line_error(lazyserve("push", str(WEIGHTS), uri)) == (
+        "lazyserve push: error: argument URI: push needs s3://bucket/key or "
+        f"s3://bucket/prefix/, without a versionId; got {uri!r}"
+    )
 
 
-def test_push_to_a_missing_bucket_fails_with_the_s3_error(s3: CountingS3Server) -> None:
-    uri = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/digits.safetensors"
-    done = lazyserve("push", str(WEIGHTS), uri)
-    assert done.returncode != 0
-    assert done.stdout == ""
-    assert "Traceback" not in done.stderr, done.stderr
-    error = done.stderr.splitlines()[-1]  # after the progress bar, if the upload began
-    assert error.startswith("error: ")
-    assert uri in error
-    assert "NoSuchBucket" in error
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        (
+            "s3://bkt/k.safetensors?versionId=v1",
+            "push needs s3://bucket/key or s3://bucket/prefix/, without a versionId (S3 gives "
+            "the upload its own); got 's3://bkt/k.safetensors?versionId=v1'",
+        ),
+        (
+            "s3://b/k.safetensors",
+            "'s3://b/k.safetensors' is not accepted: bucket 'b' is not a valid S3 bucket name: "
+            "3 to 63 lowercase letters, digits, dots and hyphens, starting and ending with a "
+            "letter or digit (buckets made in us-east-1 before March 2018 may also hold capitals "
+            "and underscores, up to 255)",
+        ),
+    ],
+)
+def test_push_refuses_uris_before_reading_anything(uri: str, reason: str) -> None:
+    assert one_line_error(lazyserve("push", str(WEIGHTS), uri)) == (
+        f"lazyserve push: error: argument URI: {reason}"
+    )
+
+
+def test_push_to_a_missing_bucket_fails_before_any_upload(
+    s3: CountingS3Server, tmp_path: Path, wide_weights: tuple[Path, WideNet]
+) -> None:
+    bucket = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+    for path in (WEIGHTS, wide_weights[0]):  # one PutObject; multipart
+        s3.clear()
+        done = lazyserve("push", str(path), f"s3://{bucket}/digits.safetensors")
+        assert one_line_error(done) == (
+            f"lazyserve push: error: argument URI: cannot upload to s3://{bucket}: S3 error "
+            "NoSuchBucket (no bucket has that name; create it, or check the name and AWS_REGION)"
+        )
+        # HeadBucket, and nothing that sends the file.
+        assert [(r.method, r.path) for r in s3.requests] == [("HEAD", f"/{bucket}")]
 
 
 def test_push_of_a_missing_file_fails_naming_it(s3: CountingS3Server, tmp_path: Path) -> None:
     missing = tmp_path / "nope.safetensors"
     done = lazyserve("push", str(missing), "s3://lazyserve-plain/nope.safetensors")
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr
-    assert str(missing) in done.stderr
+    assert one_line_error(done) == f"lazyserve push: error: argument FILE: {missing}: no such file"
+    assert s3.requests == []
+
+
+def test_push_of_a_directory_fails_naming_it(s3: CountingS3Server, tmp_path: Path) -> None:
+    done = lazyserve("push", str(tmp_path), "s3://lazyserve-plain/x.safetensors")
+    assert one_line_error(done) == f"lazyserve push: error: argument FILE: {tmp_path}: not a file"
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def torch_save_file(tmp_path: Path, name: str, obj: object, **kwargs: Any) -> Path:
+    path = tmp_path / name
+    torch.save(obj, path, **kwargs)
+    return path
+
+
+def test_push_checks_the_file_is_weights_of_the_keys_format(
+    s3: CountingS3Server, client: Any, tmp_path: Path
+) -> None:
+    readme = write(tmp_path, "README.md", b"# digits\n\nA small model.\n")
+    state = {"w": torch.ones(4)}
+    pt = torch_save_file(tmp_path, "net.pt", state)
+    legacy = torch_save_file(tmp_path, "old.pt", state, _use_new_zipfile_serialization=False)
+    whole = safetensors_bytes(state)
+    truncated = write(tmp_path, "cut.safetensors", whole[:-4])
+    cases = [
+        (
+            readme,
+            "k.safetensors",
+            f"{readme} is not a weights file: it starts with b'# digits', which is neither "
+            "safetensors (an 8-byte header length, then a JSON header) nor torch.save",
+        ),
+        (
+            pt,
+            "k.safetensors",
+            f"{pt} is a torch.save file, not safetensors: convert it first (lazyserve convert "
+            f"{pt} OUT.safetensors), or give the key a .pt suffix",
+        ),
+        (
+            legacy,
+            "k.safetensors",
+            f"{legacy} is a torch.save file, not safetensors: convert it first (lazyserve "
+            f"convert {legacy} OUT.safetensors), or give the key a .pt suffix",
+        ),
+        (
+            WEIGHTS,
+            "k.pt",
+            f"{WEIGHTS} is a safetensors file, not a torch.save file: give the key a "
+            ".safetensors suffix",
+        ),
+        (
+            truncated,
+            "k.safetensors",
+            f"{truncated}: not a valid safetensors file: tensor 'w' lies outside the data "
+            "(0..16 of 12)",
+        ),
+        (write(tmp_path, "empty.safetensors", b""), "k.safetensors", None),
+    ]
+    # The library call, in this process (each `lazyserve push` would import torch again) ...
+    for path, key, reason in cases:
+        with pytest.raises(ModelFormatError) as info:
+            push(path, f"s3://{PLAIN}/{key}", client=client)
+        assert str(info.value) == (reason or f"{path}: the file is empty")
+    assert s3.requests == []  # each refused before any request
+    # ... and one through the command line, as a user sees it.
+    done = lazyserve("push", str(readme), f"s3://{PLAIN}/k.safetensors")
+    assert one_line_error(done) == f"lazyserve push: error: argument FILE: {cases[0][2]}"
+    assert s3.requests == []
+
+
+def test_push_refuses_a_pt_pickle_that_would_run_code(s3: CountingS3Server, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = torch_save_file(tmp_path, "evil.pt", {"w": torch.zeros(2), "x": Exploit(marker)})
+    line = one_line_error(lazyserve("push", str(evil), f"s3://{PLAIN}/evil.pt"))
+    assert line.startswith(f"lazyserve push: error: argument FILE: {evil}: refused: ")
+    assert "GLOBAL" in line and "open" in line
+    assert not marker.exists()
+    assert s3.requests == []
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_push_of_a_pt_state_dict_to_a_pt_key_then_loads(
+    s3: CountingS3Server, client: Any, key: str, tmp_path: Path, legacy: bool
+) -> None:
+    torch.manual_seed(3)
+    net = DigitsMLP().eval()
+    path = torch_save_file(
+        tmp_path, "digits.pt", net.state_dict(), _use_new_zipfile_serialization=not legacy
+    )
+    uri = f"s3://{VERSIONED}/{key.removesuffix('.safetensors')}.pt"
+    result = pushed(lazyserve("push", str(path), uri))
+    loaded = load_model(DigitsMLP, load_settings({"LAZYSERVE_MODEL_URI": uri}))
+    assert loaded.info.sha256 == result["sha256"]
+    x = torch.tensor([DIGIT_8])
+    with torch.inference_mode():
+        assert torch.equal(loaded.module(x), net(x))
+
+
+def test_push_into_a_prefix_names_the_object_after_the_file(
+    s3: CountingS3Server, client: Any, tmp_path: Path
+) -> None:
+    prefix = f"s3://{PLAIN}/models-{uuid.uuid4().hex[:8]}/"
+    named = write(tmp_path, "digits-v2.safetensors", WEIGHTS_BYTES)
+    result = pushed(lazyserve("push", str(named), prefix))
+    assert result["uri"] == prefix + "digits-v2.safetensors"
+    head = client.head_object(Bucket=PLAIN, Key=result["uri"].removeprefix(f"s3://{PLAIN}/"))
+    assert head["Metadata"] == {"sha256": WEIGHTS_SHA256}
+
+    other = write(tmp_path, "my model.safetensors", WEIGHTS_BYTES)
+    assert one_line_error(lazyserve("push", str(other), prefix)) == (
+        f"lazyserve push: error: argument URI: my model.safetensors cannot go under the prefix "
+        f"{prefix}: model name 'my model' is not accepted: use ASCII letters, digits, '-', '_' "
+        "and '.', not starting with '.'"
+    )
+
+
+def denied_uploads(bucket: str, key: str) -> Fault:
+    """S3 refusing PutObject and CreateMultipartUpload of one key (a role without s3:PutObject)."""
+    app = s3_error_app(*ACCESS_DENIED)
+    return lambda r: app if r.path == f"/{bucket}/{key}" and r.method in ("PUT", "POST") else None
+
+
+def test_a_refused_upload_draws_no_progress(
+    s3: CountingS3Server, client: Any, key: str, wide_weights: tuple[Path, WideNet]
+) -> None:
+    for path in (WEIGHTS, wide_weights[0]):  # one PutObject; multipart
+        s3.fault = denied_uploads(PLAIN, key)
+        done = lazyserve("push", str(path), f"s3://{PLAIN}/{key}")
+        line = one_line_error(done)
+        assert line.startswith(
+            f"lazyserve push: error: argument URI: cannot upload to s3://{PLAIN}/{key}: "
+        )
+        assert "AccessDenied" in line
+        assert "%" not in done.stderr  # no progress bar at all
+
+
+def test_a_bucket_that_hides_itself_from_head_bucket_still_takes_the_upload(
+    s3: CountingS3Server, client: Any, key: str
+) -> None:
+    # HeadBucket needs s3:ListBucket, which an upload-only role may lack: its 403 is no reason
+    # to refuse an upload that s3:PutObject allows.
+    forbidden = s3_error_app(*ACCESS_DENIED)
+    s3.fault = lambda r: forbidden if r.method == "HEAD" and r.path == f"/{PLAIN}" else None
+    result = pushed(lazyserve("push", str(WEIGHTS), f"s3://{PLAIN}/{key}"))
+    assert result["sha256"] == WEIGHTS_SHA256
+    assert client.head_object(Bucket=PLAIN, Key=key)["Metadata"] == {"sha256": WEIGHTS_SHA256}
 
 
 # --- convert --------------------------------------------------------------------------------------
@@ -319,3 +501,81 @@ def test_convert_refuses_a_pickle_that_runs_code(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     assert "refused" in done.stderr
     assert "open" in done.stderr  # names the global it refused
+
+
+def test_convert_a_legacy_state_dict(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    net = DigitsMLP().eval()
+    source, target = tmp_path / "old.pt", tmp_path / "old.safetensors"
+    torch.save(net.state_dict(), source, _use_new_zipfile_serialization=False)
+    done = lazyserve("convert", str(source), str(target))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"wrote {target}: 6 tensors, sha256 ")
+    converted = load_file(str(target))
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(converted[name], tensor), name
+
+
+def test_convert_of_a_safetensors_file_says_it_is_one_already(tmp_path: Path) -> None:
+    target = tmp_path / "out.safetensors"
+    done = lazyserve("convert", str(WEIGHTS), str(target))
+    assert one_line_error(done) == (
+        f"lazyserve convert: error: argument IN.pt: {WEIGHTS} is already a safetensors file: "
+        "nothing to convert; push or serve it as it is"
+    )
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (
+            b"# notes\n",
+            "not a torch.save file: it starts with b'# notes\\n', neither a zip archive "
+            "(torch.save) nor a pickle (torch.save with _use_new_zipfile_serialization=False)",
+        ),
+        (b"", "not a torch.save file: it is empty"),
+    ],
+    ids=["text", "empty"],
+)
+def test_convert_of_a_file_that_is_not_torch_save(tmp_path: Path, data: bytes, reason: str) -> None:
+    source = write(tmp_path, "notes.pt", data)
+    done = lazyserve("convert", str(source), str(tmp_path / "out.safetensors"))
+    assert one_line_error(done) == f"lazyserve convert: error: argument IN.pt: {source}: {reason}"
+
+
+def test_convert_of_a_truncated_file(tmp_path: Path) -> None:
+    whole = torch_save_file(tmp_path, "whole.pt", {"w": torch.ones(1000)}).read_bytes()
+    source = write(tmp_path, "cut.pt", whole[: len(whole) // 2])
+    line = one_line_error(lazyserve("convert", str(source), str(tmp_path / "out.safetensors")))
+    assert line.startswith(
+        f"lazyserve convert: error: argument IN.pt: {source}: cannot read this torch.save file, "
+        "it is damaged or truncated: RuntimeError: PytorchStreamReader failed reading zip archive"
+    )
+
+
+def test_convert_names_a_missing_input_or_an_unwritable_output(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pt"
+    done = lazyserve("convert", str(missing), str(tmp_path / "out.safetensors"))
+    assert (
+        one_line_error(done) == f"lazyserve convert: error: argument IN.pt: {missing}: no such file"
+    )
+
+    source = torch_save_file(tmp_path, "net.pt", {"w": torch.ones(2)})
+    nowhere = tmp_path / "no-such-dir" / "out.safetensors"
+    done = lazyserve("convert", str(source), str(nowhere))
+    assert one_line_error(done) == (
+        f"lazyserve convert: error: argument OUT.safetensors: {nowhere}: no directory "
+        f"{nowhere.parent}"
+    )
+    done = lazyserve("convert", str(source), str(tmp_path))
+    assert one_line_error(done) == (
+        f"lazyserve convert: error: argument OUT.safetensors: {tmp_path}: is a directory; give "
+        "a file name"
+    )
+    done = lazyserve("convert", str(source), str(source))
+    assert one_line_error(done) == (
+        f"lazyserve convert: error: argument OUT.safetensors: {source} is the input file; give "
+        "another output path"
+    )
+    assert torch.equal(torch.load(source, weights_only=True)["w"], torch.ones(2))

@@ -9,6 +9,7 @@ if _typing.TYPE_CHECKING:
     from lazyserve.errors import (
         InvalidInput,
         LazyserveError,
+        LazyserveWarning,
         ModelLoadError,
         ModelUnavailable,
         SettingsError,
@@ -28,6 +29,7 @@ _WHERE = {
     "LambdaHandler": "aws",
     "LazyModel": "lazy",
     "LazyserveError": "errors",
+    "LazyserveWarning": "errors",
     "Loaded": "model",
     "ModelInfo": "model",
     "ModelLoadError": "errors",
@@ -49,6 +51,7 @@ __all__ = [
     "LambdaHandler",
     "LazyModel",
     "LazyserveError",
+    "LazyserveWarning",
     "Loaded",
     "ModelInfo",
     "ModelLoadError",

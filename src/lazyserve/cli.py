@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
+import importlib.util
 import json
+import logging
 import os
 import resource
+import socket
 import sys
 import time
 import traceback
@@ -14,7 +18,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from lazyserve.errors import LazyserveError
 
 __all__ = ["main"]
 
@@ -26,65 +32,152 @@ DEMO_WEIGHTS = Path("handler/weights/digits.safetensors")
 DEMO_DIGIT = 1791  # a held-out "4" of scikit-learn's digits (not used in training)
 
 
+class CommandError(Exception):
+    """A one-line error for the user: `lazyserve CMD: error: argument ARG: message`."""
+
+    def __init__(self, argument: str | None, message: str, code: int = 1) -> None:
+        super().__init__(f"argument {argument}: {message}" if argument else message)
+        self.code = code
+
+
 def _importable_cwd() -> None:
     # Like `uvicorn --app-dir .`: the reference function lives in ./handler, not in site-packages.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: a free one), as uvicorn would bind it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        argument = "--host" if isinstance(exc, socket.gaierror) else "--port"
+        raise CommandError(argument, f"cannot listen on {host}:{port}: {reason}") from None
+    # Listening now, not when uvicorn starts: a request sent as soon as the demo prints its
+    # URL waits in the backlog instead of being refused.
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _load_app(app: str) -> Any:
+    from uvicorn.importer import ImportFromStringError, import_from_string
+
+    _importable_cwd()
+    try:
+        return import_from_string(app)
+    except ImportFromStringError as exc:
+        raise CommandError("APP", f"{app}: {exc}", code=2) from None
+    except LazyserveError as exc:  # a setting the app refused while importing
+        raise CommandError(None, f"{app}: {type(exc).__name__}: {exc}") from None
+
+
 def serve(app: str, host: str, port: int, workers: int) -> int:
     import uvicorn
 
-    _importable_cwd()
-    uvicorn.run(app, host=host, port=port, workers=workers)
+    if workers > 1:
+        # Each worker imports the app itself; the parent only checks that the module exists.
+        _importable_cwd()
+        module = app.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise CommandError("APP", f"{app}: no module named {module!r}", code=2)
+        _listen(host, port).close()
+        uvicorn.run(app, host=host, port=port, workers=workers)
+        return 0
+    asgi = _load_app(app)
+    sock = _listen(host, port)
+    server = uvicorn.Server(uvicorn.Config(asgi, host=host, port=port))
+    # uvicorn announces the address only for sockets it binds itself.
+    bound = sock.getsockname()[1]
+    where = f"[{host}]" if ":" in host else host
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", where, bound
+    )
+    server.run(sockets=[sock])
     return 0
+
+
+def _demo_log_config() -> dict[str, Any]:
+    # uvicorn's own configuration, minus its start-up lines (the demo prints its own banner):
+    # what is left is its access log, and any warning or error.
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["uvicorn.error"]["level"] = "WARNING"
+    return config
 
 
 def demo(port: int) -> int:
     """An embedded S3 (moto) on loopback, the reference weights in it, the function on uvicorn."""
     import hashlib
 
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     if not DEMO_WEIGHTS.is_file():
-        print(f"error: {DEMO_WEIGHTS} not found: run `lazyserve demo` from the repository root")
-        return 2
+        raise CommandError(
+            None, f"{DEMO_WEIGHTS} not found: run `lazyserve demo` from the repository root"
+        )
+    try:
+        import boto3
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:
+        raise CommandError(
+            None,
+            f"the demo needs the demo extra ({exc.name} is missing): pip install 'lazyserve[demo]'",
+        ) from None
+    # The embedded S3 runs on werkzeug in this process: its access lines (and botocore's) are
+    # the demo's plumbing, not the service a newcomer is looking at.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    sock = _listen("127.0.0.1", port)
+    port = sock.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    host, s3_port = server.get_host_and_port()
-    endpoint = f"http://{host}:{s3_port}"
-    # The embedded S3 takes any credentials; these keep boto3 from looking for real ones.
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="demo",
-        AWS_SECRET_ACCESS_KEY="demo",
-        AWS_REGION="us-east-1",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL_S3=endpoint,
-        LAZYSERVE_MODEL_URI=f"s3://{DEMO_BUCKET}/{DEMO_KEY}",
-    )
-    data = DEMO_WEIGHTS.read_bytes()
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=DEMO_BUCKET)
-    s3.put_object(
-        Bucket=DEMO_BUCKET,
-        Key=DEMO_KEY,
-        Body=data,
-        Metadata={"sha256": hashlib.sha256(data).hexdigest()},
-    )
-    label, pixels = _demo_digit()
-    body = json.dumps({"inputs": [pixels]}, separators=(",", ":"))
-    print(f"embedded S3 at {endpoint}: s3://{DEMO_BUCKET}/{DEMO_KEY} ({len(data)} bytes)")
-    print(f"serving the digits function on http://127.0.0.1:{port} (Ctrl-C stops)")
-    print(f'try it (a real handwritten {label}; expect "label":{label}):')
-    print(
-        f"  curl -s http://127.0.0.1:{port}/predict "
-        f"-H 'content-type: application/json' -d '{body}'",
-        flush=True,
-    )
     try:
-        return serve(DEFAULT_APP, "127.0.0.1", port, 1)
+        host, s3_port = server.get_host_and_port()
+        endpoint = f"http://{host}:{s3_port}"
+        # The embedded S3 takes any credentials; these keep boto3 from looking for real ones.
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="demo",
+            AWS_SECRET_ACCESS_KEY="demo",
+            AWS_REGION="us-east-1",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL_S3=endpoint,
+            LAZYSERVE_MODEL_URI=f"s3://{DEMO_BUCKET}/{DEMO_KEY}",
+        )
+        data = DEMO_WEIGHTS.read_bytes()
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=DEMO_BUCKET)
+        s3.put_object(
+            Bucket=DEMO_BUCKET,
+            Key=DEMO_KEY,
+            Body=data,
+            Metadata={"sha256": hashlib.sha256(data).hexdigest()},
+        )
+        label, pixels = _demo_digit()
+        body = json.dumps({"inputs": [pixels]}, separators=(",", ":"))
+        asgi = _load_app(DEFAULT_APP)
+        print(f"embedded S3 at {endpoint}: s3://{DEMO_BUCKET}/{DEMO_KEY} ({len(data)} bytes)")
+        print(f"serving the digits function on http://127.0.0.1:{port} (Ctrl-C stops)")
+        print(f'try it (a real handwritten {label}; expect "label":{label}):')
+        print(
+            f"  curl -s http://127.0.0.1:{port}/predict "
+            f"-H 'content-type: application/json' -d '{body}'",
+            flush=True,
+        )
+        import uvicorn
+
+        config = uvicorn.Config(asgi, host="127.0.0.1", port=port, log_config=_demo_log_config())
+        uvicorn.Server(config).run(sockets=[sock])
+        return 0
     finally:
+        sock.close()
         server.stop()
 
 
@@ -109,15 +202,113 @@ class FakeContext:
         return max(0, int((self.deadline - time.time()) * 1000))
 
 
-def invoke(events: Sequence[str], handler_path: str, repeat: int) -> int:
-    """Run the Lambda handler here like `sam local invoke`, one REPORT line per invocation."""
-    payloads = [json.loads(Path(p).read_text()) for p in events]
+def _read_event(path: str) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CommandError("EVENT.json", f"{path}: no such file", code=2) from None
+    except IsADirectoryError:
+        raise CommandError(
+            "EVENT.json", f"{path}: is a directory, not an event file", code=2
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise CommandError(
+            "EVENT.json", f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", code=2
+        ) from None
+    except OSError as exc:
+        raise CommandError("EVENT.json", f"{path}: {exc.strerror}", code=2) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CommandError(
+            "EVENT.json",
+            f"{path}: not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            code=2,
+        ) from None
+
+
+def _handler_path(text: str) -> str:
+    """argparse type: MODULE.FUNCTION, each part a Python name (awslambdaric's _HANDLER)."""
+    module, _, attr = text.rpartition(".")
+    if not module or not all(part.isidentifier() for part in (*module.split("."), attr)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not MODULE.FUNCTION (e.g. {DEFAULT_HANDLER})"
+        )
+    return text
+
+
+def _app_path(text: str) -> str:
+    """argparse type: MODULE:ATTRIBUTE, as uvicorn takes it."""
+    module, _, attr = text.partition(":")
+    if (
+        not module
+        or not attr
+        or not all(p.isidentifier() for p in (*module.split("."), *attr.split(".")))
+    ):
+        raise argparse.ArgumentTypeError(f"{text!r} is not MODULE:ATTRIBUTE (e.g. {DEFAULT_APP})")
+    return text
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 to 65535 (0: a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port: accepted: 0 to 65535 (0 picks a free one)"
+        )
+    return port
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number, 1 or more."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted: a whole number, 1 or more")
+    return number
+
+
+def _import_handler(handler_path: str) -> Any:
+    """The handler function; a module that fails while importing raises as Lambda's INIT would."""
     _importable_cwd()
     module_name, _, attr = handler_path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only the module asked for (or a package on its path) missing is the argument's fault;
+        # a missing import inside the module is the module's own init error.
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise
+        raise CommandError(
+            "--handler",
+            f"{handler_path}: no module named {exc.name!r} (run from the directory that holds it)",
+            code=2,
+        ) from None
+    handler = getattr(module, attr, None)
+    if handler is None:
+        raise CommandError(
+            "--handler", f"{handler_path}: module {module_name!r} has no attribute {attr!r}", code=2
+        )
+    if not callable(handler):
+        kind = type(handler).__name__
+        raise CommandError("--handler", f"{handler_path}: not a function but a {kind}", code=2)
+    return handler
+
+
+def invoke(events: Sequence[str], handler_path: str, repeat: int) -> int:
+    """Run the Lambda handler here like `sam local invoke`, one REPORT line per invocation."""
+    payloads = [_read_event(p) for p in events]
     started = time.perf_counter()
     try:
-        handler = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:
+        handler = _import_handler(handler_path)
+    except CommandError:
+        raise
+    except Exception as exc:  # the module's INIT failed: reported as Lambda reports it
         print(json.dumps({"errorType": type(exc).__name__, "errorMessage": str(exc)}))
         return 1
     init_ms = (time.perf_counter() - started) * 1000
@@ -152,14 +343,19 @@ def invoke(events: Sequence[str], handler_path: str, repeat: int) -> int:
 
 
 def push(file: str, uri: str) -> int:
-    from lazyserve.errors import LazyserveError
+    from lazyserve.errors import ModelFormatError
     from lazyserve.publish import push as push_file
 
     try:
         pushed = push_file(Path(file), uri)
-    except (LazyserveError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (FileNotFoundError, IsADirectoryError, PermissionError, ModelFormatError) as exc:
+        raise CommandError("FILE", str(exc)) from None
+    except OSError as exc:
+        raise CommandError("FILE", f"{file}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CommandError("URI", str(exc)) from None
+    except LazyserveError as exc:  # S3 refused or failed the upload
+        raise CommandError("URI", str(exc)) from None
     print(f"uri: {pushed.uri}")
     print(f"sha256: {pushed.sha256}")
     print(f"size: {pushed.size}")
@@ -168,36 +364,49 @@ def push(file: str, uri: str) -> int:
 
 
 def convert(source: str, target: str) -> int:
-    from lazyserve.errors import LazyserveError
     from lazyserve.publish import convert as convert_file
     from lazyserve.publish import file_sha256
 
+    out = Path(target)
+    if out.is_dir():
+        raise CommandError("OUT.safetensors", f"{target}: is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise CommandError("OUT.safetensors", f"{target}: no directory {out.parent}")
     try:
         count = convert_file(Path(source), Path(target))
-    except (LazyserveError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except ValueError as exc:
+        raise CommandError("OUT.safetensors", str(exc)) from None
+    except (LazyserveError, FileNotFoundError, IsADirectoryError) as exc:
+        raise CommandError("IN.pt", str(exc)) from None
+    except OSError as exc:  # the output could not be written
+        raise CommandError("OUT.safetensors", str(exc)) from None
     print(f"wrote {target}: {count} tensors, sha256 {file_sha256(Path(target))}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, naming the argument; `--help` has the usage.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="lazyserve", description=__doc__)
-    sub = top.add_subparsers(dest="command", required=True)
+    top = _Parser(prog="lazyserve", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("demo", help="embedded S3 + the reference function on 127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="0 picks a free port (default 8000)")
     p = sub.add_parser("serve", help="serve an ASGI app with uvicorn")
-    p.add_argument("app", nargs="?", default=DEFAULT_APP)
+    p.add_argument("app", nargs="?", default=DEFAULT_APP, type=_app_path, metavar="APP")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--workers", type=_positive, default=1)
     p = sub.add_parser("invoke", help="run the Lambda handler on event files, like sam local")
     p.add_argument("events", nargs="+", metavar="EVENT.json")
-    p.add_argument("--handler", default=DEFAULT_HANDLER)
-    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--handler", default=DEFAULT_HANDLER, type=_handler_path)
+    p.add_argument("--repeat", type=_positive, default=1)
     p = sub.add_parser("push", help="upload weights to S3 with their sha256 (multipart)")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("uri", metavar="s3://bucket/key")
+    p.add_argument("uri", metavar="URI", help="s3://bucket/key, or s3://bucket/prefix/")
     p = sub.add_parser("convert", help="a .pt state dict (weights_only=True) to safetensors")
     p.add_argument("source", metavar="IN.pt")
     p.add_argument("target", metavar="OUT.safetensors")
@@ -206,15 +415,21 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "demo":
-        return demo(args.port)
-    if args.command == "serve":
-        return serve(args.app, args.host, args.port, args.workers)
-    if args.command == "push":
-        return push(args.file, args.uri)
-    if args.command == "convert":
-        return convert(args.source, args.target)
-    return invoke(args.events, args.handler, args.repeat)
+    try:
+        if args.command == "demo":
+            return demo(args.port)
+        if args.command == "serve":
+            return serve(args.app, args.host, args.port, args.workers)
+        if args.command == "push":
+            return push(args.file, args.uri)
+        if args.command == "convert":
+            return convert(args.source, args.target)
+        return invoke(args.events, args.handler, args.repeat)
+    except CommandError as exc:
+        print(f"lazyserve {args.command}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down cleanly and passed the signal on
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ LazyserveError
 └── LambdaEventError       a direct Lambda invocation that cannot be served
     ├── InvalidInput       the payload breaks the input rules
     └── UnsupportedEvent   the event has none of the accepted shapes
+
+LazyserveWarning (a UserWarning)   a LAZYSERVE_* variable that is not a setting (a typo?)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "InvalidInput",
     "LambdaEventError",
     "LazyserveError",
+    "LazyserveWarning",
     "ModelChangedError",
     "ModelFetchError",
     "ModelFormatError",
@@ -78,3 +81,8 @@ class InvalidInput(LambdaEventError):
 
 class UnsupportedEvent(LambdaEventError):
     """The Lambda event has none of the shapes the function accepts."""
+
+
+class LazyserveWarning(UserWarning):
+    """Something lazyserve can run with but that is likely a mistake, such as an unknown
+    LAZYSERVE_* variable (`-W error::lazyserve.errors.LazyserveWarning` makes it fatal)."""

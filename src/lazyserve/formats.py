@@ -9,14 +9,16 @@ import mmap
 import re
 import struct
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Literal, TypeVar
 
 import torch
 
 from lazyserve.errors import ModelFormatError
+from lazyserve.settings import ModelURI, parse_model_uri
 from lazyserve.sources import Weights
 
-__all__ = ["build_model", "read_state_dict"]
+__all__ = ["build_model", "format_of", "read_state_dict", "sniff_format"]
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -41,14 +43,20 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def format_of(weights: Weights) -> str:
-    """`pt` for `.pt`/`.pth` state dicts, else `safetensors`."""
-    name = weights.uri.split("?", 1)[0].lower()
-    return "pt" if name.endswith((".pt", ".pth")) else "safetensors"
+    """`pt` for `.pt`/`.pth` state dicts, else `safetensors`, as `ModelURI.format` decides."""
+    try:
+        uri = parse_model_uri(weights.uri)
+    except ValueError:  # not a setting's URI (a caller's own label): read it as a path
+        uri = ModelURI(weights.uri, path=Path(weights.uri))
+    return uri.format
 
 
-def read_state_dict(weights: Weights) -> dict[str, torch.Tensor]:
-    """Tensors that share the fetched buffer (safetensors) or a memory map (`.pt` files)."""
-    if format_of(weights) == "pt":
+def read_state_dict(
+    weights: Weights, format: Literal["pt", "safetensors"] | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors that share the fetched buffer (safetensors) or a memory map (`.pt` files);
+    `format` overrides the one the URI's name gives (`lazyserve push`/`convert` know it)."""
+    if (format or format_of(weights)) == "pt":
         return _read_pt(weights)
     if weights.buffer is None:
         raise ModelFormatError(f"{weights.uri}: no bytes were fetched")
@@ -101,29 +109,53 @@ def _read_safetensors(uri: str, buffer: bytearray | mmap.mmap) -> dict[str, torc
     return tensors
 
 
+_ZIP = b"PK\x03\x04"  # torch.save's default format since PyTorch 1.6: a zip archive
+_PICKLE = b"\x80"  # the legacy format (_use_new_zipfile_serialization=False) opens a pickle
+
+
+def sniff_format(head: bytes) -> Literal["pt", "safetensors"] | None:
+    """What the first bytes of a file say it is: `pt` (a torch.save zip archive or legacy
+    pickle), `safetensors` (an 8-byte header length then a JSON object), or None."""
+    if head.startswith(_ZIP) or head.startswith(_PICKLE):
+        return "pt"
+    if len(head) > 8 and head[8:9] == b"{":
+        return "safetensors"
+    return None
+
+
 def _read_pt(weights: Weights) -> dict[str, torch.Tensor]:
     import pickle
 
     source: str | io.BytesIO
     if weights.path is not None:
         source = str(weights.path)
+        try:
+            with open(weights.path, "rb") as file:
+                head = file.read(16)
+        except OSError as exc:
+            raise ModelFormatError(f"{weights.uri}: cannot read it: {exc.strerror}") from exc
     elif weights.buffer is not None:
         source = io.BytesIO(weights.buffer)
+        head = bytes(weights.buffer[:16])
     else:
         raise ModelFormatError(f"{weights.uri}: no bytes were fetched")
+    _check_torch_save(weights.uri, head)
+    # torch can memory-map only its zip format; a legacy file is read into memory instead.
+    mapped = weights.path is not None and head.startswith(_ZIP)
     try:
         # weights_only=True: tensors and plain containers only; a pickle that names any other
-        # callable is refused before it runs. mmap needs a real file.
-        state = torch.load(
-            source, map_location="cpu", weights_only=True, mmap=weights.path is not None
-        )
+        # callable is refused before it runs.
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as exc:
+        reason = _refusal(str(exc))
+        if reason is None:  # not a refusal: the pickle itself is broken
+            raise ModelFormatError(f"{weights.uri}: {_DAMAGED}: {_first_line(exc)}") from None
         raise ModelFormatError(
-            f"{weights.uri}: refused: not a plain state dict "
-            f"(torch.load weights_only=True: {_refusal(str(exc))})"
+            f"{weights.uri}: refused: not a plain state dict (torch.load weights_only=True: "
+            f"{reason})"
         ) from None
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise ModelFormatError(f"{weights.uri}: not a torch.save file ({exc})") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, struct.error) as exc:
+        raise ModelFormatError(f"{weights.uri}: {_DAMAGED}: {_first_line(exc)}") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -131,7 +163,35 @@ def _read_pt(weights: Weights) -> dict[str, torch.Tensor]:
     return state
 
 
-def _refusal(message: str) -> str:
+_DAMAGED = "cannot read this torch.save file, it is damaged or truncated"
+
+
+def _check_torch_save(uri: str, head: bytes) -> None:
+    if not head:
+        raise ModelFormatError(f"{uri}: not a torch.save file: it is empty")
+    found = sniff_format(head)
+    if found == "safetensors":
+        raise ModelFormatError(
+            f"{uri}: not a torch.save file: it is a safetensors file; name it .safetensors"
+        )
+    if found is None:
+        raise ModelFormatError(
+            f"{uri}: not a torch.save file: it starts with {head[:8]!r}, neither a zip archive "
+            "(torch.save) nor a pickle (torch.save with _use_new_zipfile_serialization=False)"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    # torch's messages run to paragraphs of advice; the first sentence says what broke.
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    line = text.splitlines()[0] if text else ""
+    line = line.split(". ", 1)[0].rstrip(".")
+    return f"{type(exc).__name__}: {line}" if line else f"{type(exc).__name__}: ran out of data"
+
+
+def _refusal(message: str) -> str | None:
+    """The global or opcode weights_only refused, in plain text; None when the message is
+    about a broken pickle rather than a refusal."""
     # torch's message opens with advice to retry with weights_only=False (and terminal colour
     # codes); the line that matters names the global or opcode that was refused.
     text = re.sub(r"\x1b\[[0-9;]*m", "", message)
@@ -139,7 +199,9 @@ def _refusal(message: str) -> str:
         line = line.strip().removeprefix("WeightsUnpickler error: ")
         if "GLOBAL" in line or line.startswith("Unsupported"):
             return line.split(" Please use ", 1)[0]
-    return "it holds objects other than tensors and plain containers"
+    if "WeightsUnpickler error" in text:
+        return "it holds objects other than tensors and plain containers"
+    return None
 
 
 def build_model(build: Callable[[], M], state: dict[str, torch.Tensor], uri: str) -> M:

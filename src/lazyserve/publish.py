@@ -4,18 +4,19 @@ store the digest every later load verifies."""
 from __future__ import annotations
 
 import hashlib
+import mmap
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 from lazyserve.errors import ModelFetchError, ModelFormatError
-from lazyserve.settings import parse_model_uri
+from lazyserve.settings import MODEL_SUFFIX, parse_model_uri
 from lazyserve.sources import s3_client
 from lazyserve.types import S3Client
 
-__all__ = ["Pushed", "convert", "file_sha256", "push"]
+__all__ = ["Pushed", "check_weights_file", "convert", "file_sha256", "push"]
 
 PART_SIZE = 8 * 1024 * 1024
 
@@ -55,27 +56,112 @@ class _Progress:
                 self.out.write("\n")
             self.out.flush()
 
+    def abandon(self) -> None:
+        """End a partly drawn bar with a newline, so the error that follows has its own line."""
+        with self._lock:
+            if 0 < self.done < self.total:
+                self.out.write("\n")
+                self.out.flush()
+            self.done = self.total
+
+
+def _existing_file(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not path.is_file():
+        raise IsADirectoryError(f"{path}: not a file")
+
+
+def check_weights_file(path: Path, expected: Literal["pt", "safetensors"]) -> None:
+    """Raise ModelFormatError unless `path` is a readable weights file of format `expected`
+    (`safetensors` or `pt`), checked by the same reader a load uses (weights_only for `.pt`),
+    without reading the tensors' data."""
+    from lazyserve.formats import read_state_dict, sniff_format
+    from lazyserve.sources import Weights
+
+    name = str(path)
+    with open(path, "rb") as file:
+        head = file.read(16)
+        size = file.seek(0, 2)
+    if size == 0:
+        raise ModelFormatError(f"{name}: the file is empty")
+    found = sniff_format(head)
+    if found is None:
+        raise ModelFormatError(
+            f"{name} is not a weights file: it starts with {head[:8]!r}, which is neither "
+            "safetensors (an 8-byte header length, then a JSON header) nor torch.save"
+        )
+    if expected == "safetensors" and found == "pt":
+        raise ModelFormatError(
+            f"{name} is a torch.save file, not safetensors: convert it first "
+            f"(lazyserve convert {path} OUT.safetensors), or give the key a .pt suffix"
+        )
+    if expected == "pt" and found == "safetensors":
+        raise ModelFormatError(
+            f"{name} is a safetensors file, not a torch.save file: give the key a "
+            ".safetensors suffix"
+        )
+    if expected == "pt":
+        read_state_dict(Weights(name, size, "", path=path), format="pt")
+        return
+    # A private, copy-on-write map: the tensors become views without reading their pages, so
+    # checking a multi-GB file reads little more than its header.
+    with open(path, "rb") as file:
+        buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        state = read_state_dict(Weights(name, size, "", buffer=buffer), format="safetensors")
+        del state
+    finally:
+        try:
+            buffer.close()
+        except BufferError:  # a view outlived `state`; the map closes when it is collected
+            pass
+
 
 def push(
     path: Path, uri: str, *, client: S3Client | None = None, progress: IO[str] | None = None
 ) -> Pushed:
     """Upload `path` to `s3://bucket/key` (multipart above 8 MiB) with its sha256 stored as
-    object metadata (`x-amz-meta-sha256`), which loads then verify without configuration."""
+    object metadata (`x-amz-meta-sha256`), which loads then verify without configuration.
+
+    The file is checked first (a weights file of the format its key names), then the bucket;
+    only an upload that is under way draws progress. A URI ending in `/` is a prefix of many
+    models: the file lands at `<prefix><file name>`."""
     from boto3.exceptions import S3UploadFailedError
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
 
+    accepted = "s3://bucket/key or s3://bucket/prefix/, without a versionId"
+    if not uri.lower().startswith("s3://"):
+        raise ValueError(f"push needs {accepted}; got {uri!r}")
     try:
         target = parse_model_uri(uri)
-    except ValueError:
-        target = None  # the forms a load accepts besides S3 are no use here either
-    if target is None or not target.is_s3 or target.version_id is not None:
-        raise ValueError(f"push needs s3://bucket/key without a versionId, got {uri!r}")
+    except ValueError as exc:
+        raise ValueError(f"{uri!r} is not accepted: {exc}") from None
+    if target.version_id is not None:
+        raise ValueError(f"push needs {accepted} (S3 gives the upload its own); got {uri!r}")
+    if target.is_prefix:
+        if path.suffix != MODEL_SUFFIX:
+            raise ValueError(
+                f"{uri} is a prefix of models, which are NAME{MODEL_SUFFIX} files; "
+                f"{path.name} is not one: convert it or give the full key"
+            )
+        try:
+            target = target.for_model(path.name.removesuffix(MODEL_SUFFIX))
+        except ValueError as exc:
+            raise ValueError(f"{path.name} cannot go under the prefix {uri}: {exc}") from None
+    _existing_file(path)
+    check_weights_file(path, target.format)
     s3 = client if client is not None else s3_client()
+    bucket, key = target.bucket or "", target.key or ""
+    _check_bucket(s3, bucket)
     size = path.stat().st_size
     digest = file_sha256(path)
     config = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
-    bucket, key = target.bucket or "", target.key or ""
+    # Below the multipart threshold the upload is one PutObject: its bytes are "sent" before S3
+    # answers, so a bar would fill up and then the upload fail. Multipart parts only start once
+    # CreateMultipartUpload succeeded, so their progress is real.
+    bar = _Progress(size, progress if progress is not None else sys.stderr)
     try:
         s3.upload_file(
             str(path),
@@ -83,28 +169,62 @@ def push(
             key,
             ExtraArgs={"Metadata": {"sha256": digest}},
             Config=config,
-            Callback=_Progress(size, progress if progress is not None else sys.stderr),
+            Callback=bar if size > PART_SIZE else None,
         )
         head = s3.head_object(Bucket=bucket, Key=key)
     # upload_file wraps the ClientError of a failed PutObject or multipart upload in boto3's
     # S3UploadFailedError, which is neither a ClientError nor a BotoCoreError.
     except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
-        raise ModelFetchError(f"cannot upload to {uri}: {exc}") from exc
+        bar.abandon()
+        raise ModelFetchError(f"cannot upload to {target.uri}: {exc}") from exc
     if head.get("Metadata", {}).get("sha256") != digest:
-        raise ModelFetchError(f"{uri}: the stored sha256 does not match the file's {digest}")
-    return Pushed(uri, digest, size, head.get("VersionId"))
+        raise ModelFetchError(f"{target.uri}: the stored sha256 does not match the file's {digest}")
+    return Pushed(target.uri, digest, size, head.get("VersionId"))
+
+
+def _check_bucket(s3: S3Client, bucket: str) -> None:
+    # HeadBucket before any byte is sent: a missing bucket fails at once, with S3's word for it.
+    # A 403 is not final: HeadBucket needs s3:ListBucket, which an upload-only role may lack
+    # while s3:PutObject would succeed; the upload then speaks for itself.
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 404:
+            raise ModelFetchError(
+                f"cannot upload to s3://{bucket}: S3 error NoSuchBucket (no bucket has that "
+                "name; create it, or check the name and AWS_REGION)"
+            ) from exc
+        if status != 403:
+            raise ModelFetchError(f"cannot upload to s3://{bucket}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise ModelFetchError(f"cannot upload to s3://{bucket}: {exc}") from exc
 
 
 def convert(source: Path, target: Path) -> int:
-    """Turn a `.pt` state dict (read with weights_only=True) into a safetensors file; return
-    the number of tensors written."""
+    """Turn a torch.save state dict (read with weights_only=True, whatever its name) into a
+    safetensors file; return the number of tensors written."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from lazyserve.formats import read_state_dict
+    from lazyserve.formats import read_state_dict, sniff_format
     from lazyserve.sources import Weights
 
-    state = read_state_dict(Weights(str(source), source.stat().st_size, "", path=source))
+    _existing_file(source)
+    if target.exists() and target.resolve() == source.resolve():
+        raise ValueError(f"{target} is the input file; give another output path")
+    with open(source, "rb") as file:
+        head = file.read(16)
+    if sniff_format(head) == "safetensors":
+        raise ModelFormatError(
+            f"{source} is already a safetensors file: nothing to convert; push or serve it as it is"
+        )
+    state = read_state_dict(
+        Weights(str(source), source.stat().st_size, "", path=source), format="pt"
+    )
     # safetensors refuses tensors that share memory (tied weights): give each its own copy.
     seen: set[tuple[int, int]] = set()
     tensors: dict[str, torch.Tensor] = {}
@@ -115,5 +235,8 @@ def convert(source: Path, target: Path) -> int:
         tensors[name] = tensor.contiguous().clone() if shared else tensor
     if not tensors:
         raise ModelFormatError(f"{source}: the state dict holds no tensors")
-    save_file(tensors, str(target), metadata={"converted_from": source.name})
+    try:
+        save_file(tensors, str(target), metadata={"converted_from": source.name})
+    except SafetensorError as exc:  # the Rust writer's I/O errors arrive as this
+        raise OSError(f"{target}: cannot write it: {exc}") from exc
     return len(tensors)

@@ -51,6 +51,9 @@ class Service(Generic[M]):
         settings: Settings | None = None,
         s3_client: S3Client | None = None,
     ) -> None:
+        # Logging first: what loading the settings warns about (a mistyped LAZYSERVE_*
+        # variable) then reaches Lambda's log as one JSON line, like everything else.
+        configure_logging()
         self.settings = settings if settings is not None else load_settings()
         configure_logging(self.settings.log_level)
         torch.set_num_threads(self.settings.torch_threads)

@@ -26,7 +26,7 @@ def fetch_local(uri: ModelURI, *, expected_sha256: str | None = None) -> Weights
         with open(uri.path, "rb") as file:
             size = file.seek(0, 2)
             file.seek(0)
-            if uri.suffix in (".pt", ".pth"):
+            if uri.format == "pt":
                 # torch.load(mmap=True) maps the file itself; only hash it here.
                 while chunk := file.read(_CHUNK):
                     digest.update(chunk)
