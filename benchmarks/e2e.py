@@ -6,7 +6,7 @@ Each trial is a fresh function process talking to a Runtime API on 127.0.0.1
 (tests/runtime_api.py) that already holds one HTTP API `POST /predict` event, so the event
 leaves the moment INIT ends; the weights live on the benchmark S3 endpoint (s3endpoint.py).
 With `--cpus 1` the function runs under `taskset -c 0` and this process (the endpoint and the
-Runtime API) on the other CPUs, as Lambda gives one vCPU below 1,769 MB.
+Runtime API) on the other CPUs: Lambda gives a function one vCPU's worth of CPU at 1,769 MB.
 
 `python -m benchmarks.e2e --sizes 69K 128M --repeats 5 [--cpus 1]`
 """
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,6 +155,7 @@ class Trial:
     first_get: float | None  # process start -> the first GET of the weights at the endpoint
     last_byte: float | None  # process start -> the last GET of the weights answered
     gets: int  # GETs of the weights
+    cpu: float = 0.0  # CPU seconds (user + system, all threads) the function used to the response
 
 
 def lambda_env(runtime_api: str, handler: str, *, one_cpu: bool = False) -> dict[str, str]:
@@ -174,8 +175,8 @@ def lambda_env(runtime_api: str, handler: str, *, one_cpu: bool = False) -> dict
         # As in the python3.13 base image; awslambdaric then polls /next from a thread.
         "AWS_EXECUTION_ENV": "AWS_Lambda_python3.13",
         "AWS_LAMBDA_FUNCTION_NAME": "lazyserve-bench",
-        # One vCPU below 1,769 MB, two at 3,008 MB.
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "1024" if one_cpu else "3008",
+        # One vCPU's worth of CPU time at 1,769 MB; 3,008 MB shows two.
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "1769" if one_cpu else "3008",
         "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
         "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
         "AWS_LAMBDA_LOG_GROUP_NAME": "/aws/lambda/lazyserve-bench",
@@ -213,10 +214,17 @@ def check_answer(variant: str, work: Workload, payload: dict[str, Any]) -> None:
 
 
 def trial(
-    variant: str, work: Workload, s3: TimedS3Endpoint, *, cpu: int | None = None, repeat: int = 0
+    variant: str,
+    work: Workload,
+    s3: TimedS3Endpoint,
+    *,
+    cpu: int | None = None,
+    repeat: int = 0,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Trial:
     """One cold start: a fresh function process (on CPU `cpu` only, if given), its first
-    invocation, then it is stopped."""
+    invocation, then it is stopped. `extra_env` adds or replaces the function's variables
+    (for profiling runs, e.g. a PYTHONPATH that puts a tracing sitecustomize first)."""
     handler = HANDLERS[variant]
     cmd = [sys.executable, "-m", "awslambdaric", handler]
     if cpu is not None:
@@ -230,6 +238,7 @@ def trial(
             **lambda_env(api.address, handler, one_cpu=cpu is not None),
             **variant_env(variant, work, s3.endpoint, Path(tmp)),
             "HOME": tmp,
+            **(extra_env or {}),
         }
         log_path = Path(tmp) / "function.log"
         with open(log_path, "wb") as log:
@@ -246,6 +255,7 @@ def trial(
 
         try:
             result = api.wait_result(request_id, TRIAL_TIMEOUT, abort=exited)
+            cpu_seconds = _cpu_seconds(process.pid)
             # The runtime client asks for the next event once it has read the answer to its
             # POST; stopping it earlier would cut that exchange (a reset in the Runtime API).
             api.wait_call("GET", "/invocation/next", TRIAL_TIMEOUT, count=2, abort=exited)
@@ -268,7 +278,16 @@ def trial(
         first_get=gets[0].at - started if gets else None,
         last_byte=max(g.done for g in gets) - started if gets else None,
         gets=len(gets),
+        cpu=cpu_seconds,
     )
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process, all its threads (clock ticks, 10 ms)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name, in parentheses, may hold spaces: count fields after it.
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -379,7 +398,8 @@ def run(
                     get = "" if t.first_get is None else f"  first GET {t.first_get:6.3f}"
                     log(
                         f"  {cpus} CPU {work.label:>5} {variant:<13} init {t.init:6.3f}  "
-                        f"invoke {t.invoke:6.3f}  total {t.total:6.3f}{get}  (repeat {repeat + 1})"
+                        f"invoke {t.invoke:6.3f}  total {t.total:6.3f}  cpu {t.cpu:6.2f}{get}  "
+                        f"(repeat {repeat + 1})"
                     )
     return results
 
@@ -388,8 +408,8 @@ def table(results: E2EResults) -> str:
     """A markdown table of the medians, seconds from the function process's start."""
     lines = [
         "| size | variant | INIT s | first invocation s | total s | total ÷ floor "
-        "| first GET of the weights at s | last byte at s |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| first GET of the weights at s | last byte at s | function CPU s |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     names = {
         "floor": "floor (weights on local disk)",
@@ -399,8 +419,8 @@ def table(results: E2EResults) -> str:
         "eager": "lazyserve `eager`",
     }
 
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
+    def fmt(value: float | None, digits: int = 3) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
 
     for size in results.sizes():
         floor = results.median("floor", size, lambda t: t.total)
@@ -416,7 +436,8 @@ def table(results: E2EResults) -> str:
             lines.append(
                 f"| {size} | {names[variant]} | {fmt(med(lambda t: t.init))} "
                 f"| {fmt(med(lambda t: t.invoke))} | {fmt(total)} | {ratio} "
-                f"| {fmt(med(lambda t: t.first_get))} | {fmt(med(lambda t: t.last_byte))} |"
+                f"| {fmt(med(lambda t: t.first_get))} | {fmt(med(lambda t: t.last_byte))} "
+                f"| {fmt(med(lambda t: t.cpu), 2)} |"
             )
     return "\n".join(lines)
 

@@ -33,6 +33,7 @@ def test_one_background_trial_answers_and_its_timestamps_are_ordered(
     assert 0 < trial.first_get < trial.init < trial.total
     assert trial.first_get < trial.last_byte < trial.total
     assert 0 < trial.invoke
+    assert trial.cpu > 0  # read from /proc while the function still ran
     assert trial.total == pytest.approx(trial.init + trial.invoke)
 
 
