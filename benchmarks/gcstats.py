@@ -1,13 +1,15 @@
-"""Counts the garbage collector's full (generation 2) collections and their pauses, through
-`gc.callbacks`, for the benchmarks: in the warm-invocation process and in served processes."""
+"""What a benchmarked process spent besides the work itself: the garbage collector's full
+(generation 2) collections and their pauses, through `gc.callbacks`, and the time its threads
+ran and waited for a CPU (`/proc/PID/task/*/schedstat`)."""
 
 from __future__ import annotations
 
 import gc
+import glob
 import time
 from typing import Any
 
-__all__ = ["GCStats", "delta", "install"]
+__all__ = ["GCStats", "delta", "install", "schedstat"]
 
 
 class GCStats:
@@ -70,3 +72,19 @@ def delta(before: dict[str, Any], after: dict[str, Any], requests: int) -> dict[
         "max_full_pause_ms": after["max_pause_ms"][2],  # since installation
         "tracked": after.get("tracked"),
     }
+
+
+def schedstat(pid: int | str = "self") -> tuple[float, float]:
+    """Milliseconds all threads of `pid` have run, and waited on a run queue for a CPU (Linux
+    schedstat; zeros elsewhere). A wait that is a large part of the run time means other
+    processes held the CPU: the figures of that run measure the machine, not the code."""
+    ran = waited = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                fields = f.read().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        ran += int(fields[0])
+        waited += int(fields[1])
+    return ran / 1e6, waited / 1e6

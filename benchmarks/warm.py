@@ -225,6 +225,7 @@ def measure(
             handler(event, context)
     gc.collect()
     collector = gcstats.install()
+    ran, waited = gcstats.schedstat()
     timings: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     full_gcs = dict.fromkeys(names, 0)
@@ -240,6 +241,7 @@ def measure(
             cpu[name].append((cpu_clock() - cpu_started) / 1e6)
             full_gcs[name] += collector.full - collections
             full_gc_ms[name] += (collector.pause_ns[2] - paused) / 1e6
+    ran_after, waited_after = gcstats.schedstat()
     tracked = len(gc.get_objects())
     report = profile_each(handlers, event, context) if profile else ""
     return {
@@ -248,6 +250,9 @@ def measure(
         "full_gcs": full_gcs,
         "full_gc_ms": full_gc_ms,
         "tracked": tracked,
+        "cpu_ms": ran_after - ran,
+        "runqueue_wait_ms": waited_after - waited,
+        "invocations": n * len(names),
         "answer": bodies[names[0]],
         "profile": report,
     }
@@ -308,6 +313,9 @@ class WarmResults:
     pairwise: bool = False
     log_level: str | None = None  # the Lambda application log level emulated; None: WARNING
     tracked: int = 0  # objects the collector tracked at the end, in the (first) process
+    # Run-queue wait of the measured process over its run time: above a few per cent, other
+    # processes held the CPU and the figures measure the machine.
+    runqueue_wait_share: float = 0.0
     answer: Any = None
     profile: str = ""
 
@@ -386,6 +394,7 @@ def run(
             raw["answer"],
             raw["profile"],
         )
+        results.runqueue_wait_share = raw["runqueue_wait_ms"] / max(raw["cpu_ms"], 1e-9)
     else:
         for name in names:
             if name == FLOOR:
@@ -395,6 +404,8 @@ def run(
             results.rows.setdefault(FLOOR, pair[FLOOR])
             results.rows[name] = pair[name]
             results.tracked = results.tracked or raw["tracked"]
+            share = raw["runqueue_wait_ms"] / max(raw["cpu_ms"], 1e-9)
+            results.runqueue_wait_share = max(results.runqueue_wait_share, share)
             results.answer, results.profile = raw["answer"], results.profile + raw["profile"]
     goal = results.goal_row
     log(
@@ -425,7 +436,8 @@ def table(results: WarmResults) -> str:
         f"{results.n} invocations of each row after {results.warmup} warm-up rounds, "
         f"interleaved ({how}); logging as Lambda's runtime sets it up, application log level "
         f"{results.log_level or 'unset (root logger at WARNING)'}; "
-        f"{results.tracked:,} objects tracked by the collector at the end.",
+        f"{results.tracked:,} objects tracked by the collector at the end; the measured "
+        f"process waited for a CPU {results.runqueue_wait_share:.0%} as long as it ran.",
     ]
     return "\n".join(lines)
 
