@@ -316,6 +316,8 @@ def throughput(
     """Floor and reference side by side, the order alternating; one row per app, concurrency
     and round."""
     rows: list[dict[str, Any]] = []
+    if not concurrency:
+        return rows
     with serving(APPS, server_cpu, access_log=access_log) as servers:
         for app, server in servers.items():
             if server.post_predict() != 200:
@@ -439,39 +441,41 @@ def _median(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], float]) 
 
 def table(report: dict[str, Any]) -> str:
     """Markdown: throughput per concurrency with the ratios to the floor, then the slow model."""
-    out = [
-        "| concurrency | app | req/s | p50 ms | p99 ms | errors | full GCs per 1k req "
-        "| full-GC ms per 1k req | server CPU ms per req | run-queue wait ms per req "
-        "| req/s / floor | p99 / floor |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    out: list[str] = []
     rows = report["throughput"]
-    for c in sorted({row["concurrency"] for row in rows}):
-        by_app = {
-            app: [r for r in rows if r["app"] == app and r["concurrency"] == c] for app in APPS
-        }
-        floor_rps = _median(by_app["floor"], lambda r: r["rps"])
-        floor_p99 = _median(by_app["floor"], lambda r: r["p99_ms"])
-        for app, runs in by_app.items():
-            rps = _median(runs, lambda r: r["rps"])
-            p99 = _median(runs, lambda r: r["p99_ms"])
-            out.append(
-                f"| {c} | {app} | {rps:.1f} | {_median(runs, lambda r: r['p50_ms']):.2f} "
-                f"| {p99:.2f} | {sum(r['errors'] for r in runs)} "
-                f"| {_median(runs, lambda r: r['gc']['full_per_1k']):.2f} "
-                f"| {_median(runs, lambda r: r['gc']['full_pause_ms_per_1k']):.1f} "
-                f"| {_median(runs, lambda r: r['server_cpu_ms_per_req']):.3f} "
-                f"| {_median(runs, lambda r: r['runqueue_wait_ms_per_req']):.3f} "
-                f"| {rps / floor_rps:.2f} | {p99 / floor_p99:.2f} |"
-            )
-    tracked = {r["app"]: r["gc"]["tracked"] for r in rows}
-    out += [
-        "",
-        f"wrk, one thread, {report['duration']:g} s per run after a {report['warmup']:g} s "
-        f"warm-up; uvicorn access log {'on' if report['access_log'] else 'off'}; objects the "
-        f"collector tracks: floor {tracked.get('floor', 0):,}, reference "
-        f"{tracked.get('reference', 0):,}.",
-    ]
+    if rows:
+        out += [
+            "| concurrency | app | req/s | p50 ms | p99 ms | errors | full GCs per 1k req "
+            "| full-GC ms per 1k req | server CPU ms per req | run-queue wait ms per req "
+            "| req/s / floor | p99 / floor |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for c in sorted({row["concurrency"] for row in rows}):
+            by_app = {
+                app: [r for r in rows if r["app"] == app and r["concurrency"] == c] for app in APPS
+            }
+            floor_rps = _median(by_app["floor"], lambda r: r["rps"])
+            floor_p99 = _median(by_app["floor"], lambda r: r["p99_ms"])
+            for app, runs in by_app.items():
+                rps = _median(runs, lambda r: r["rps"])
+                p99 = _median(runs, lambda r: r["p99_ms"])
+                out.append(
+                    f"| {c} | {app} | {rps:.1f} | {_median(runs, lambda r: r['p50_ms']):.2f} "
+                    f"| {p99:.2f} | {sum(r['errors'] for r in runs)} "
+                    f"| {_median(runs, lambda r: r['gc']['full_per_1k']):.2f} "
+                    f"| {_median(runs, lambda r: r['gc']['full_pause_ms_per_1k']):.1f} "
+                    f"| {_median(runs, lambda r: r['server_cpu_ms_per_req']):.3f} "
+                    f"| {_median(runs, lambda r: r['runqueue_wait_ms_per_req']):.3f} "
+                    f"| {rps / floor_rps:.2f} | {p99 / floor_p99:.2f} |"
+                )
+        tracked = {r["app"]: r["gc"]["tracked"] for r in rows}
+        out += [
+            "",
+            f"wrk, one thread, {report['duration']:g} s per run after a {report['warmup']:g} s "
+            f"warm-up; uvicorn access log {'on' if report['access_log'] else 'off'}; objects the "
+            f"collector tracks: floor {tracked.get('floor', 0):,}, reference "
+            f"{tracked.get('reference', 0):,}.",
+        ]
     if report["slow"]:
         out += [
             "",
@@ -479,15 +483,17 @@ def table(report: dict[str, Any]) -> str:
             f"GET /health every {HEALTH_INTERVAL * 1000:g} ms on its own connection:",
             "",
             "| forward | app | /predict req/s | /predict p50 ms | /predict p99 ms | errors "
-            "| /health p50 ms | /health p99 ms | /health max ms | probes |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| /health p50 ms | /health p99 ms | /health max ms | probes "
+            "| run-queue wait ms per req |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for row in report["slow"]:
             p, h = row["predict"], row["health"]
             out.append(
                 f"| {row['mode']} | {row['app']} | {p['rps']:.1f} | {p['p50_ms']:.0f} "
                 f"| {p['p99_ms']:.0f} | {p['errors'] + h['errors']} | {h['p50_ms']:.2f} "
-                f"| {h['p99_ms']:.2f} | {h['max_ms']:.2f} | {h['probes']} |"
+                f"| {h['p99_ms']:.2f} | {h['max_ms']:.2f} | {h['probes']} "
+                f"| {p['runqueue_wait_ms_per_req']:.1f} |"
             )
     return "\n".join(out)
 
