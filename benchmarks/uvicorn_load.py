@@ -502,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.uvicorn_load", description=__doc__)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per app")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--concurrency", type=int, nargs="*", default=list(CONCURRENCY))
     parser.add_argument("--rounds", type=int, default=1, help="repeat the runs; medians shown")
     parser.add_argument("--slow", nargs="*", choices=SLOW_MODES, default=list(SLOW_MODES))
     parser.add_argument("--slow-duration", type=float, default=10.0)
