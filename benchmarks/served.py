@@ -2,7 +2,9 @@
 `reference` (handler.app), imported on first access so a process holds only the one it serves.
 
 `BENCH_GC=1` counts garbage collections (benchmarks.gcstats) and adds `GET /_bench/gc` to the
-app. `BENCH_SLOW_FORWARD=sleep|torch|python` makes every DigitsMLP forward take 200 ms first
+app; `BENCH_GC_FREEZE=1` moves every object alive after the import to the collector's permanent
+generation (`gc.freeze()`), an experiment: full collections then skip them.
+`BENCH_SLOW_FORWARD=sleep|torch|python` makes every DigitsMLP forward take 200 ms first
 (`BENCH_SLOW_MS` to change it): `sleep` waits without using a CPU (a GPU or a remote call),
 `torch` computes on the CPU with the GIL released (what a real CPU forward does: ATen drops the
 GIL inside each operator), `python` spins in Python holding the GIL (a worst case).
@@ -70,5 +72,10 @@ def __getattr__(name: str) -> Any:
         from handler.app import app
     if os.environ.get("BENCH_GC") == "1":
         add_gc_route(app)
+    if os.environ.get("BENCH_GC_FREEZE") == "1":
+        import gc
+
+        gc.collect()
+        gc.freeze()
     globals()[name] = app
     return app

@@ -100,7 +100,13 @@ class Server:
     """One uvicorn worker serving `benchmarks.served:APP`, pinned to `cpu`."""
 
     def __init__(
-        self, app: str, cpu: int, *, env: dict[str, str] | None = None, access_log: bool = True
+        self,
+        app: str,
+        cpu: int,
+        *,
+        env: dict[str, str] | None = None,
+        access_log: bool = True,
+        gc_freeze: bool = False,
     ) -> None:
         self.app = app
         self.port = _free_port()
@@ -112,6 +118,7 @@ class Server:
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), base.get("PYTHONPATH")])),
             LAZYSERVE_MODEL_URI=str(ROOT / "handler" / "weights" / "digits.safetensors"),
             BENCH_GC="1",
+            BENCH_GC_FREEZE="1" if gc_freeze else "0",
             **(env or {}),
         )
         # uvicorn's defaults otherwise, as `lazyserve serve` runs it: one worker, h11, asyncio.
@@ -184,13 +191,18 @@ class Server:
 
 @contextmanager
 def serving(
-    apps: Sequence[str], cpu: int, *, env: dict[str, str] | None = None, access_log: bool = True
+    apps: Sequence[str],
+    cpu: int,
+    *,
+    env: dict[str, str] | None = None,
+    access_log: bool = True,
+    gc_freeze: bool = False,
 ) -> Iterator[dict[str, Server]]:
     """Start a server per app (in parallel), wait until each answers, stop them all after."""
     with ExitStack() as stack:
         servers: dict[str, Server] = {}
         for app in apps:
-            server = Server(app, cpu, env=env, access_log=access_log)
+            server = Server(app, cpu, env=env, access_log=access_log, gc_freeze=gc_freeze)
             stack.callback(server.stop)
             servers[app] = server
         for server in servers.values():
@@ -311,6 +323,7 @@ def throughput(
     server_cpu: int,
     client_cpu: int,
     access_log: bool,
+    gc_freeze: bool,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Floor and reference side by side, the order alternating; one row per app, concurrency
@@ -318,7 +331,7 @@ def throughput(
     rows: list[dict[str, Any]] = []
     if not concurrency:
         return rows
-    with serving(APPS, server_cpu, access_log=access_log) as servers:
+    with serving(APPS, server_cpu, access_log=access_log, gc_freeze=gc_freeze) as servers:
         for app, server in servers.items():
             if server.post_predict() != 200:
                 raise RuntimeError(f"{app}: POST /predict did not answer 200")
@@ -350,13 +363,16 @@ def slow_model(
     server_cpu: int,
     client_cpu: int,
     access_log: bool,
+    gc_freeze: bool,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Per forward mode and app: /predict at SLOW_CONCURRENCY while /health is probed."""
     rows: list[dict[str, Any]] = []
     for mode in modes:
         env = {"BENCH_SLOW_FORWARD": mode}
-        with serving(APPS, server_cpu, env=env, access_log=access_log) as servers:
+        with serving(
+            APPS, server_cpu, env=env, access_log=access_log, gc_freeze=gc_freeze
+        ) as servers:
             for app, server in servers.items():
                 if server.post_predict() != 200:  # loads the model, warms the path
                     raise RuntimeError(f"{app} ({mode}): POST /predict did not answer 200")
@@ -395,6 +411,7 @@ def run(
     server_cpu: int = 0,
     client_cpu: int = 1,
     access_log: bool = True,
+    gc_freeze: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Everything; the report as a dict (see table())."""
@@ -409,6 +426,7 @@ def run(
         "duration": duration,
         "warmup": warmup,
         "access_log": access_log,
+        "gc_freeze": gc_freeze,
         "load_before": os.getloadavg(),
     }
     report["throughput"] = throughput(
@@ -420,6 +438,7 @@ def run(
         server_cpu=server_cpu,
         client_cpu=client_cpu,
         access_log=access_log,
+        gc_freeze=gc_freeze,
         log=log,
     )
     report["slow"] = slow_model(
@@ -429,6 +448,7 @@ def run(
         server_cpu=server_cpu,
         client_cpu=client_cpu,
         access_log=access_log,
+        gc_freeze=gc_freeze,
         log=log,
     )
     report["load_after"] = os.getloadavg()
@@ -472,7 +492,8 @@ def table(report: dict[str, Any]) -> str:
         out += [
             "",
             f"wrk, one thread, {report['duration']:g} s per run after a {report['warmup']:g} s "
-            f"warm-up; uvicorn access log {'on' if report['access_log'] else 'off'}; objects the "
+            f"warm-up; uvicorn access log {'on' if report['access_log'] else 'off'}"
+            f"{'; gc.freeze() after the import' if report.get('gc_freeze') else ''}; objects the "
             f"collector tracks: floor {tracked.get('floor', 0):,}, reference "
             f"{tracked.get('reference', 0):,}.",
         ]
@@ -509,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
     parser.add_argument("--no-access-log", dest="access_log", action="store_false")
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="gc.freeze() in both apps after the import"
+    )
     parser.add_argument("--json", type=Path, default=DATA / "uvicorn-last.json")
     args = parser.parse_args(argv)
     report = run(
@@ -521,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_cpu=args.server_cpu,
         client_cpu=args.client_cpu,
         access_log=args.access_log,
+        gc_freeze=args.gc_freeze,
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
