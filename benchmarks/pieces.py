@@ -162,7 +162,8 @@ def with_emf(handler: Handler) -> Handler:
 
 
 def build(pieces: Iterable[str]) -> Handler:
-    """The floor with `pieces` (names from PIECES) added, as a Lambda handler."""
+    """The floor with `pieces` (names from PIECES) added, as a Lambda handler; with none, an
+    app built as the floor is."""
     chosen = set(pieces)
     unknown = chosen - set(PIECES)
     if unknown:
@@ -183,6 +184,8 @@ def build(pieces: Iterable[str]) -> Handler:
         add_predict_with_dependency(app, forward, hop)
     else:
         add_predict(app, forward, hop)
+    if "setup_app" not in chosen:  # which has its own
+        bare_app.add_health(app)
     if "lambda_handler" in chosen:
         return with_lambda_handler(app, emf="emf" in chosen)
     handler: Handler = Mangum(app, lifespan="off")

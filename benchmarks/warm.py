@@ -46,12 +46,14 @@ LABELS = {
     "reference_lambda": "reference handler, Lambda mode (JSON logs, EMF per invocation)",
     "pooled": "bare, forward in a persistent 1-thread executor",
     "threadpool": "bare, `def` endpoint (run_in_threadpool)",
+    "floor_again": "floor again: a second, identical app (its distance from 1.00 is noise)",
 }
-MAIN_ROWS = ("floor", "reference", "reference_lambda", "pooled", "threadpool")
+MAIN_ROWS = ("floor", "reference", "reference_lambda", "pooled", "threadpool", "floor_again")
 # Everything the reference adds; `setup_app` includes Server-Timing and the body limit.
 ALL_PIECES = ("in_worker", "dependency", "setup_app", "lambda_handler", "emf")
 ATTRIBUTE_ROWS = (
     "floor",
+    "floor_again",
     "floor+in_worker",
     "floor+dependency",
     "floor+setup_app",
@@ -165,17 +167,20 @@ def make_handler(name: str) -> Handler:
         sys.path.insert(0, str(ROOT))
     from benchmarks import bare_app
 
-    if name.startswith("floor+"):
+    if name.startswith("floor+") or name == "floor_again":
         from benchmarks import pieces
 
-        return pieces.build(name.removeprefix("floor+").split("+"))
+        chosen = name.removeprefix("floor+").split("+") if name != "floor_again" else []
+        return pieces.build(chosen)
     handlers: dict[str, Handler] = {
         "floor": bare_app.handler,
         "pooled": bare_app.pooled_handler,
         "threadpool": bare_app.threadpool_handler,
     }
     if name not in handlers:
-        accepted = ", ".join([*handlers, "reference", "reference_lambda", "floor+PIECE+..."])
+        accepted = ", ".join(
+            [*handlers, "floor_again", "reference", "reference_lambda", "floor+PIECE+..."]
+        )
         raise ValueError(f"unknown row {name!r}; accepted: {accepted}")
     return handlers[name]
 
