@@ -467,8 +467,9 @@ def table(report: dict[str, Any]) -> str:
         out += [
             "| concurrency | app | req/s | p50 ms | p99 ms | errors | full GCs per 1k req "
             "| full-GC ms per 1k req | server CPU ms per req | run-queue wait ms per req "
-            "| req/s / floor | p99 / floor |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| req/s / floor | p99 / floor | CPU per req / floor |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| ---: |",
         ]
         for c in sorted({row["concurrency"] for row in rows}):
             by_app = {
@@ -476,17 +477,18 @@ def table(report: dict[str, Any]) -> str:
             }
             floor_rps = _median(by_app["floor"], lambda r: r["rps"])
             floor_p99 = _median(by_app["floor"], lambda r: r["p99_ms"])
+            floor_cpu = _median(by_app["floor"], lambda r: r["server_cpu_ms_per_req"])
             for app, runs in by_app.items():
                 rps = _median(runs, lambda r: r["rps"])
                 p99 = _median(runs, lambda r: r["p99_ms"])
+                cpu = _median(runs, lambda r: r["server_cpu_ms_per_req"])
                 out.append(
                     f"| {c} | {app} | {rps:.1f} | {_median(runs, lambda r: r['p50_ms']):.2f} "
                     f"| {p99:.2f} | {sum(r['errors'] for r in runs)} "
                     f"| {_median(runs, lambda r: r['gc']['full_per_1k']):.2f} "
                     f"| {_median(runs, lambda r: r['gc']['full_pause_ms_per_1k']):.1f} "
-                    f"| {_median(runs, lambda r: r['server_cpu_ms_per_req']):.3f} "
-                    f"| {_median(runs, lambda r: r['runqueue_wait_ms_per_req']):.3f} "
-                    f"| {rps / floor_rps:.2f} | {p99 / floor_p99:.2f} |"
+                    f"| {cpu:.3f} | {_median(runs, lambda r: r['runqueue_wait_ms_per_req']):.3f} "
+                    f"| {rps / floor_rps:.2f} | {p99 / floor_p99:.2f} | {cpu / floor_cpu:.2f} |"
                 )
         tracked = {r["app"]: r["gc"]["tracked"] for r in rows}
         out += [
