@@ -1,7 +1,7 @@
 """Warm invocations against the inline floor: the reference handler (`handler.app.handler`), as
 is and in Lambda mode, and other ways of writing the bare app, each against the floor (bare
 Mangum + FastAPI, an `async def` endpoint running the forward inline, `benchmarks.bare_app`),
-on the same stored HTTP API v2 event, interleaved in one fresh process.
+on the same stored HTTP API v2 event, interleaved in random order in one fresh process.
 
 `python -m benchmarks.warm [-n 5000] [--warmup 500] [--attribute] [--pairwise] [--profile]`
 
@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pstats
+import random
 import statistics
 import subprocess
 import sys
@@ -214,15 +215,15 @@ def measure(
     log_level: str | None = None,
 ) -> dict[str, Any]:
     """In this process, set up as Lambda's runtime sets it up: time `n` invocations of each row,
-    interleaved, the order rotating."""
+    interleaved, in a random order each round."""
     from benchmarks import gcstats
 
     lambda_runtime_logging(log_level)
     event = json.loads(EVENT.read_text())
     context = Context()
     # The default reference must be imported before Lambda's variables are set.
-    order = sorted(names, key=lambda name: name == "reference_lambda")
-    built = {name: make_handler(name) for name in order}
+    imports = sorted(names, key=lambda name: name == "reference_lambda")
+    built = {name: make_handler(name) for name in imports}
     handlers = [(name, built[name]) for name in names]
     bodies = {name: _body(name, handler(event, context)) for name, handler in handlers}
     if not all(_same_answer(body, bodies[names[0]]) for body in bodies.values()):
@@ -238,9 +239,14 @@ def measure(
     full_gcs = dict.fromkeys(names, 0)
     full_gc_ms = dict.fromkeys(names, 0.0)
     clock, cpu_clock = time.perf_counter_ns, time.process_time_ns
-    for i in range(n):
-        shift = i % len(handlers)
-        for name, handler in handlers[shift:] + handlers[:shift]:
+    # A fresh random order each round (seeded: runs repeat), not a rotation: under a rotation
+    # every row always follows the same row, and pays for what that one leaves behind (its
+    # worker threads, torch's spinning OpenMP threads) on every round.
+    shuffler = random.Random(0)
+    order = list(handlers)
+    for _ in range(n):
+        shuffler.shuffle(order)
+        for name, handler in order:
             collections, paused = collector.full, collector.pause_ns[2]
             started, cpu_started = clock(), cpu_clock()
             handler(event, context)
