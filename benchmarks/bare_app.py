@@ -1,5 +1,10 @@
-"""The floor for benchmarks.warm: the reference function's /predict written with nothing but
-FastAPI and Mangum, the model loaded at import into a plain module-level global."""
+"""The floor for the warm and uvicorn benchmarks: the reference function's /predict written with
+nothing but FastAPI and Mangum, the same body models, the model loaded at import into a plain
+module-level global, the forward run inline in an `async def` endpoint (`app`, `handler`).
+
+Two more ways of running the same forward, for comparison rows: a persistent one-thread executor
+(`pooled_app`) and a plain `def` endpoint, which FastAPI runs through `run_in_threadpool`
+(`threadpool_app`)."""
 
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ from fastapi import FastAPI
 from mangum import Mangum
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file
-from starlette.concurrency import run_in_threadpool
 
 from handler.model import CLASSES, INPUTS, PIXEL_MAX, DigitsMLP
 
@@ -63,29 +67,56 @@ def infer(rows: list[list[float]]) -> PredictResponse:
     )
 
 
-# API Gateway test events carry no Content-Type; read them as JSON, as the reference does.
-app = FastAPI(strict_content_type=False)
+def new_app() -> FastAPI:
+    """An empty app as the floor builds it. API Gateway test events carry no Content-Type: read
+    them as JSON, as the reference does."""
+    return FastAPI(strict_content_type=False)
+
+
+def add_health(app: FastAPI) -> None:
+    """The liveness route a bare app would have (the slow-model scenario probes it)."""
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+
+# The floor: the forward inline, on the event loop.
+app = new_app()
 
 
 @app.post("/predict")
 async def predict(request: PredictRequest) -> PredictResponse:
-    return await run_in_threadpool(infer, request.inputs)
+    return infer(request.inputs)
 
 
+add_health(app)
 handler = Mangum(app, lifespan="off")
 
 
-# The same app with inference in a persistent executor: under Mangum, anyio's worker threads
-# end with each invocation, so run_in_threadpool starts a new thread (and torch a new OpenMP
-# team) on every call; these threads live as long as the process.
+# A persistent executor: the thread, and torch's OpenMP team for it, live as long as the process.
 executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
-pooled_app = FastAPI(strict_content_type=False)
+pooled_app = new_app()
 
 
 @pooled_app.post("/predict")
 async def predict_pooled(request: PredictRequest) -> PredictResponse:
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, infer, request.inputs)
+    return await asyncio.get_running_loop().run_in_executor(executor, infer, request.inputs)
 
 
+add_health(pooled_app)
 pooled_handler = Mangum(pooled_app, lifespan="off")
+
+
+# A `def` endpoint: FastAPI runs it with run_in_threadpool (anyio), whose worker threads end with
+# the root task, i.e. under Mangum with every invocation.
+threadpool_app = new_app()
+
+
+@threadpool_app.post("/predict")
+def predict_threadpool(request: PredictRequest) -> PredictResponse:
+    return infer(request.inputs)
+
+
+add_health(threadpool_app)
+threadpool_handler = Mangum(threadpool_app, lifespan="off")
