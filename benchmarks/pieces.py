@@ -4,7 +4,7 @@ when lazyserve's internals move, only that function changes.
 
 | piece | what it adds to the floor |
 | --- | --- |
-| `in_worker` | the forward runs through `lazyserve.app.in_worker` (a thread hop per call) |
+| `in_worker` | the forward runs through `lazyserve.workers.in_worker` (a thread hop per call) |
 | `dependency` | a dependency that takes the body and awaits the model holder, as the reference |
 | `setup_app` | `lazyserve.app.setup_app`: exception handlers, body limit, Server-Timing, routes |
 | `server_timing` | only the Server-Timing middleware (and the forward timed, as the reference) |
@@ -74,7 +74,7 @@ async def inline(forward: Forward, rows: list[list[float]]) -> PredictResponse:
 
 
 def in_worker_hop() -> Hop:
-    from lazyserve.app import in_worker
+    from lazyserve.workers import in_worker
 
     async def hop(forward: Forward, rows: list[list[float]]) -> PredictResponse:
         return await in_worker(forward, rows)
@@ -117,13 +117,13 @@ def with_setup_app(app: FastAPI) -> None:
 
 
 def with_server_timing(app: FastAPI) -> None:
-    from lazyserve.app import ServerTiming
+    from lazyserve.middleware import ServerTiming
 
     app.add_middleware(ServerTiming)
 
 
 def with_body_limit(app: FastAPI) -> None:
-    from lazyserve.app import MAX_BODY_BYTES, BodyLimit
+    from lazyserve.middleware import MAX_BODY_BYTES, BodyLimit
 
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 

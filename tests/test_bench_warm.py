@@ -12,7 +12,7 @@ import shutil
 import pytest
 from benchmarks import gcstats, warm
 
-from tests.conftest import WEIGHTS
+from tests.helpers import WEIGHTS
 
 ROWS = list(dict.fromkeys([*warm.MAIN_ROWS, *warm.ATTRIBUTE_ROWS]))
 

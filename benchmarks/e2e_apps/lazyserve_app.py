@@ -1,31 +1,18 @@
-"""The lazyserve function, wired as handler/app.py is today: settings, the prefetch unless
-loading is lazy, the imports, `lazy_model`, the app, `lambda_handler`, `start_loading`."""
+"""The lazyserve function, written the documented way: `Service(build)`, `@service.predict`."""
 
 from __future__ import annotations
 
-from lazyserve.settings import load_settings
-from lazyserve.sources import prefetch
+from torch import nn
 
-settings = load_settings()
-if settings.load != "lazy":
-    prefetch(settings)
+from benchmarks.e2e_apps.common import PredictRequest, PredictResponse, build, infer
+from lazyserve import Loaded, Service
 
-from fastapi import FastAPI  # noqa: E402
-
-from benchmarks.e2e_apps.common import PredictRequest, PredictResponse, build, infer  # noqa: E402
-from lazyserve import lambda_handler, lazy_model, setup_app, start_loading  # noqa: E402
-from lazyserve.app import in_worker  # noqa: E402
-
-model = lazy_model(build, settings)
-app = FastAPI(strict_content_type=False)
-setup_app(app, model)
+service = Service(build)
 
 
-@app.post("/predict")
-async def predict(request: PredictRequest) -> PredictResponse:
-    loaded = await model.aget()
-    return await in_worker(infer, loaded.module, request.inputs)
+@service.predict
+def predict(model: Loaded[nn.Module], request: PredictRequest) -> PredictResponse:
+    return infer(model.module, request.inputs)
 
 
-handler = lambda_handler(app, model)
-start_loading(model, settings)
+handler = service.handler
