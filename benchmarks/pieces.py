@@ -134,7 +134,7 @@ def with_body_limit(app: FastAPI) -> None:
 def metrics() -> Any:
     from lazyserve.metrics import ModelMetrics
 
-    return ModelMetrics(holder())
+    return ModelMetrics()
 
 
 def with_lambda_handler(app: FastAPI, emf: bool) -> Handler:

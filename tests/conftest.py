@@ -103,7 +103,9 @@ def import_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Mo
         return importlib.import_module("handler.app")
 
     yield _import
-    sys.modules.pop("handler.app", None)
+    module = sys.modules.pop("handler.app", None)
+    if module is not None:
+        module.service.close()
 
 
 @pytest.fixture

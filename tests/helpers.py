@@ -432,3 +432,24 @@ def error_of(result: Result) -> dict[str, Any]:
     assert result.kind == "error", result.body
     error: dict[str, Any] = result.json()
     return error
+
+
+# -- many models ------------------------------------------------------------------------------
+
+
+def digits_variant(i: int) -> bytes:
+    """The reference weights with the last layer's bias shifted by `i`/1000: a valid digits
+    model of its own (its own sha256), which still classifies the digits."""
+    from safetensors.torch import load, save
+
+    state = load(WEIGHTS_BYTES)
+    state["layers.4.bias"] = state["layers.4.bias"] + i / 1000
+    return save(state)
+
+
+def put_object(s3: CountingS3Server, key: str, body: bytes, **extra: Any) -> None:
+    """Upload `body` to moto's S3 at BUCKET/key (as a user's `lazyserve push` or console would)."""
+    import boto3
+
+    client = boto3.client("s3", region_name=REGION, endpoint_url=s3.endpoint)
+    client.put_object(Bucket=BUCKET, Key=key, Body=body, **extra)

@@ -237,7 +237,7 @@ def test_snap_start_reports_a_model_that_cannot_load_before_the_snapshot(
     # error typed Runtime.BeforeSnapshotError in the header, the exception's class in the body.
     assert call.headers["lambda-runtime-function-error-type"] == "Runtime.BeforeSnapshotError"
     error = call.json()
-    assert error["errorType"] == "ModelFetchError"
+    assert error["errorType"] == "ModelMissing"  # a ModelFetchError: no object is there
     assert "digits/missing.safetensors" in error["errorMessage"]
     assert "NoSuchKey" in error["errorMessage"]
     assert function.process.wait(timeout=INIT_TIMEOUT) == 64

@@ -16,10 +16,11 @@ from lazyserve.routes import model_router
 __all__ = ["setup_app"]
 
 
-def setup_app(app: FastAPI, holder: LazyModel[Loaded[Any]]) -> None:
-    """Add the model routes, the 503/422/413 answers, Lambda's body size limit and
-    Server-Timing to `app`."""
+def setup_app(app: FastAPI, holder: LazyModel[Loaded[Any]] | None = None) -> None:
+    """Add the 503/404/422/413 answers, Lambda's body size limit, Server-Timing and, given a
+    holder, its model routes (`/health`, `/ready`, `/model`) to `app`."""
     add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(ServerTiming)
-    app.include_router(model_router(holder))
+    if holder is not None:
+        app.include_router(model_router(holder))

@@ -6,13 +6,19 @@ from __future__ import annotations
 import binascii
 import json
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from typing import Any, cast
 
 from pydantic import ValidationError
 
 from lazyserve import timing
-from lazyserve.errors import InvalidInput, ModelUnavailable, UnsupportedEvent
+from lazyserve.errors import (
+    InvalidInput,
+    LambdaEventError,
+    ModelNotFound,
+    ModelUnavailable,
+    UnsupportedEvent,
+)
 from lazyserve.lazy import LazyModel
 from lazyserve.logs import bind
 from lazyserve.metrics import ModelMetrics
@@ -51,7 +57,8 @@ def _is_sqs(event: Mapping[str, Any]) -> bool:
 
 
 def _is_warmup(event: Mapping[str, Any]) -> bool:
-    return not event or (set(event) == {"warmup"} and event["warmup"] is True)
+    # {} or {"warmup": true}, naming a model (`"model": NAME`) where the function serves many.
+    return not event or (event.get("warmup") is True and set(event) <= {"warmup", "model"})
 
 
 class LambdaHandler:
@@ -136,29 +143,34 @@ class LambdaHandler:
         assert self._direct is not None
         failed: list[str] = []
         failed_groups: set[str | None] = set()
-        unavailable: ModelUnavailable | None = None
+        # Models that cannot load now: their later records fail without waiting for (or
+        # retrying) the same load; other models' records go on.
+        unavailable: dict[Any, str] = {}
         for record in records:
             message_id = str(record.get("messageId", ""))
             attributes = record.get("attributes") or {}
             group = attributes.get("MessageGroupId") if isinstance(attributes, Mapping) else None
             fifo = str(record.get("eventSourceARN", "")).endswith(".fifo")
             with bind(message_id=message_id):
-                if unavailable is not None or (fifo and group in failed_groups):
+                if fifo and group in failed_groups:
                     failed.append(message_id)
                     continue
+                model: Any = None
                 try:
                     payload = json.loads(record.get("body") or "")
                     if not isinstance(payload, Mapping):
                         raise InvalidInput("the message body is not a JSON object")
+                    model = payload.get("model")
+                    if isinstance(model, Hashable) and model in unavailable:
+                        raise ModelUnavailable(f"not tried: {unavailable[model]}")
                     answer = self._direct(payload)
-                except (ValueError, InvalidInput, ModelUnavailable) as exc:
-                    if isinstance(exc, ModelUnavailable):
-                        # Every later record would wait for (or retry) the same load.
-                        unavailable = exc
+                except (ValueError, LambdaEventError, ModelNotFound, ModelUnavailable) as exc:
+                    if isinstance(exc, ModelUnavailable) and isinstance(model, Hashable):
+                        unavailable.setdefault(model, str(exc))
                     reason = (
-                        exc
-                        if isinstance(exc, InvalidInput | ModelUnavailable)
-                        else (f"the message body is not JSON ({exc})")
+                        f"the message body is not JSON ({exc})"
+                        if isinstance(exc, ValueError)
+                        else str(exc)
                     )
                     log.warning("SQS message %s failed: %s", message_id, reason)
                     failed.append(message_id)

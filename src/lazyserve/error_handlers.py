@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from lazyserve.errors import ModelLoadTimeout, ModelUnavailable
+from lazyserve.errors import ModelLoadTimeout, ModelNotFound, ModelUnavailable
 from lazyserve.schemas import ModelUnavailableBody, ModelUnavailableDetail
 
 __all__ = [
@@ -46,6 +46,11 @@ def unavailable_response(exc: ModelUnavailable) -> JSONResponse:
 def too_large_response(limit: int) -> JSONResponse:
     detail = f"the request body is larger than {limit} bytes"
     return JSONResponse({"detail": detail}, status_code=413)
+
+
+async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    body = {"detail": {"error": "model_not_found", "message": str(exc)}}
+    return JSONResponse(body, status_code=404)
 
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -121,7 +126,8 @@ async def _invalid(request: Request, exc: Exception) -> Response:
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """The 503, 422 and 413 answers above, on `app`."""
+    """The 503, 404, 422 and 413 answers above, on `app`."""
     app.add_exception_handler(ModelUnavailable, _unavailable)
+    app.add_exception_handler(ModelNotFound, _not_found)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)

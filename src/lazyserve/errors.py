@@ -2,10 +2,13 @@
 
 LazyserveError
 ├── SettingsError          a LAZYSERVE_* variable is missing or invalid
+├── ModelNotFound          no model has that name under the prefix (HTTP 404)
 ├── ModelUnavailable       the model cannot be served right now (HTTP 503)
 │   ├── ModelLoadTimeout   a request waited longer than LAZYSERVE_LOAD_WAIT
 │   └── ModelLoadError     a load ran and failed
 │       ├── ModelFetchError      the weights could not be read (S3 or local file)
+│       │   └── ModelMissing     no object or file is there
+│       ├── ModelTooLarge        the weights cannot fit in the memory the function may use
 │       ├── ModelChangedError    the S3 object changed while it was being read
 │       ├── ModelIntegrityError  the weights do not match the expected sha256
 │       └── ModelFormatError     the bytes are not a safe, valid weights file for the model
@@ -29,6 +32,9 @@ __all__ = [
     "ModelIntegrityError",
     "ModelLoadError",
     "ModelLoadTimeout",
+    "ModelMissing",
+    "ModelNotFound",
+    "ModelTooLarge",
     "ModelUnavailable",
     "SettingsError",
     "UnsupportedEvent",
@@ -41,6 +47,11 @@ class LazyserveError(Exception):
 
 class SettingsError(LazyserveError):
     """A LAZYSERVE_* environment variable is missing or has a value that is not accepted."""
+
+
+class ModelNotFound(LazyserveError):
+    """No model has that name (a name outside the accepted characters, or no object under the
+    prefix); HTTP answers 404 and the other models keep serving."""
 
 
 class ModelUnavailable(LazyserveError):
@@ -57,6 +68,15 @@ class ModelLoadError(ModelUnavailable):
 
 class ModelFetchError(ModelLoadError):
     """The weights could not be read from S3 or from the local file system."""
+
+
+class ModelMissing(ModelFetchError):
+    """There is no object (or file) where the URI points."""
+
+
+class ModelTooLarge(ModelLoadError):
+    """The weights cannot fit in the memory the function may use (or its memory budget); the
+    load stops before it downloads them."""
 
 
 class ModelChangedError(ModelLoadError):

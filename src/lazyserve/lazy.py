@@ -115,6 +115,19 @@ class LazyModel(Generic[T]):
             self.last_error = None
             future.set_result(value)
 
+    def swap(self, value: T) -> None:
+        """Serve `value` from now on (a new version, loaded and checked beside the current one).
+        Callers that already have the current value keep it: each request finishes on the
+        version it started with."""
+        future: Future[T] = Future()
+        future.set_running_or_notify_cancel()
+        future.set_result(value)
+        with self._lock:
+            self._future = future
+            self.loads_started += 1
+            self.loads_succeeded += 1
+            self.last_error = None
+
     def get(self, timeout: float | None = None) -> T:
         """Block this thread until the value is loaded (at most `timeout`, default `wait`)."""
         loaded = self._loaded()

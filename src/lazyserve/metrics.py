@@ -1,21 +1,37 @@
-"""CloudWatch metrics in Embedded Metric Format (Powertools Metrics): ColdStart,
-ModelLoadSeconds, ModelBytes and InferenceMs, one EMF document per invocation or request."""
+"""CloudWatch metrics in the Embedded Metric Format (EMF): ColdStart, ModelLoadSeconds,
+ModelBytes and InferenceMs, one document per Lambda invocation (or per request under another
+server when asked), in namespace `lazyserve` with the dimension `service`, and `model` too when
+one function serves many models.
+
+The documents are written here, to the format's specification
+(https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/CloudWatch_Embedded_Metric_Format_Specification.html),
+rather than through Powertools' Metrics: importing it costs INIT about 0.3 s, and its flush
+(a JSON-schema validation of every document) added about 0.05-0.2 ms to every warm invocation
+(benchmarks/README.md, "Warm invocations")."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from lazyserve import timing
 from lazyserve.environment import on_lambda
-from lazyserve.lazy import LazyModel
-from lazyserve.model import Loaded
+from lazyserve.model import ModelInfo
 
-__all__ = ["ModelMetrics", "metrics_enabled"]
+__all__ = ["NAMESPACE", "ModelMetrics", "metrics_enabled"]
 
 NAMESPACE = "lazyserve"
+_UNITS = {
+    "ColdStart": "Count",
+    "ModelLoadSeconds": "Seconds",
+    "ModelBytes": "Bytes",
+    "InferenceMs": "Milliseconds",
+}
 
 
 def metrics_enabled(setting: str, environ: Mapping[str, str] | None = None) -> bool:
@@ -24,37 +40,55 @@ def metrics_enabled(setting: str, environ: Mapping[str, str] | None = None) -> b
 
 
 class ModelMetrics:
-    """Publishes what one invocation did; the EMF document goes to stdout (CloudWatch Logs)."""
+    """Collects what loads and requests did and prints one EMF document per invocation."""
 
-    def __init__(self, model: LazyModel[Loaded[Any]], *, service: str | None = None) -> None:
-        from aws_lambda_powertools import Metrics
-
-        self.model = model
-        service = service or os.environ.get("POWERTOOLS_SERVICE_NAME") or "lazyserve"
-        self._metrics = Metrics(namespace=NAMESPACE, service=service)
-        self._reported_loads = 0
+    def __init__(self, *, service: str | None = None) -> None:
+        self.service = service or os.environ.get("POWERTOOLS_SERVICE_NAME") or "lazyserve"
         self._cold = True
+        # Loads finish in their own threads; their figures go out with the next document of
+        # the model they belong to.
+        self._loads: dict[str | None, ModelInfo] = {}
         self._lock = threading.Lock()
 
-    def publish(self, timings: timing.Timings | None) -> None:
-        from aws_lambda_powertools.metrics import MetricUnit
-
+    def loaded(self, info: ModelInfo, model: str | None = None) -> None:
+        """A load succeeded: report its duration and size with the next document."""
         with self._lock:
-            added = 0
+            self._loads[model] = info
+
+    def publish(self, timings: timing.Timings | None) -> None:
+        """Print the document of one invocation (or request); nothing when it recorded nothing."""
+        model = timings.model if timings is not None else None
+        values: dict[str, float] = {}
+        with self._lock:
             if self._cold:
                 self._cold = False
-                self._metrics.add_metric("ColdStart", MetricUnit.Count, 1)
-                added += 1
-            loaded = self.model.peek()
-            if loaded is not None and self.model.loads_succeeded > self._reported_loads:
-                self._reported_loads = self.model.loads_succeeded
-                info = loaded.info
-                self._metrics.add_metric("ModelLoadSeconds", MetricUnit.Seconds, info.total_seconds)
-                self._metrics.add_metric("ModelBytes", MetricUnit.Bytes, info.size_bytes)
-                added += 2
-            infer = timings.total("infer") if timings is not None else None
-            if infer is not None:
-                self._metrics.add_metric("InferenceMs", MetricUnit.Milliseconds, infer)
-                added += 1
-            if added:  # Powertools warns on an empty flush
-                self._metrics.flush_metrics()
+                values["ColdStart"] = 1
+            info = self._loads.pop(model, None)
+        if info is not None:
+            values["ModelLoadSeconds"] = info.total_seconds
+            values["ModelBytes"] = info.size_bytes
+        infer = timings.total("infer") if timings is not None else None
+        if infer is not None:
+            values["InferenceMs"] = infer
+        if values:
+            print(self._document(values, model), file=sys.stdout)
+
+    def _document(self, values: dict[str, float], model: str | None) -> str:
+        dimensions = {"service": self.service}
+        if model is not None:
+            dimensions["model"] = model
+        document: dict[str, Any] = {
+            "_aws": {
+                "Timestamp": int(time.time() * 1000),
+                "CloudWatchMetrics": [
+                    {
+                        "Namespace": NAMESPACE,
+                        "Dimensions": [list(dimensions)],
+                        "Metrics": [{"Name": name, "Unit": _UNITS[name]} for name in values],
+                    }
+                ],
+            },
+            **dimensions,
+            **values,
+        }
+        return json.dumps(document, separators=(",", ":"))

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from lazyserve.formats import build_model, format_of, read_state_dict
 from lazyserve.lazy import LazyModel
 from lazyserve.logs import set_global
-from lazyserve.settings import Settings
+from lazyserve.settings import ModelURI, Settings
 from lazyserve.sources import fetch_weights, take_prefetched
 from lazyserve.types import S3Client
 
@@ -52,14 +52,23 @@ class Loaded(Generic[M]):
 
 
 def load_model(
-    build: Callable[[], M], settings: Settings, *, s3_client: S3Client | None = None
+    build: Callable[[], M],
+    settings: Settings,
+    *,
+    uri: ModelURI | None = None,
+    reserve: Callable[[int], None] | None = None,
+    s3_client: S3Client | None = None,
 ) -> Loaded[M]:
-    """Fetch, check and build the model once; raises a ModelLoadError subclass on failure."""
-    prefetched = take_prefetched(settings)
+    """Fetch, check and build the model once; raises a ModelLoadError subclass on failure.
+    `uri` names one model of a prefix (default: the settings' URI); `reserve(size)` runs once
+    the weights' size is known, before they are read (see fetch_weights)."""
+    prefetched = take_prefetched(settings) if uri is None else None
     if prefetched is not None:
         weights = prefetched.result()
+        if reserve is not None:
+            reserve(weights.size)
     else:
-        weights = fetch_weights(settings, s3_client=s3_client)
+        weights = fetch_weights(settings, uri=uri, reserve=reserve, s3_client=s3_client)
     fetched = time.perf_counter()
     module = build_model(build, read_state_dict(weights), weights.uri)
     done = time.perf_counter()

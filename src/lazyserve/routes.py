@@ -9,12 +9,14 @@ from fastapi import APIRouter
 from lazyserve import timing
 from lazyserve.lazy import LazyModel
 from lazyserve.model import Loaded
+from lazyserve.pool import ModelPool
+from lazyserve.refresh import Refresher
 from lazyserve.schemas import UNAVAILABLE, Health, ModelMetadata, ModelStatus
 
-__all__ = ["model_metadata", "model_router"]
+__all__ = ["model_metadata", "model_router", "pool_router"]
 
 
-def model_router(holder: LazyModel[Loaded[Any]]) -> APIRouter:
+def model_router(holder: LazyModel[Loaded[Any]], refresher: Refresher | None = None) -> APIRouter:
     """`/health` (never starts a load), `/ready` (starts one; 503 until loaded), `/model`."""
     router = APIRouter()
 
@@ -29,7 +31,10 @@ def model_router(holder: LazyModel[Loaded[Any]]) -> APIRouter:
 
     @router.get("/model", response_model=ModelMetadata)
     async def model() -> ModelStatus:
-        return model_metadata(holder)
+        meta = model_metadata(holder)
+        if refresher is not None:
+            meta.refresh = refresher.counts()
+        return meta
 
     return router
 
@@ -47,3 +52,25 @@ def model_metadata(holder: LazyModel[Loaded[Any]]) -> ModelStatus:
         requests=timing.stats(),
         **(loaded.info.model_dump() if loaded is not None else {}),
     )
+
+
+def pool_router(pool: ModelPool[Any], refresher: Refresher | None = None) -> APIRouter:
+    """With many models: `/health`, `/ready` (nothing to load up front: 200) and `/models`."""
+    router = APIRouter()
+
+    @router.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health(model=pool.status())
+
+    @router.get("/ready", response_model=Health)
+    async def ready() -> Health:
+        return Health(model=pool.status())
+
+    @router.get("/models")
+    async def models() -> dict[str, Any]:
+        described = pool.describe()
+        if refresher is not None:
+            described["refresh"] = refresher.counts()
+        return described
+
+    return router

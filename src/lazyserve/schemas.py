@@ -10,6 +10,7 @@ from lazyserve.lazy import Status
 from lazyserve.model import ModelInfo
 
 __all__ = [
+    "NOT_FOUND",
     "TOO_LARGE",
     "UNAVAILABLE",
     "Health",
@@ -45,6 +46,7 @@ class ModelStatus(BaseModel):
     load_attempts: int
     last_error: str | None = None
     requests: dict[str, dict[str, int | float]] = {}  # count stays an int in the JSON
+    refresh: dict[str, int] | None = None  # with LAZYSERVE_REFRESH_SECONDS: what it did
 
 
 # `GET /model`: the holder's status, then every ModelInfo field (None until a load succeeds).
@@ -58,6 +60,20 @@ ModelMetadata = create_model("ModelMetadata", __base__=ModelStatus, **_optional)
 
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: {"model": ModelUnavailableBody, "description": "The model is loading or cannot load"}
+}
+
+
+class ModelNotFoundDetail(BaseModel):
+    error: Literal["model_not_found"] = "model_not_found"
+    message: str
+
+
+class ModelNotFoundBody(BaseModel):
+    detail: ModelNotFoundDetail
+
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ModelNotFoundBody, "description": "No model has that name"}
 }
 TOO_LARGE: dict[int | str, dict[str, Any]] = {
     413: {"model": TooLargeBody, "description": "The request body is larger than 6 MiB"}

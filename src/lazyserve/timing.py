@@ -18,6 +18,7 @@ class Timings:
 
     started: float = field(default_factory=time.perf_counter)
     entries: list[tuple[str, float]] = field(default_factory=list)
+    model: str | None = None  # with many models: the one the request named
 
     def total(self, name: str) -> float | None:
         values = [ms for entry, ms in self.entries if entry == name]

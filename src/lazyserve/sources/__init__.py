@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 
-from lazyserve.settings import Settings
+from lazyserve.settings import ModelURI, Settings
 from lazyserve.sources import registry as _registry
 from lazyserve.sources.local import fetch_local
-from lazyserve.sources.s3 import S3Fetcher, reset_s3_clients, s3_client
+from lazyserve.sources.s3 import ObjectVersion, S3Fetcher, reset_s3_clients, s3_client, stat
 from lazyserve.sources.weights import Weights
 from lazyserve.types import S3Client
 
 __all__ = [
+    "ObjectVersion",
     "S3Fetcher",
     "Weights",
     "fetch_local",
@@ -20,21 +22,32 @@ __all__ = [
     "reset_prefetches",
     "reset_s3_clients",
     "s3_client",
+    "stat",
     "take_prefetched",
 ]
 
 
-def fetch_weights(settings: Settings, *, s3_client: S3Client | None = None) -> Weights:
-    """The weights' bytes, from S3 or a local file, checked against the expected sha256."""
-    uri = settings.uri
+def fetch_weights(
+    settings: Settings,
+    *,
+    uri: ModelURI | None = None,
+    reserve: Callable[[int], None] | None = None,
+    s3_client: S3Client | None = None,
+) -> Weights:
+    """The weights' bytes, from S3 or a local file, checked against the expected sha256.
+    `uri` defaults to the settings' (one model of a prefix names its own); `reserve(size)` runs
+    once the size is known, before the bytes are read, and raises to refuse the load."""
+    uri = settings.uri if uri is None else uri
+    # LAZYSERVE_MODEL_SHA256 names the one file of a single-model URI, not each of a prefix's.
+    expected = settings.model_sha256 if uri.uri == settings.model_uri else None
     if uri.is_s3:
         fetcher = S3Fetcher(
             concurrency=settings.s3_concurrency,
             part_size=settings.s3_part_size,
             s3_client=s3_client,
         )
-        return fetcher.fetch(uri, expected_sha256=settings.model_sha256)
-    return fetch_local(uri, expected_sha256=settings.model_sha256)
+        return fetcher.fetch(uri, expected_sha256=expected, reserve=reserve)
+    return fetch_local(uri, expected_sha256=expected, reserve=reserve)
 
 
 def prefetch(settings: Settings, *, s3_client: S3Client | None = None) -> Future[Weights]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import mmap
 import time
+from collections.abc import Callable
 
-from lazyserve.errors import ModelFetchError
+from lazyserve.errors import ModelFetchError, ModelMissing
 from lazyserve.settings import ModelURI
 from lazyserve.sources.weights import Weights, verify
 
@@ -16,7 +17,12 @@ __all__ = ["fetch_local"]
 _CHUNK = 1024 * 1024
 
 
-def fetch_local(uri: ModelURI, *, expected_sha256: str | None = None) -> Weights:
+def fetch_local(
+    uri: ModelURI,
+    *,
+    expected_sha256: str | None = None,
+    reserve: Callable[[int], None] | None = None,
+) -> Weights:
     """Read a local weights file into one buffer (or only hash it, for `.pt` memory maps)."""
     assert uri.path is not None
     started = time.perf_counter()
@@ -26,6 +32,8 @@ def fetch_local(uri: ModelURI, *, expected_sha256: str | None = None) -> Weights
         with open(uri.path, "rb") as file:
             size = file.seek(0, 2)
             file.seek(0)
+            if reserve is not None:
+                reserve(size)
             if uri.format == "pt":
                 # torch.load(mmap=True) maps the file itself; only hash it here.
                 while chunk := file.read(_CHUNK):
@@ -42,7 +50,8 @@ def fetch_local(uri: ModelURI, *, expected_sha256: str | None = None) -> Weights
                 if got != size:
                     raise ModelFetchError(f"{uri.uri}: file shrank while reading ({got}/{size})")
     except OSError as exc:
-        raise ModelFetchError(f"{uri.uri}: cannot read {uri.path}: {exc.strerror}") from exc
+        kind = ModelMissing if isinstance(exc, FileNotFoundError) else ModelFetchError
+        raise kind(f"{uri.uri}: cannot read {uri.path}: {exc.strerror}") from exc
     sha = digest.hexdigest()
     verify(uri.uri, sha, expected_sha256, "LAZYSERVE_MODEL_SHA256")
     elapsed = time.perf_counter() - started

@@ -9,10 +9,12 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
-from lazyserve.errors import ModelChangedError, ModelFetchError, ModelFormatError
+from lazyserve.errors import ModelChangedError, ModelFetchError, ModelFormatError, ModelMissing
 from lazyserve.settings import ModelURI
 from lazyserve.sources.weights import Weights, verify
 from lazyserve.types import S3Client
@@ -74,6 +76,37 @@ def reset_s3_clients() -> None:
         _clients.clear()
 
 
+@dataclass(frozen=True)
+class ObjectVersion:
+    """What identifies the bytes an S3 URI names right now."""
+
+    size: int
+    etag: str
+    version_id: str | None
+
+
+def stat(uri: ModelURI, *, client: S3Client | None = None) -> ObjectVersion:
+    """The object's size, ETag and version id (a HEAD request), to tell whether it changed."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = client if client is not None else s3_client()
+    params: dict[str, Any] = {"Bucket": uri.bucket or "", "Key": uri.key or ""}
+    if uri.version_id:
+        params["VersionId"] = uri.version_id
+    try:
+        head = client.head_object(**params)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
+        raise ModelFetchError(
+            f"cannot read s3://{uri.bucket}/{uri.key}: S3 error {code} (HEAD)"
+        ) from exc
+    except BotoCoreError as exc:
+        raise ModelFetchError(
+            f"cannot read s3://{uri.bucket}/{uri.key}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return ObjectVersion(int(head["ContentLength"]), str(head["ETag"]), head.get("VersionId"))
+
+
 class _Replaced(Exception):
     """The object changed between two ranged GETs of one load."""
 
@@ -96,24 +129,40 @@ class S3Fetcher:
     def client(self) -> S3Client:
         return self._client if self._client is not None else s3_client(self.concurrency + 2)
 
-    def fetch(self, uri: ModelURI, *, expected_sha256: str | None = None) -> Weights:
-        """Fetch the object; restart once if it is replaced mid-read, never mixing versions."""
+    def fetch(
+        self,
+        uri: ModelURI,
+        *,
+        expected_sha256: str | None = None,
+        reserve: Callable[[int], None] | None = None,
+    ) -> Weights:
+        """Fetch the object; restart once if it is replaced mid-read, never mixing versions.
+        `reserve(size)` runs once the first response gives the size, before the buffer is
+        allocated; it raises to refuse the load."""
         try:
-            return self._fetch(uri, expected_sha256)
+            return self._fetch(uri, expected_sha256, reserve)
         except _Replaced:
             log.warning("%s changed during the load; starting again from the new version", uri.uri)
         try:
-            return self._fetch(uri, expected_sha256)
+            return self._fetch(uri, expected_sha256, reserve)
         except _Replaced:
             raise ModelChangedError(
                 f"{uri.uri}: the object changed twice while it was being read; "
                 "give a ?versionId= to pin one version"
             ) from None
 
-    def _fetch(self, uri: ModelURI, expected: str | None) -> Weights:
+    def _fetch(
+        self, uri: ModelURI, expected: str | None, reserve: Callable[[int], None] | None
+    ) -> Weights:
         started = time.perf_counter()
         first = self._get(uri, 0, self.part_size - 1, {"VersionId": uri.version_id})
         total, etag = first["total"], first["ETag"]
+        if reserve is not None:
+            try:
+                reserve(total)
+            except BaseException:
+                first["Body"].close()
+                raise
         version = first.get("VersionId")
         # An anonymous private mapping: the kernel hands out zeroed pages as the ranges land,
         # in the threads that write them. bytearray(total) would first memset every page here,
@@ -200,7 +249,8 @@ class S3Fetcher:
                 raise ModelFormatError(f"{uri.uri}: the object is empty") from exc
             request_id = exc.response.get("ResponseMetadata", {}).get("RequestId", "")
             hint = _S3_HINTS.get(code, str(error.get("Message", "")))
-            raise ModelFetchError(
+            kind = ModelMissing if code in ("NoSuchKey", "NoSuchVersion") else ModelFetchError
+            raise kind(
                 f"cannot read s3://{uri.bucket}/{uri.key}: S3 error {code} ({hint})"
                 + (f", request id {request_id}" if request_id else "")
             ) from exc

@@ -1,0 +1,76 @@
+"""What a predict function takes and returns, read from its signature: the request model
+(validated the same way for HTTP, direct and SQS invocations), the response type, and the rules
+an InvalidInput names."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from fastapi.encoders import jsonable_encoder
+from pydantic import BaseModel, TypeAdapter
+
+__all__ = ["dumper", "in_inference_mode", "io_types", "rules"]
+
+R = TypeVar("R")
+
+
+def io_types(fn: Callable[..., Any]) -> tuple[type[BaseModel], Any]:
+    """The request model (the second parameter's annotation) and the response type."""
+    params = list(inspect.signature(fn).parameters)
+    if inspect.iscoroutinefunction(fn) or len(params) != 2:
+        raise TypeError(
+            f"{fn.__name__}() must be a plain `def {fn.__name__}(model, request)`: it runs in a "
+            "worker thread or inline, under torch.inference_mode()"
+        )
+    request_type = _annotation(fn, params[1])
+    if not (isinstance(request_type, type) and issubclass(request_type, BaseModel)):
+        raise TypeError(
+            f"annotate {fn.__name__}()'s second parameter with a pydantic model (the request "
+            f"body), got {request_type!r}"
+        )
+    return request_type, _annotation(fn, "return")
+
+
+def _annotation(fn: Callable[..., Any], name: str) -> Any:
+    # Only the annotations lazyserve needs are resolved (with `from __future__ import
+    # annotations` they are strings): the model parameter's may name a class imported anywhere.
+    annotation = fn.__annotations__.get(name)
+    if not isinstance(annotation, str):
+        return annotation
+    names = {**fn.__globals__, **inspect.getclosurevars(fn).nonlocals}
+    try:
+        return eval(annotation, names)  # the same evaluation typing.get_type_hints does
+    except NameError as exc:
+        raise TypeError(
+            f"cannot resolve the annotation {annotation!r} of {fn.__name__}() ({exc}): define "
+            "the request and response models before the function"
+        ) from None
+
+
+def in_inference_mode(fn: Callable[..., R]) -> Callable[..., R]:
+    def call(*args: Any) -> R:
+        with torch.inference_mode():
+            return fn(*args)
+
+    return call
+
+
+def rules(request_type: type[BaseModel]) -> str | None:
+    """What a valid request looks like, from the fields' descriptions, for InvalidInput."""
+    rules = [
+        f"{field.alias or name}: {field.description}"
+        for name, field in request_type.model_fields.items()
+        if field.description
+    ]
+    return "; ".join(rules) or None
+
+
+def dumper(response_type: Any) -> Callable[[Any], Any]:
+    """The JSON-ready form of a response, as the HTTP route would send it."""
+    if response_type is None:
+        return jsonable_encoder
+    adapter: TypeAdapter[Any] = TypeAdapter(response_type)
+    return lambda value: adapter.dump_python(value, mode="json")
