@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load
 
 from handler.model import DigitsMLP
+from lazyserve import SettingsError, load_settings
 from tests.helpers import (
     BUCKET,
     DIGIT_8,
@@ -166,10 +167,14 @@ async def test_many_models_refresh_one_at_a_time(
     assert listed["resident_bytes"] == len(WEIGHTS_BYTES) + len(NEW)
 
 
-def test_a_pinned_or_local_uri_is_never_refreshed(
-    s3: CountingS3Server, import_handler: ImportHandler
-) -> None:
-    pinned = import_handler(
-        LAZYSERVE_MODEL_URI=f"{s3_uri()}?versionId=null", LAZYSERVE_REFRESH_SECONDS=EVERY
+@pytest.mark.parametrize(
+    ("uri", "what"),
+    [(f"{s3_uri()}?versionId=3HL4kq", "pins one version"), ("/srv/w.safetensors", "is not in S3")],
+)
+def test_refresh_of_a_uri_that_cannot_change_is_refused_at_import(uri: str, what: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"LAZYSERVE_MODEL_URI": uri, "LAZYSERVE_REFRESH_SECONDS": "60"})
+    assert str(info.value) == (
+        f"LAZYSERVE_REFRESH_SECONDS is set, but LAZYSERVE_MODEL_URI {uri!r} {what}: only an "
+        "s3:// URI without ?versionId= can change. Unset one of them."
     )
-    assert pinned.service.refresher is None

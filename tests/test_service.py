@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import torch
@@ -26,6 +27,7 @@ from tests.helpers import (
     DIGIT_8,
     KEY,
     PARTS,
+    WEIGHTS,
     ImportHandler,
     asgi_client,
     body_of,
@@ -336,3 +338,37 @@ async def test_a_users_own_app_gets_the_same_wiring(example_weights: Path) -> No
         }  # no Content-Type: read as JSON, as API Gateway does
         assert len((await client.get("/version")).json()["sha256"]) == 64
         assert (await client.post("/predict", json={"inputs": "x"})).status_code == 422
+
+
+@pytest.mark.anyio
+async def test_full_collections_per_1000_requests_are_rare_and_walk_little(
+    import_handler: ImportHandler,
+) -> None:
+    """Counts, not times: after gc.freeze() (imports, then the load) a full collection has only
+    what requests left behind to walk, not torch's ~200k objects."""
+    mod = import_handler(LAZYSERVE_MODEL_URI=str(WEIGHTS), LAZYSERVE_LOAD="eager")
+    full = 0
+
+    def count(phase: str, info: dict[str, Any]) -> None:
+        nonlocal full
+        if phase == "stop" and info["generation"] == 2:
+            full += 1
+
+    async with asgi_client(mod) as client:
+
+        async def requests(n: int) -> None:
+            for _ in range(n):
+                response = await client.post("/predict", json={"inputs": [DIGIT_8]})
+                assert response.status_code == 200
+
+        await requests(100)
+        gc.callbacks.append(count)
+        try:
+            async with anyio.create_task_group() as group:
+                for _ in range(8):
+                    group.start_soon(requests, 125)
+        finally:
+            gc.callbacks.remove(count)
+    assert full <= 1
+    assert gc.get_freeze_count() > 150_000
+    assert len(gc.get_objects(generation=2)) < 20_000

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -265,6 +265,17 @@ class Settings(BaseSettings):
             raise ValueError(f"accepted: {REFRESH_FORM}")
         return seconds
 
+    @model_validator(mode="after")
+    def _check_refresh_target(self) -> Settings:
+        uri = self.uri
+        if self.refresh_seconds is not None and (not uri.is_s3 or uri.version_id is not None):
+            what = "pins one version" if uri.is_s3 else "is not in S3"
+            raise ValueError(
+                f"LAZYSERVE_REFRESH_SECONDS is set, but LAZYSERVE_MODEL_URI {self.model_uri!r} "
+                f"{what}: only an s3:// URI without ?versionId= can change. Unset one of them."
+            )
+        return self
+
     @field_validator("load", "log_level", "metrics", mode="before")
     @classmethod
     def _fold_case(cls, value: Any, info: Any) -> Any:
@@ -308,7 +319,9 @@ class _MappingEnvSource(EnvSettingsSource):
 
 
 def _describe(error: Mapping[str, Any], environ: Mapping[str, str]) -> str:
-    field = str(error["loc"][0]) if error["loc"] else "?"
+    if not error["loc"]:  # a rule across settings, which names them itself
+        return str(error["msg"]).removeprefix("Value error, ")
+    field = str(error["loc"][0])
     var = PREFIX + field.upper()
     value = next((v for k, v in environ.items() if k.upper() == var), error.get("input"))
     if error["type"] == "missing":
