@@ -506,6 +506,12 @@ def test_the_role_can_read_only_the_model_object_and_write_its_own_logs(defaults
 def test_a_key_prefix_grants_reading_the_objects_below_it(template: dict[str, Any]) -> None:
     stack = Stack(template, ModelKey="models/")
     assert grants(stack)["ReadModelWeights"] == (S3_READ, ["arn:aws:s3:::models-bucket/models/*"])
+    # Listing under the prefix only: a missing model is then NoSuchKey (a 404), not
+    # AccessDenied.
+    (listing,) = [s for s in statements(stack) if s.get("Sid") == "ListModelPrefix"]
+    assert as_list(listing["Action"]) == ["s3:ListBucket"]
+    assert as_list(listing["Resource"]) == ["arn:aws:s3:::models-bucket"]
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": "models/*"}}
 
 
 @pytest.mark.parametrize(
