@@ -269,3 +269,68 @@ def test_the_readme_shows_the_example_code() -> None:
     blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
     for name in ("net.py", "app.py"):
         assert (EXAMPLE / name).read_text() in blocks, f"README differs from {name}"
+
+
+def readme_section(title: str) -> list[str]:
+    """The bash blocks of one README section, as written."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+
+
+def test_the_readme_many_models_example_runs_as_shown(s3: CountingS3Server) -> None:
+    """The README's three models from one prefix: the push loop, `lazyserve serve` and the curl
+    commands, run as written against moto's S3 (YOUR-BUCKET is its bucket) on a free port."""
+    push_loop, serve_and_curl = readme_section("Many models from one prefix")[:2]
+    (serve,) = [line for line in push_loop.splitlines() if "lazyserve serve" in line]
+    push = push_loop.replace(serve, "").replace("YOUR-BUCKET", BUCKET)
+    done = subprocess.run(
+        ["bash", "-c", push], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("sha256: ") == 3
+    settings = dict(w.split("=", 1) for w in serve.split() if w.startswith("LAZYSERVE_"))
+    assert settings == {
+        "LAZYSERVE_MODEL_URI": "s3://YOUR-BUCKET/digits/",
+        "LAZYSERVE_MEMORY_BUDGET": "150K",
+    }
+    settings["LAZYSERVE_MODEL_URI"] = f"s3://{BUCKET}/digits/"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [w for w in serve.split() if not w.startswith("LAZYSERVE_")]
+    server = subprocess.Popen(
+        [*command, "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **settings},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, "the server exited"
+            try:
+                httpx.get(f"{base}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        answers = []
+        for line in serve_and_curl.splitlines():
+            line = line.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+            done = subprocess.run(
+                line, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+            )
+            assert done.returncode == 0, (line, done.stderr)
+            answers.append(json.loads(done.stdout))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    *predictions, listing = answers
+    assert [a["predictions"][0]["label"] for a in predictions] == [8, 8, 8]
+    # 150K holds two 69 KB models: gamma evicted alpha, the least recently used.
+    assert [m["name"] for m in listing["models"]] == ["beta", "gamma"]
+    assert listing["evictions"] == 1
+    assert listing["budget_bytes"] == 150 * 1024
