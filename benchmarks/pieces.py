@@ -117,13 +117,14 @@ def with_setup_app(app: FastAPI) -> None:
 
 
 def with_server_timing(app: FastAPI) -> None:
-    from lazyserve.middleware import ServerTiming
+    from lazyserve.middleware import Edge as ServerTiming
 
     app.add_middleware(ServerTiming)
 
 
 def with_body_limit(app: FastAPI) -> None:
-    from lazyserve.middleware import MAX_BODY_BYTES, BodyLimit
+    from lazyserve.middleware import MAX_BODY_BYTES
+    from lazyserve.middleware import Edge as BodyLimit
 
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 

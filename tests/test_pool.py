@@ -3,7 +3,9 @@ counts what it loads (no S3 here; tests/test_many_models.py runs the real thing)
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -189,3 +191,26 @@ def test_refresh_reservations_count_against_the_budget() -> None:
     models.release_extra(SIZE)
     assert models.describe()["resident_bytes"] == 2 * SIZE
     assert models.describe()["peak_resident_bytes"] == 3 * SIZE
+
+
+def test_an_evicted_model_is_freed_at_once_not_by_the_cycle_collector() -> None:
+    class Weights:  # stands in for a loaded model: something that can be weakly referenced
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.info = SimpleNamespace(sha256=f"sha-{name}")
+
+    def load(name: str, reserve: Callable[[int], None]) -> Any:
+        reserve(SIZE)
+        return Weights(name)
+
+    models = ModelPool(load, check=check, budget=SIZE, wait=WAIT)
+    gc.disable()
+    try:
+        with models.lease("a") as loaded:
+            first = weakref.ref(loaded)
+        del loaded
+        with models.lease("b"):  # evicts "a"
+            pass
+        assert first() is None  # freed by reference counting alone
+    finally:
+        gc.enable()

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from lazyserve.error_handlers import add_error_handlers
 from lazyserve.lazy import LazyModel
-from lazyserve.middleware import MAX_BODY_BYTES, BodyLimit, ServerTiming
+from lazyserve.middleware import MAX_BODY_BYTES, Edge
 from lazyserve.model import Loaded
 from lazyserve.routes import model_router
 
@@ -20,7 +20,6 @@ def setup_app(app: FastAPI, holder: LazyModel[Loaded[Any]] | None = None) -> Non
     """Add the 503/404/422/413 answers, Lambda's body size limit, Server-Timing and, given a
     holder, its model routes (`/health`, `/ready`, `/model`) to `app`."""
     add_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
-    app.add_middleware(ServerTiming)
+    app.add_middleware(Edge, limit=MAX_BODY_BYTES)
     if holder is not None:
         app.include_router(model_router(holder))

@@ -45,6 +45,9 @@ class LazyModel(Generic[T]):
         # asyncio.Lock it belongs to no event loop, and threads can share it.
         self._lock = threading.Lock()
         self._future: Future[T] | None = None
+        # The loaded value once there is one: the warm path reads one attribute, not the
+        # future (whose result() takes its condition's lock).
+        self._value: T | None = None
         self.loads_started = 0
         self.loads_succeeded = 0
         self.last_error: ModelUnavailable | None = None
@@ -60,6 +63,9 @@ class LazyModel(Generic[T]):
 
     def peek(self) -> T | None:
         """The loaded value, or None; never starts a load and never waits."""
+        value = self._value
+        if value is not None:
+            return value
         loaded = self._loaded()
         return loaded.result() if loaded is not None else None
 
@@ -114,6 +120,7 @@ class LazyModel(Generic[T]):
             self.loads_succeeded += 1
             self.last_error = None
             future.set_result(value)
+            self._value = value
 
     def swap(self, value: T) -> None:
         """Serve `value` from now on (a new version, loaded and checked beside the current one).
@@ -124,12 +131,16 @@ class LazyModel(Generic[T]):
         future.set_result(value)
         with self._lock:
             self._future = future
+            self._value = value
             self.loads_started += 1
             self.loads_succeeded += 1
             self.last_error = None
 
     def get(self, timeout: float | None = None) -> T:
         """Block this thread until the value is loaded (at most `timeout`, default `wait`)."""
+        value = self._value
+        if value is not None:
+            return value
         loaded = self._loaded()
         if loaded is not None:
             return loaded.result()
@@ -149,6 +160,9 @@ class LazyModel(Generic[T]):
     async def aget(self, timeout: float | None = None) -> T:
         """Await the value without blocking the event loop; cancelling the caller leaves the load
         running for the others."""
+        value = self._value
+        if value is not None:
+            return value
         loaded = self._loaded()
         if loaded is not None:
             return loaded.result()

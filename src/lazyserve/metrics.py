@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
 
 from lazyserve import timing
 from lazyserve.environment import on_lambda
@@ -49,6 +48,7 @@ class ModelMetrics:
         # the model they belong to.
         self._loads: dict[str | None, ModelInfo] = {}
         self._lock = threading.Lock()
+        self._fixed: dict[tuple[str | None, ...], tuple[str, str]] = {}
 
     def loaded(self, info: ModelInfo, model: str | None = None) -> None:
         """A load succeeded: report its duration and size with the next document."""
@@ -71,24 +71,31 @@ class ModelMetrics:
         if infer is not None:
             values["InferenceMs"] = infer
         if values:
-            print(self._document(values, model), file=sys.stdout)
+            sys.stdout.write(self._document(values, model) + "\n")
 
     def _document(self, values: dict[str, float], model: str | None) -> str:
-        dimensions = {"service": self.service}
-        if model is not None:
-            dimensions["model"] = model
-        document: dict[str, Any] = {
-            "_aws": {
-                "Timestamp": int(time.time() * 1000),
-                "CloudWatchMetrics": [
-                    {
-                        "Namespace": NAMESPACE,
-                        "Dimensions": [list(dimensions)],
-                        "Metrics": [{"Name": name, "Unit": _UNITS[name]} for name in values],
-                    }
-                ],
-            },
-            **dimensions,
-            **values,
-        }
-        return json.dumps(document, separators=(",", ":"))
+        # Only the timestamp and the numbers change between documents: the directive and the
+        # dimensions are serialised once per set of metric names (a few per process).
+        key = (*values, "@", model)
+        fixed = self._fixed.get(key)
+        if fixed is None:
+            dimensions = {"service": self.service}
+            if model is not None:
+                dimensions["model"] = model
+            directive = {
+                "Namespace": NAMESPACE,
+                "Dimensions": [list(dimensions)],
+                "Metrics": [{"Name": name, "Unit": _UNITS[name]} for name in values],
+            }
+            compact = (",", ":")
+            fixed = (
+                json.dumps([directive], separators=compact),
+                json.dumps(dimensions, separators=compact)[1:-1],
+            )
+            self._fixed[key] = fixed
+        directive_json, dimensions_json = fixed
+        numbers = ",".join(f'"{name}":{float(value)!r}' for name, value in values.items())
+        return (
+            f'{{"_aws":{{"Timestamp":{int(time.time() * 1000)},'
+            f'"CloudWatchMetrics":{directive_json}}},{dimensions_json},{numbers}}}'
+        )

@@ -1,65 +1,29 @@
-"""ASGI middleware: Lambda's body size limit as a JSON 413, the Server-Timing header, and EMF
-metrics per request for servers other than Lambda."""
+"""ASGI middleware: Lambda's body size limit as a JSON 413 with the Server-Timing header (one
+layer), and EMF metrics per request for servers other than Lambda."""
 
 from __future__ import annotations
 
-from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lazyserve import timing
 from lazyserve.error_handlers import BodyTooLarge, too_large_response
 from lazyserve.metrics import ModelMetrics
 
-__all__ = ["MAX_BODY_BYTES", "BodyLimit", "MetricsMiddleware", "ServerTiming"]
+__all__ = ["MAX_BODY_BYTES", "Edge", "MetricsMiddleware"]
 
 # Lambda's synchronous invocation payload limit; API Gateway and Function URLs enforce it too.
 MAX_BODY_BYTES = 6 * 1024 * 1024
 
 
-class BodyLimit:
-    """A JSON 413 for bodies over `limit` bytes (Starlette's limiter answers in plain text)."""
+class Edge:
+    """What every HTTP request passes first: Lambda's body size limit, answered with a JSON 413
+    (Starlette's own limiter answers in plain text), and a `Server-Timing` header on every
+    response (`load`, `infer`, `app`). One layer for both: each ASGI layer costs every request
+    a few coroutine calls (about 40 us each on a Lambda-sized CPU, benchmarks/README.md)."""
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
         self.app = app
         self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.limit:
-            await too_large_response(self.limit)(scope, receive, send)
-            return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise BodyTooLarge(self.limit)
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if started:
-                raise
-            await too_large_response(self.limit)(scope, receive, send)
-
-
-class ServerTiming:
-    """A `Server-Timing` header on every response (`load`, `infer`, `app`)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,17 +34,53 @@ class ServerTiming:
         token = timing.begin() if timing.current() is None else None
         timings = timing.current()
         assert timings is not None
+        started = False
 
         async def send_with_header(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).append("Server-Timing", timings.header())
+                started = True
+                header = (b"server-timing", timings.header().encode("latin-1"))
+                message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_header)
+            length = _content_length(scope)
+            if length is None:
+                # No Content-Length (chunked): count the bytes as they come.
+                await self.app(scope, self._limited(receive), send_with_header)
+            elif length > self.limit:
+                raise BodyTooLarge(self.limit)  # answered below, before any byte is read
+            else:
+                await self.app(scope, receive, send_with_header)
+        except BodyTooLarge:
+            if started:
+                raise
+            await too_large_response(self.limit)(scope, receive, send_with_header)
         finally:
             if token is not None:
                 timing.end(token)
+
+    def _limited(self, receive: Receive) -> Receive:
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge(self.limit)
+            return message
+
+        return limited_receive
+
+
+def _content_length(scope: Scope) -> int | None:
+    # Read from the raw header list: building Starlette's Headers for one lookup costs more.
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 class MetricsMiddleware:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from lazyserve.errors import ModelMissing, ModelNotFound, ModelTooLarge
+from lazyserve.errors import ModelMissing, ModelNotFound, ModelTooLarge, ModelUnavailable
 from lazyserve.lazy import LazyModel, Status
 from lazyserve.model import Loaded
 
@@ -165,12 +166,19 @@ class ModelPool(Generic[T]):
             return entry
 
     def _new_entry(self, name: str) -> PoolEntry[T]:
-        entry: PoolEntry[T]
+        # The holder's load finds its entry through a weak reference: entry -> holder -> load
+        # -> entry would be a cycle, and an evicted model (gigabytes, maybe) would then wait
+        # for the cycle collector instead of being freed when its entry goes.
+        entry_ref: weakref.ref[PoolEntry[T]]
 
         def load() -> T:
+            entry = entry_ref()
+            if entry is None:  # evicted while its load was being started
+                raise ModelUnavailable(f"model {name!r} was evicted; retry")
             return self._run(entry)
 
         entry = PoolEntry(name, LazyModel(load, wait=self.wait, name=f"model {name!r}"))
+        entry_ref = weakref.ref(entry)
         return entry
 
     def _outcome(self, entry: PoolEntry[T], get: Callable[[], T]) -> T:

@@ -8,9 +8,8 @@ import contextvars
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Generic, ParamSpec, TypeVar
 
 from lazyserve import timing
@@ -54,15 +53,17 @@ async def in_worker(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     return await asyncio.get_running_loop().run_in_executor(_workers, call)
 
 
-@contextmanager
-def one_at_a_time() -> Iterator[None]:
+class one_at_a_time:
     """Mark the requests served inside the block as the only ones in flight (a Lambda
     invocation): their inference runs inline."""
-    token = _one_at_a_time.set(True)
-    try:
-        yield
-    finally:
-        _one_at_a_time.reset(token)
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _one_at_a_time.set(True)
+
+    def __exit__(self, *exc: object) -> None:
+        _one_at_a_time.reset(self._token)
 
 
 class Inference(Generic[R]):
