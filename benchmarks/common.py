@@ -113,7 +113,7 @@ def load_average() -> str:
 # --- one measurement, in a fresh subprocess ---------------------------------------------------
 
 
-def _status(field_name: str) -> int:
+def proc_status(field_name: str) -> int:
     """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
     with open("/proc/self/status") as status:
         for line in status:
@@ -129,7 +129,7 @@ def _reset_peak() -> bool:
             refs.write("5")
     except OSError:
         return False
-    return _status("VmHWM") <= _status("VmRSS") + 1024 * 1024
+    return proc_status("VmHWM") <= proc_status("VmRSS") + 1024 * 1024
 
 
 def read_link(endpoint: str, bucket: str, key: str, size: int, connections: int, part: int) -> None:
@@ -183,13 +183,13 @@ def measured(
     import torch
 
     gc.collect()
-    baseline = _status("VmRSS")
+    baseline = proc_status("VmRSS")
     peak_reset = _reset_peak()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     model = run()
     seconds = time.perf_counter() - started
-    peak = _status("VmHWM")
+    peak = proc_status("VmHWM")
     after = resource.getrusage(resource.RUSAGE_SELF)
     verified: bool | None = None
     if model is not None:
@@ -205,7 +205,7 @@ def measured(
     if touch_all:
         for param in params.values() if model is not None else ():
             param.detach().sum()
-        extra["rss_touched"] = _status("VmRSS") - baseline
+        extra["rss_touched"] = proc_status("VmRSS") - baseline
     return {
         "seconds": seconds,
         "peak_growth": peak - baseline,
