@@ -268,14 +268,16 @@ def table(results: ManyResults) -> str:
         # Growth over the RSS with two models resident, in models' worth.
         return statistics.median(get(s) - s.rss_two for s in results.samples) / results.size
 
+    lingering = extra(lambda s: s.rss_growth)
+    collected = extra(lambda s: s.rss_growth_collected)
+    processes = f"{n} fresh process{'es' if n > 1 else ''}"
     lines += [
         "",
         f"{results.models} models of {mib:.0f} MiB, budget {results.budget / 2**20:.0f} MiB "
-        f"(holds {FITS}); {n} processes. The first load of each process, which also creates "
-        f"the S3 client, took {results.first * 1e3:.0f} ms (not in the table). After the "
-        f"{results.models - FITS} evictions the process held {extra(lambda s: s.rss_growth):.1f} "
-        "models' worth more RSS than with two models resident, "
-        f"{extra(lambda s: s.rss_growth_collected):.1f} after a `gc.collect()`.",
+        f"(holds {FITS}); {processes}. The first load of each process, which also creates the "
+        f"S3 client, took {results.first * 1e3:.0f} ms (not in the table). After the "
+        f"{results.models - FITS} evictions the process held {lingering:.1f} models' worth "
+        f"more RSS than with two models resident, {collected:.1f} after a `gc.collect()`.",
     ]
     return "\n".join(lines)
 
