@@ -89,3 +89,16 @@ def test_main_runs_one_quick_part_and_writes_both_files(tmp_path: Path) -> None:
     figures = json.loads(raw.read_text())
     assert figures["many"]["samples"][0]["evictions"] == run.QUICK.many_models - 2
     assert figures["failed"] == {}
+
+
+def test_every_method_link_names_a_heading_of_the_benchmarks_readme() -> None:
+    def slug(heading: str) -> str:  # GitHub's anchors: lower case, punctuation dropped
+        kept = "".join(c for c in heading.lower() if c.isalnum() or c in " -_")
+        return "#" + kept.replace(" ", "-")
+
+    headings = {
+        slug(line.removeprefix("## ").strip())
+        for line in run.README.read_text().splitlines()
+        if line.startswith("## ")
+    }
+    assert set(run.METHOD.values()) <= headings
