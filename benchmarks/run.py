@@ -419,7 +419,8 @@ def plot(results: peers.PeersResults, path: Path) -> None:
         name, count = peers.parse_method(method)
         style: dict[str, Any]
         if name == "link":
-            style = {"color": "#555555", "linestyle": "--" if (count or 8) == 8 else ":"}
+            dash = "--" if (count or 8) == 8 else ":"
+            style = {"color": "#555555", "linestyle": dash, "marker": "_", "markersize": 12}
         else:
             style = {"color": next(colors), "linestyle": "-", "marker": "o"}
         width = 2.6 if name == "lazyserve" else 1.6
