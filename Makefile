@@ -31,7 +31,10 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The peers (boto3's CRT, Run:ai Model Streamer, s3torchconnector) come with the `bench` extra;
+# uvicorn_load installs wrk itself when it is missing.
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run
 
 clean:

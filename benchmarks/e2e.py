@@ -32,7 +32,7 @@ from typing import Any
 
 from tests.runtime_api import RuntimeAPI
 
-from benchmarks.cold_start import BUCKET, LAYER_MIB, ROOT, weights_file
+from benchmarks.common import BUCKET, LAYER_MIB, ROOT, weights_file
 from benchmarks.s3endpoint import DEFAULT_BANDWIDTH, DEFAULT_LATENCY, S3Endpoint, _Handler
 
 VARIANTS = ("floor", "download_file", "lazy", "background", "eager")

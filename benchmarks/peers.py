@@ -9,6 +9,8 @@ Loaders (name[:connections]; each run in a fresh subprocess, the endpoint in thi
   boto3_crt         the same through s3transfer's CRT transfer manager (awscrt's S3 client)
   runai             Run:ai Model Streamer's SafetensorsStreamer from s3:// (8 by default)
   s3torchconnector  S3Checkpoint.reader (sequential reader) -> safetensors.torch.load
+  one_get           one get_object() read whole -> safetensors.torch.load (one connection;
+                    not in the default set: the single-connection recipe, for reference)
   link              the link limit: 8 MiB ranged GETs on N connections (8), bytes discarded
 
 `python -m benchmarks.peers --sizes 64 512 1024 --repeats 3`
@@ -33,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.cold_start import (
+from benchmarks.common import (
     BUCKET,
     DATA,
     DEFAULT_SIZES,
@@ -43,16 +45,16 @@ from benchmarks.cold_start import (
     build_on_meta,
     build_synthetic,
     measured,
+    read_link,
     weights_file,
     worker_env,
 )
-from benchmarks.cold_start import _link as read_link
 from benchmarks.s3endpoint import DEFAULT_BANDWIDTH, DEFAULT_LATENCY, S3Endpoint
 
 if TYPE_CHECKING:
     from torch import nn
 
-LOADERS = ("lazyserve", "boto3", "boto3_crt", "runai", "s3torchconnector", "link")
+LOADERS = ("lazyserve", "boto3", "boto3_crt", "runai", "s3torchconnector", "one_get", "link")
 DEFAULT_METHODS = (
     "lazyserve",
     "boto3",
@@ -61,6 +63,7 @@ DEFAULT_METHODS = (
     "runai",
     "s3torchconnector",
     "link:8",
+    "link:16",
 )
 LINK = "link:8"  # the reference every fraction is taken against
 REGION = "us-east-1"
@@ -219,6 +222,20 @@ def s3torchconnector_loader(target: Target, connections: int | None) -> Callable
     return load
 
 
+def one_get_loader(target: Target, connections: int | None) -> Callable[[], nn.Module]:
+    """The whole object in one GET into memory, then safetensors.torch.load(bytes)."""
+    import boto3
+    import safetensors.torch
+
+    client = boto3.client("s3")
+
+    def load() -> nn.Module:
+        data = client.get_object(Bucket=BUCKET, Key=target.key)["Body"].read()
+        return build_on_meta(target.build, safetensors.torch.load(data))
+
+    return load
+
+
 def link_loader(target: Target, connections: int | None) -> Callable[[], None]:
     count = connections or 8
     return lambda: read_link(target.endpoint, BUCKET, target.key, target.size, count, PART_SIZE)
@@ -230,6 +247,7 @@ MAKERS: dict[str, Callable[[Target, int | None], Callable[[], Any]]] = {
     "boto3_crt": boto3_crt_loader,
     "runai": runai_loader,
     "s3torchconnector": s3torchconnector_loader,
+    "one_get": one_get_loader,
     "link": link_loader,
 }
 
@@ -471,6 +489,7 @@ def label(method: str) -> str:
         "runai": "Run:ai Model Streamer "
         + (f"(RUNAI_STREAMER_CONCURRENCY={count})" if count else "(default: 8)"),
         "s3torchconnector": "s3torchconnector S3Checkpoint reader → safetensors.load",
+        "one_get": "one GET into memory → safetensors.load",
         "link": f"link limit, {count or 8} connections",
     }
     return labels[name]

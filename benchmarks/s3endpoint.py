@@ -1,9 +1,11 @@
 """A small S3-compatible endpoint on 127.0.0.1 for benchmarks: objects served from files on disk
 with S3's per-connection bandwidth and first-byte latency.
 
-The model of S3 (as the project's shared LAMBDA-FACTS.md describes it): each connection carries
-at most `bandwidth` bytes/s (default 90 MB/s) and every request waits `latency` seconds (default
-20 ms) before its first byte. moto re-reads the whole object for each ranged GET, so it cannot
+The model of S3: each connection carries at most `bandwidth` bytes/s (default 90 MB/s: AWS's
+S3 performance guidelines count 85-90 MB/s per concurrent request,
+https://docs.aws.amazon.com/AmazonS3/latest/userguide/optimizing-performance-guidelines.html)
+and every request waits `latency` seconds (default 20 ms, an assumed first-byte time) before its
+first byte. moto re-reads the whole object for each ranged GET, so it cannot
 stand in for large objects; this endpoint serves ranges with os.sendfile, paced per connection
 by a token bucket, so its own CPU cost stays small.
 

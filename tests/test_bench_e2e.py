@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from benchmarks import e2e
-from benchmarks.cold_start import BUCKET
+from benchmarks.common import BUCKET
 from benchmarks.s3endpoint import DEFAULT_BANDWIDTH, DEFAULT_LATENCY
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from benchmarks import peers
-from benchmarks.cold_start import BUCKET, WeightsFile, weights_file
+from benchmarks.common import BUCKET, WeightsFile, weights_file
 from benchmarks.s3endpoint import S3Endpoint
 
 # The Python modules each loader needs beyond lazyserve's own dependencies (the `bench` extra).
@@ -25,6 +25,7 @@ METHODS = [
     "runai",
     "runai:8",
     "s3torchconnector",
+    "one_get",
 ]
 
 

@@ -1,0 +1,104 @@
+"""benchmarks/run.py: the goals are judged from the figures handed in (met, not met, not
+measured), the results file has a section per part that ran and cites no file outside the
+project, and one quick part runs through `main` and writes both outputs."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks import e2e, peers, run
+
+MIB = 2**20
+
+
+def sample(method: str, size_mib: int, seconds: float, peak: float = 1.0) -> peers.PeersSample:
+    size = size_mib * MIB
+    return peers.PeersSample(
+        method, size, 0, seconds, int(peak * size), True, 0.1, 0.1, 0, True, size, 0.1, 8, 8, size
+    )
+
+
+def peers_results(lazyserve_512: float) -> peers.PeersResults:
+    results = peers.PeersResults(90e6, 0.02, 1, {})
+    results.samples = [
+        sample("lazyserve", 64, 0.16),
+        sample("boto3", 64, 0.30),
+        sample("boto3:8", 64, 0.40),
+        sample("link:8", 64, 0.15),
+        sample("lazyserve", 512, lazyserve_512),
+        sample("boto3", 512, 1.30),
+        sample("link:8", 512, 0.95),
+    ]
+    return results
+
+
+def by_goal(found: list[run.Goal], starts: str) -> run.Goal:
+    (goal,) = [g for g in found if g.goal.startswith(starts)]
+    return goal
+
+
+def test_fetch_goals_take_each_size_against_its_threshold() -> None:
+    met = run.fetch_goals(peers_results(lazyserve_512=1.0))  # 0.95 of link8 at 512 MiB
+    assert [g.met for g in met] == [True, True, True]
+    assert by_goal(met, "fetch").measured == "64 MiB: 0.94, 512 MiB: 0.95"
+
+    slow = run.fetch_goals(peers_results(lazyserve_512=1.4))  # 0.68, and boto3 is faster
+    assert by_goal(slow, "fetch").met is False
+    faster = by_goal(slow, "lazyserve faster")
+    assert faster.met is False
+    assert "512 MiB: boto3 0.93x" in faster.measured
+
+    assert [g.met for g in run.fetch_goals(None)] == [None, None, None]
+
+
+def test_e2e_goals_bound_background_by_the_floor_or_the_link() -> None:
+    results = e2e.E2EResults(2, 90e6, 0.02, repeats=1)
+    for variant, total in (("floor", 2.0), ("lazy", 2.3), ("background", 2.08)):
+        results.trials.append(e2e.Trial(variant, "128M", 0, total, 0.0, total, None, None, 0))
+    within, never = run.e2e_goals([results], {"128M": 0.2})
+    assert (within.met, never.met) == (True, True)
+    # A link slower than the whole import chain moves the bound to the link.
+    within, _ = run.e2e_goals([results], {"128M": 3.0})
+    assert within.met is True and "2 vCPU 128M: 0.69" in within.measured
+
+
+def test_the_results_file_has_a_section_per_part_and_stands_alone(tmp_path: Path) -> None:
+    result = run.Run(peers=peers_results(1.0), seconds={"peers": 60.0}, load_at={"peers": "0.5"})
+    text = run.render(
+        result,
+        command="python -m benchmarks.run --only peers",
+        started=datetime.now(UTC),
+        seconds=60.0,
+        loads=("0.5 / 0.5 / 0.5", "0.6 / 0.5 / 0.5"),
+        output=tmp_path / "RESULTS.md",
+    )
+    assert "## Goals" in text and "## Fetch alone" in text
+    assert "## Warm Lambda invocations" not in text  # it did not run
+    assert "| not measured |" in text
+    assert "LAMBDA-FACTS" not in text and "shared" not in text
+
+
+def test_main_runs_one_quick_part_and_writes_both_files(tmp_path: Path) -> None:
+    out, raw = tmp_path / "RESULTS.md", tmp_path / "run.json"
+    code = run.main(["--quick", "--only", "many", "--output", str(out), "--json", str(raw)])
+
+    assert code == 0
+    assert "## Many models under a memory budget" in out.read_text()
+    figures = json.loads(raw.read_text())
+    assert figures["many"]["samples"][0]["evictions"] == run.QUICK.many_models - 2
+    assert figures["failed"] == {}
+
+
+def test_every_method_link_names_a_heading_of_the_benchmarks_readme() -> None:
+    def slug(heading: str) -> str:  # GitHub's anchors: lower case, punctuation dropped
+        kept = "".join(c for c in heading.lower() if c.isalnum() or c in " -_")
+        return "#" + kept.replace(" ", "-")
+
+    headings = {
+        slug(line.removeprefix("## ").strip())
+        for line in run.README.read_text().splitlines()
+        if line.startswith("## ")
+    }
+    assert set(run.METHOD.values()) <= headings
