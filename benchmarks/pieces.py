@@ -7,8 +7,7 @@ when lazyserve's internals move, only that function changes.
 | `in_worker` | the forward runs through `lazyserve.workers.in_worker` (a thread hop per call) |
 | `dependency` | a dependency that takes the body and awaits the model holder, as the reference |
 | `setup_app` | `lazyserve.app.setup_app`: exception handlers, body limit, Server-Timing, routes |
-| `server_timing` | only the Server-Timing middleware (and the forward timed, as the reference) |
-| `body_limit` | only the body-limit middleware |
+| `edge` | `lazyserve.middleware.Edge` alone: body limit and Server-Timing (forward timed) |
 | `lambda_handler` | `lazyserve.aws.lambda_handler` around Mangum instead of bare Mangum |
 | `emf` | one EMF document per invocation (`lazyserve.metrics.ModelMetrics.publish`) |
 """
@@ -32,8 +31,7 @@ PIECES = (
     "in_worker",
     "dependency",
     "setup_app",
-    "server_timing",
-    "body_limit",
+    "edge",
     "lambda_handler",
     "emf",
 )
@@ -116,17 +114,10 @@ def with_setup_app(app: FastAPI) -> None:
     setup_app(app, holder())
 
 
-def with_server_timing(app: FastAPI) -> None:
-    from lazyserve.middleware import Edge as ServerTiming
+def with_edge(app: FastAPI) -> None:
+    from lazyserve.middleware import MAX_BODY_BYTES, Edge
 
-    app.add_middleware(ServerTiming)
-
-
-def with_body_limit(app: FastAPI) -> None:
-    from lazyserve.middleware import MAX_BODY_BYTES
-    from lazyserve.middleware import Edge as BodyLimit
-
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(Edge, limit=MAX_BODY_BYTES)
 
 
 # --- the Lambda entry point ----------------------------------------------------------------------
@@ -173,12 +164,10 @@ def build(pieces: Iterable[str]) -> Handler:
     # The reference adds its middlewares and model routes before /predict; so does this.
     if "setup_app" in chosen:
         with_setup_app(app)
-    if "server_timing" in chosen:
-        with_server_timing(app)
-    if "body_limit" in chosen:
-        with_body_limit(app)
+    if "edge" in chosen:
+        with_edge(app)
     # Without a timed forward the EMF document would be empty, and Server-Timing shorter.
-    timed = chosen & {"setup_app", "server_timing", "emf"}
+    timed = chosen & {"setup_app", "edge", "emf"}
     forward = timed_forward() if timed else bare_app.infer
     hop = in_worker_hop() if "in_worker" in chosen else inline
     if "dependency" in chosen:
