@@ -453,3 +453,24 @@ def put_object(s3: CountingS3Server, key: str, body: bytes, **extra: Any) -> Non
 
     client = boto3.client("s3", region_name=REGION, endpoint_url=s3.endpoint)
     client.put_object(Bucket=BUCKET, Key=key, Body=body, **extra)
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a command that takes `--port N` (the README's)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until_serving(server: subprocess.Popen[Any], base: str, limit: float = 60.0) -> None:
+    """Until `base`/health answers; fails at once if the server process exits."""
+    deadline = time.monotonic() + limit
+    while True:
+        assert server.poll() is None, f"the server exited with {server.returncode}"
+        try:
+            httpx.get(f"{base}/health", timeout=1)
+            return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)

@@ -9,11 +9,9 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -24,7 +22,7 @@ import pytest
 
 from lazyserve.cli import FakeContext
 from lazyserve.publish import push
-from tests.helpers import BUCKET, ROOT
+from tests.helpers import BUCKET, ROOT, free_port, wait_until_serving
 from tests.s3server import CountingS3Server, Request
 
 EXAMPLE = ROOT / "examples" / "own_model"
@@ -220,29 +218,18 @@ def test_readme_commands_make_weights_invoke_and_serve(tmp_path: Path) -> None:
     assert response["statusCode"] == 200
     assert json.loads(response["body"]) == {"labels": LABELS}
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     serve_argv = [*argv(serve), "--port", str(port)]
     server = subprocess.Popen(
         serve_argv,
         cwd=ROOT,
         env={**os.environ, "LAZYSERVE_MODEL_URI": str(path)},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=subprocess.DEVNULL,
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, server.communicate()[1]
-            try:
-                httpx.get(f"{base}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.2)
+        wait_until_serving(server, base)
         body = re.search(r"-d '(.*?)'", curl)
         assert body, curl
         url = re.search(r"http://127\.0\.0\.1:8000(/\S*)", curl)
@@ -295,9 +282,7 @@ def test_the_readme_many_models_example_runs_as_shown(s3: CountingS3Server) -> N
         "LAZYSERVE_MEMORY_BUDGET": "150K",
     }
     settings["LAZYSERVE_MODEL_URI"] = f"s3://{BUCKET}/digits/"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [w for w in serve.split() if not w.startswith("LAZYSERVE_")]
     server = subprocess.Popen(
         [*command, "--port", str(port)],
@@ -307,16 +292,7 @@ def test_the_readme_many_models_example_runs_as_shown(s3: CountingS3Server) -> N
         stderr=subprocess.DEVNULL,
     )
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, "the server exited"
-            try:
-                httpx.get(f"{base}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.2)
+        wait_until_serving(server, f"http://127.0.0.1:{port}")
         answers = []
         for line in serve_and_curl.splitlines():
             line = line.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
