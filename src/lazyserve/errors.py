@@ -8,7 +8,8 @@ LazyserveError
 │       ├── ModelFetchError      the weights could not be read (S3 or local file)
 │       ├── ModelChangedError    the S3 object changed while it was being read
 │       ├── ModelIntegrityError  the weights do not match the expected sha256
-│       └── ModelFormatError     the bytes are not a safe, valid weights file for the model
+│       ├── ModelFormatError     the bytes are not a safe, valid weights file for the model
+│       └── ModelTooLarge        the weights cannot fit in the memory the function may use
 └── LambdaEventError       a direct Lambda invocation that cannot be served
     ├── InvalidInput       the payload breaks the input rules
     └── UnsupportedEvent   the event has none of the accepted shapes
@@ -26,6 +27,7 @@ __all__ = [
     "ModelIntegrityError",
     "ModelLoadError",
     "ModelLoadTimeout",
+    "ModelTooLarge",
     "ModelUnavailable",
     "SettingsError",
     "UnsupportedEvent",
@@ -66,6 +68,11 @@ class ModelIntegrityError(ModelLoadError):
 
 class ModelFormatError(ModelLoadError):
     """The bytes are not a safe, well-formed weights file that fits the model."""
+
+
+class ModelTooLarge(ModelLoadError):
+    """The weights are larger than the memory the function may use minus what it already holds;
+    refused from the first response's size, before the rest is downloaded."""
 
 
 class LambdaEventError(LazyserveError):

@@ -16,7 +16,7 @@ from lazyserve.formats import build_model, format_of, read_state_dict
 from lazyserve.lazy import LazyModel
 from lazyserve.logs import set_global
 from lazyserve.settings import Settings
-from lazyserve.sources import fetch_weights, take_prefetched
+from lazyserve.sources import load_weights
 from lazyserve.types import S3Client
 
 __all__ = ["Loaded", "ModelInfo", "lazy_model", "load_model"]
@@ -55,11 +55,7 @@ def load_model(
     build: Callable[[], M], settings: Settings, *, s3_client: S3Client | None = None
 ) -> Loaded[M]:
     """Fetch, check and build the model once; raises a ModelLoadError subclass on failure."""
-    prefetched = take_prefetched(settings)
-    if prefetched is not None:
-        weights = prefetched.result()
-    else:
-        weights = fetch_weights(settings, s3_client=s3_client)
+    weights = load_weights(settings, s3_client=s3_client)
     fetched = time.perf_counter()
     module = build_model(build, read_state_dict(weights), weights.uri)
     done = time.perf_counter()

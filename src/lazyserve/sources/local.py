@@ -6,10 +6,13 @@ from __future__ import annotations
 import hashlib
 import mmap
 import time
+from typing import TYPE_CHECKING
 
 from lazyserve.errors import ModelFetchError
-from lazyserve.settings import ModelURI
 from lazyserve.sources.weights import Weights, verify
+
+if TYPE_CHECKING:
+    from lazyserve.settings import ModelURI
 
 __all__ = ["fetch_local"]
 

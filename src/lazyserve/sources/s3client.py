@@ -1,0 +1,627 @@
+"""A small S3 client for the ranged GETs of a load: `http.client` with keep-alive connections,
+SigV4 signed with `hmac`/`hashlib`, bounded timeouts, retries, and S3's answers turned into
+lazyserve's errors in one place (`load_error`).
+
+Why not botocore for these GETs (measured on a 2-vCPU Firecracker VM like Lambda's, see
+benchmarks/README.md): `import boto3` and creating a client cost 0.3 s quiet and up to 1 s busy
+before the first request could leave; each ranged GET then spent about 20 ms of CPU in botocore
+(signing, event hooks, response parsing) holding the GIL, so the parallel GETs after the first
+went out one after another, and the first took 45 ms against an endpoint that answers in 20.
+This client imports only the standard library and spends well under a millisecond of CPU per
+request. boto3 stays for `lazyserve push` and as the last place credentials are looked for."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import random
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+from urllib.parse import quote, urlsplit
+
+from lazyserve.errors import LazyserveError, ModelFetchError, ModelFormatError
+from lazyserve.sources.credentials import CredentialsError, CredentialSource
+
+__all__ = [
+    "ATTEMPTS",
+    "CONNECT_TIMEOUT",
+    "READ_TIMEOUT",
+    "Endpoint",
+    "ObjectStat",
+    "PreconditionFailed",
+    "RangeHead",
+    "S3Error",
+    "S3GetClient",
+    "TransferError",
+    "load_error",
+    "resolve_endpoint",
+]
+
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 5.0
+ATTEMPTS = 3  # per ranged GET, the first included: S3 errors worth retrying, connections, bodies
+BACKOFF = 0.1  # seconds before the first retry (with jitter), doubling, at most BACKOFF_MAX
+BACKOFF_MAX = 2.0
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_ERROR_BODY_LIMIT = 64 * 1024
+# botocore's standard retry mode retries these (botocore/retries/standard.py), and so do we.
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_RETRY_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+_EXPIRED_CODES = frozenset({"ExpiredToken", "TokenRefreshRequired"})
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_HINTS = {
+    "NoSuchKey": "no object has that key",
+    "NoSuchBucket": "the bucket does not exist",
+    "NoSuchVersion": "the object has no such version",
+    "SlowDown": "S3 is throttling requests",
+    "InvalidAccessKeyId": "S3 does not know the access key id; check the function's credentials",
+    "SignatureDoesNotMatch": "S3 refused the request signature; check the secret access key",
+    "ExpiredToken": "the credentials' session token has expired",
+    "InvalidToken": "the credentials' session token is not valid",
+    "RequestTimeTooSkewed": "this machine's clock is too far from S3's",
+    "PermanentRedirect": "the bucket is in another region; set AWS_REGION to it",
+}
+
+
+class ObjectStat(NamedTuple):
+    """What a cheap look at an object says: its size, ETag and version id (None unversioned)."""
+
+    size: int
+    etag: str | None
+    version_id: str | None
+
+
+@dataclass(frozen=True)
+class RangeHead:
+    """What one response said before its body: the bytes it carries and the object's identity."""
+
+    status: int
+    first: int
+    last: int
+    total: int
+    ranged: bool  # it carried a Content-Range (an endpoint that ignores Range sends none)
+    etag: str
+    version_id: str | None
+    sha256: str | None  # x-amz-meta-sha256, stored by `lazyserve push`
+    request_id: str
+    encryption: str | None  # x-amz-server-side-encryption
+
+
+class S3Error(Exception):
+    """S3 answered with an error (its XML body's Code, Message and RequestId)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        request_id: str,
+        *,
+        version_id: str | None = None,
+        encryption: str | None = None,
+        region: str | None = None,
+    ) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.version_id = version_id  # the version the request asked for, if any
+        self.encryption = encryption
+        self.region = region  # x-amz-bucket-region, when S3 says the bucket lives elsewhere
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in _RETRY_STATUSES or self.code in _RETRY_CODES
+
+
+class PreconditionFailed(Exception):
+    """412: the object no longer has the ETag the request was pinned to."""
+
+
+class TransferError(Exception):
+    """No usable answer: a connection or a timeout failed, or a body broke off."""
+
+    def __init__(self, detail: str, *, start: int, end: int, request_id: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.start = start
+        self.end = end
+        self.request_id = request_id  # set when S3 had answered and the body broke
+
+
+def load_error(uri: str, exc: BaseException) -> LazyserveError:
+    """The lazyserve error for a failed read of `uri` (`s3://bucket/key`): S3's answer with a
+    hint, a failed transfer, or missing credentials. The one place these are worded."""
+    where = f"cannot read {uri}"
+    if isinstance(exc, S3Error):
+        if exc.code == "InvalidRange":
+            return ModelFormatError(f"{uri}: the object is empty")
+        request = f", request id {exc.request_id}" if exc.request_id else ""
+        return ModelFetchError(f"{where}: S3 error {exc.code} ({_hint(exc)}){request}")
+    if isinstance(exc, TransferError):
+        if exc.request_id:  # S3 had answered: the body broke
+            tail = f", request id {exc.request_id}"
+            return ModelFetchError(f"{where} bytes {exc.start}-{exc.end}: {exc.detail}{tail}")
+        return ModelFetchError(f"{where}: {exc.detail}")
+    if isinstance(exc, CredentialsError):
+        return ModelFetchError(f"{where}: {exc}")
+    return ModelFetchError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def _hint(exc: S3Error) -> str:
+    if exc.code == "AccessDenied":
+        # Name the permission this request needed (issue 10): a version is its own action,
+        # and an SSE-KMS object also needs the key.
+        kms = (exc.encryption or "").startswith("aws:kms") or "kms" in exc.message.lower()
+        if kms:
+            return (
+                "access denied: the object is encrypted with SSE-KMS; the function's role needs "
+                "kms:Decrypt on its KMS key"
+            )
+        if exc.version_id is not None:
+            return "access denied: the function's role needs s3:GetObjectVersion on this key"
+        return (
+            "access denied: the function's role needs s3:GetObject on this key "
+            "(without s3:ListBucket, a missing key is also answered AccessDenied)"
+        )
+    return _HINTS.get(exc.code) or exc.message or f"HTTP {exc.status}"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one bucket's requests go: scheme, Host header, connect address, addressing style."""
+
+    scheme: str
+    netloc: str  # the Host header: host[:port]
+    host: str
+    port: int
+    prefix: str  # a path the endpoint URL carries before the bucket
+    path_style: bool
+
+    def path(self, bucket: str, key: str) -> str:
+        """The request path, encoded as SigV4 signs it for S3: each byte outside RFC 3986's
+        unreserved set as %XX, `/` kept, nothing normalised (S3 takes `a//b` literally)."""
+        encoded = quote(key, safe="/")
+        if self.path_style:
+            return f"{self.prefix}/{quote(bucket, safe='')}/{encoded}"
+        return f"{self.prefix}/{encoded}"
+
+
+def region_of(environ: Mapping[str, str]) -> str:
+    return environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def resolve_endpoint(bucket: str, region: str, environ: Mapping[str, str]) -> Endpoint:
+    """AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (path-style, as given), else S3's regional
+    endpoint: virtual-hosted, or path-style for bucket names with dots (their TLS names would
+    not match `*.s3.REGION.amazonaws.com`)."""
+    url = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the S3 endpoint URL {url!r} is not an http(s) URL")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return Endpoint(
+            parts.scheme, parts.netloc, parts.hostname, port, parts.path.rstrip("/"), True
+        )
+    fips = environ.get("AWS_USE_FIPS_ENDPOINT", "").lower() == "true"
+    dualstack = environ.get("AWS_USE_DUALSTACK_ENDPOINT", "").lower() == "true"
+    service = ("s3-fips" if fips else "s3") + (".dualstack" if dualstack else "")
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    host = f"{service}.{region}.{suffix}"
+    if "." in bucket:
+        return Endpoint("https", host, host, 443, "", True)
+    host = f"{bucket}.{host}"
+    return Endpoint("https", host, host, 443, "", False)
+
+
+class S3GetClient:
+    """GETs (and looks at) S3 objects; one per process is enough, and threads share it.
+
+    `environ` supplies the endpoint, region and credentials variables (default os.environ,
+    read when the client is made); `endpoint_url`/`region`/`credentials` override them."""
+
+    def __init__(
+        self,
+        *,
+        environ: Mapping[str, str] | None = None,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        credentials: CredentialSource | None = None,
+    ) -> None:
+        import os
+
+        env = dict(os.environ if environ is None else environ)
+        if endpoint_url is not None:
+            env["AWS_ENDPOINT_URL_S3"] = endpoint_url
+        self._environ = env
+        self.region = region or region_of(env)
+        self.credentials = credentials if credentials is not None else CredentialSource(env)
+        self._regions: dict[str, str] = {}  # buckets S3 said live in another region
+        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self._keys: dict[tuple[str, str, str], bytes] = {}
+        self._ssl: Any = None
+        self.connections = 0  # connections opened, for tests and benchmarks
+
+    @classmethod
+    def from_boto3(cls, client: Any) -> S3GetClient:
+        """A client with a boto3 S3 client's endpoint, region and credentials."""
+        endpoint = str(client.meta.endpoint_url or "")
+        custom = endpoint and not urlsplit(endpoint).netloc.endswith(
+            ("amazonaws.com", "amazonaws.com.cn")
+        )
+        # A private botocore method (BaseClient._get_credentials): without it, the usual chain.
+        get = getattr(client, "_get_credentials", None)
+        found = get() if callable(get) else None
+        source = CredentialSource.of_botocore(found) if found is not None else None
+        return cls(
+            endpoint_url=endpoint if custom else None,
+            region=client.meta.region_name,
+            credentials=source,
+        )
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def get_range(
+        self,
+        bucket: str,
+        key: str,
+        start: int,
+        end: int,
+        *,
+        into: Callable[[RangeHead], memoryview],
+        version_id: str | None = None,
+        if_match: str | None = None,
+    ) -> RangeHead:
+        """GET bytes start..end; `into(head)` checks the response's head and gives the buffer
+        its body goes to (it may raise to refuse the response). Retries up to ATTEMPTS times
+        whatever broke: an S3 error worth retrying, a connection, a timeout, a short body."""
+        headers = {"Range": f"bytes={start}-{end}"}
+        if if_match is not None:
+            headers["If-Match"] = if_match
+        return self._request("GET", bucket, key, version_id, headers, start, end, into)
+
+    def stat(self, bucket: str, key: str, version_id: str | None = None) -> ObjectStat:
+        """Size, ETag and version id, from a 1-byte GET (S3's error codes come with a body;
+        a HEAD's do not); an empty object, which has no byte 0, is looked at with a HEAD."""
+        found: list[RangeHead] = []
+
+        def keep(head: RangeHead) -> memoryview:
+            found.append(head)
+            return memoryview(bytearray(head.last - head.first + 1 if head.ranged else 0))
+
+        try:
+            head = self._request("GET", bucket, key, version_id, {"Range": "bytes=0-0"}, 0, 0, keep)
+        except S3Error as exc:
+            if exc.code != "InvalidRange":
+                raise
+            head = self._request("HEAD", bucket, key, version_id, {}, 0, 0, None)
+            return ObjectStat(0, head.etag or None, head.version_id)
+        return ObjectStat(head.total, head.etag or None, head.version_id)
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.close()
+
+    def _request(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        version_id: str | None,
+        headers: dict[str, str],
+        start: int,
+        end: int,
+        into: Callable[[RangeHead], memoryview] | None,
+    ) -> RangeHead:
+        attempt = 0
+        redirected = refreshed = False
+        while True:
+            attempt += 1
+            try:
+                return self._once(method, bucket, key, version_id, headers, start, end, into)
+            except S3Error as exc:
+                region = exc.region
+                if region and region != self._region(bucket) and not redirected:
+                    with self._lock:
+                        self._regions[bucket] = region
+                    redirected = True
+                    attempt -= 1  # S3 told us where to go: not a failed attempt
+                    continue
+                if exc.code in _EXPIRED_CODES and not refreshed:
+                    self.credentials.invalidate()
+                    refreshed = True
+                elif not exc.retryable or attempt >= ATTEMPTS:
+                    raise
+            except TransferError as exc:
+                if attempt >= ATTEMPTS:
+                    exc.detail = f"{exc.detail} ({attempt} attempts)"
+                    exc.args = (exc.detail,)
+                    raise
+            pause = min(BACKOFF_MAX, BACKOFF * 2 ** (attempt - 1))
+            time.sleep(pause * random.uniform(0.5, 1.0))
+
+    def _once(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        version_id: str | None,
+        extra: dict[str, str],
+        start: int,
+        end: int,
+        into: Callable[[RangeHead], memoryview] | None,
+    ) -> RangeHead:
+        region = self._region(bucket)
+        endpoint = resolve_endpoint(bucket, region, self._environ)
+        query = f"versionId={quote(version_id, safe='-_.~')}" if version_id is not None else ""
+        path = endpoint.path(bucket, key)
+        headers = self._signed(method, endpoint, path, query, extra, region)
+        target = f"{path}?{query}" if query else path
+        connection, reused = self._connection(endpoint, start, end)
+        head: RangeHead | None = None
+        try:
+            try:
+                connection.request(method, target, headers=headers)
+                response = connection.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                if not reused or isinstance(exc, TimeoutError):
+                    raise
+                # An idle keep-alive connection the server had closed: not a failed attempt.
+                connection.close()
+                connection, reused = self._connection(endpoint, start, end)
+                connection.request(method, target, headers=headers)
+                response = connection.getresponse()
+            head = _head(response, version_id)
+            if response.status >= 300:
+                body = response.read(_ERROR_BODY_LIMIT) if method != "HEAD" else b""
+                if response.status == 412:
+                    raise PreconditionFailed
+                raise _s3_error(response, body, version_id, head.request_id)
+            view = into(head) if into is not None else memoryview(b"")
+            got = _read_into(response, view)
+            if got != len(view):
+                raise TransferError(
+                    f"the body ended after {got} of {len(view)} bytes",
+                    start=start,
+                    end=end,
+                    request_id=head.request_id or "-",
+                )
+            if into is None:
+                response.read()
+            self._release(endpoint, connection, response)
+            return head
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            detail = (
+                f"ReadTimeoutError: {endpoint.netloc} sent nothing for {READ_TIMEOUT:g} s"
+                if isinstance(exc, TimeoutError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            request_id = (head.request_id or "-") if head is not None else ""
+            raise TransferError(detail, start=start, end=end, request_id=request_id) from exc
+        except BaseException:
+            # An S3 error, a short body, or `into` refusing the response: its body is unread.
+            connection.close()
+            raise
+
+    # --- connections --------------------------------------------------------------------------
+
+    def _connection(
+        self, endpoint: Endpoint, start: int, end: int
+    ) -> tuple[http.client.HTTPConnection, bool]:
+        where = (endpoint.scheme, endpoint.host, endpoint.port)
+        with self._lock:
+            idle = self._idle.get(where)
+            if idle:
+                return idle.pop(), True
+            self.connections += 1
+        connection: http.client.HTTPConnection
+        if endpoint.scheme == "https":
+            connection = http.client.HTTPSConnection(
+                endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT, context=self._context()
+            )
+        else:
+            connection = http.client.HTTPConnection(
+                endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT
+            )
+        try:
+            connection.connect()
+        except TimeoutError as exc:
+            connection.close()
+            raise TransferError(
+                f"ConnectTimeoutError: could not connect to {endpoint.netloc} within "
+                f"{CONNECT_TIMEOUT:g} s",
+                start=start,
+                end=end,
+            ) from exc
+        except OSError as exc:
+            connection.close()
+            raise TransferError(
+                f"{type(exc).__name__}: could not connect to {endpoint.netloc}: {exc}",
+                start=start,
+                end=end,
+            ) from exc
+        assert connection.sock is not None
+        connection.sock.settimeout(READ_TIMEOUT)
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return connection, False
+
+    def _release(
+        self,
+        endpoint: Endpoint,
+        connection: http.client.HTTPConnection,
+        response: http.client.HTTPResponse,
+    ) -> None:
+        if response.will_close or not response.isclosed():
+            connection.close()
+            return
+        with self._lock:
+            self._idle.setdefault((endpoint.scheme, endpoint.host, endpoint.port), []).append(
+                connection
+            )
+
+    def _context(self) -> Any:
+        if self._ssl is None:
+            import ssl
+
+            bundle = self._environ.get("AWS_CA_BUNDLE")
+            self._ssl = ssl.create_default_context(cafile=bundle or None)
+        return self._ssl
+
+    def _region(self, bucket: str) -> str:
+        return self._regions.get(bucket, self.region)
+
+    # --- signing ------------------------------------------------------------------------------
+
+    def _signed(
+        self,
+        method: str,
+        endpoint: Endpoint,
+        path: str,
+        query: str,
+        extra: dict[str, str],
+        region: str,
+    ) -> dict[str, str]:
+        """The request's headers with a SigV4 Authorization header (AWS's "Signature Version 4
+        signing process"; S3's canonical URI is the encoded path as sent, not normalised)."""
+        credentials = self.credentials.get()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        day = stamp[:8]
+        headers = {
+            "Host": endpoint.netloc,
+            **extra,
+            "X-Amz-Content-SHA256": EMPTY_SHA256,
+            "X-Amz-Date": stamp,
+        }
+        if credentials.token:
+            headers["X-Amz-Security-Token"] = credentials.token
+        names = sorted((name.lower(), value.strip()) for name, value in headers.items())
+        signed = ";".join(name for name, _ in names)
+        canonical = "\n".join(
+            [
+                method,
+                path,
+                query,
+                "".join(f"{name}:{value}\n" for name, value in names),
+                signed,
+                EMPTY_SHA256,
+            ]
+        )
+        scope = f"{day}/{region}/s3/aws4_request"
+        to_sign = "\n".join(
+            ["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+        )
+        signature = hmac.new(
+            self._signing_key(credentials.secret_key, day, region),
+            to_sign.encode(),
+            hashlib.sha256,
+        ).hexdigest()
+        headers["Authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
+            f"SignedHeaders={signed}, Signature={signature}"
+        )
+        return headers
+
+    def _signing_key(self, secret: str, day: str, region: str) -> bytes:
+        cached = self._keys.get((secret, day, region))
+        if cached is not None:
+            return cached
+        key = ("AWS4" + secret).encode()
+        for part in (day, region, "s3", "aws4_request"):
+            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        self._keys = {(secret, day, region): key}  # one day's key, for the current secret
+        return key
+
+
+def _head(response: http.client.HTTPResponse, version_id: str | None) -> RangeHead:
+    get = response.getheader
+    length = int(get("Content-Length") or 0)
+    match = _CONTENT_RANGE.fullmatch(get("Content-Range") or "")
+    if match is not None:
+        first, last, total = (int(group) for group in match.groups())
+    else:
+        first, last, total = 0, length - 1, length
+    return RangeHead(
+        status=response.status,
+        first=first,
+        last=last,
+        total=total,
+        ranged=match is not None,
+        etag=get("ETag") or "",
+        version_id=get("x-amz-version-id") or None,
+        sha256=get("x-amz-meta-sha256") or None,
+        request_id=get("x-amz-request-id") or get("x-amzn-requestid") or "",
+        encryption=get("x-amz-server-side-encryption") or None,
+    )
+
+
+def _read_into(response: http.client.HTTPResponse, view: memoryview) -> int:
+    """Receive the body straight into `view`: one readinto() that loops in C over recv_into,
+    without the GIL while it waits; no temporary copy of the part."""
+    got = 0
+    while got < len(view):
+        n = response.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+_XML_FIELD = re.compile(r"<(Code|Message|RequestId|Region)>(.*?)</\1>", re.S)
+_ENTITIES = {"&lt;": "<", "&gt;": ">", "&quot;": '"', "&apos;": "'", "&amp;": "&"}
+
+
+def _s3_error(
+    response: http.client.HTTPResponse, body: bytes, version_id: str | None, request_id: str
+) -> S3Error:
+    """S3's XML error body (Code, Message, RequestId), or what the status says without one."""
+    fields = {
+        name: re.sub(r"&\w+;", lambda m: _ENTITIES.get(m.group(), m.group()), value).strip()
+        for name, value in _XML_FIELD.findall(body.decode("utf-8", "replace"))
+    }
+    status = response.status
+    code = fields.get("Code") or {
+        301: "PermanentRedirect",
+        403: "AccessDenied",
+        404: "NoSuchKey",
+        416: "InvalidRange",
+    }.get(status, f"HTTP{status}")
+    return S3Error(
+        status,
+        code,
+        fields.get("Message", ""),
+        fields.get("RequestId") or request_id,
+        version_id=version_id,
+        encryption=response.getheader("x-amz-server-side-encryption"),
+        region=response.getheader("x-amz-bucket-region") or fields.get("Region"),
+    )
