@@ -179,7 +179,7 @@ class S3Fetcher:
         )
         assert buffer is not None
         total = first.total
-        pin = _Pin(first.version_id, first.etag, ours=uri.version_id is None)
+        pin = _Pin(first.version_id or uri.version_id, first.etag, ours=uri.version_id is None)
         ranges = [
             (start, min(start + self.part_size, total) - 1)
             for start in range(first.last + 1, total, self.part_size)

@@ -388,6 +388,7 @@ class S3GetClient:
         headers = self._signed(method, endpoint, path, query, extra, region)
         target = f"{path}?{query}" if query else path
         connection, reused = self._connection(endpoint, start, end)
+        response: http.client.HTTPResponse | None = None
         head: RangeHead | None = None
         try:
             try:
@@ -421,7 +422,7 @@ class S3GetClient:
             self._release(endpoint, connection, response)
             return head
         except (OSError, http.client.HTTPException) as exc:
-            connection.close()
+            _discard(connection, response)
             detail = (
                 f"ReadTimeoutError: {endpoint.netloc} sent nothing for {READ_TIMEOUT:g} s"
                 if isinstance(exc, TimeoutError)
@@ -431,7 +432,7 @@ class S3GetClient:
             raise TransferError(detail, start=start, end=end, request_id=request_id) from exc
         except BaseException:
             # An S3 error, a short body, or `into` refusing the response: its body is unread.
-            connection.close()
+            _discard(connection, response)
             raise
 
     # --- connections --------------------------------------------------------------------------
@@ -483,7 +484,7 @@ class S3GetClient:
         response: http.client.HTTPResponse,
     ) -> None:
         if response.will_close or not response.isclosed():
-            connection.close()
+            _discard(connection, response)
             return
         with self._lock:
             self._idle.setdefault((endpoint.scheme, endpoint.host, endpoint.port), []).append(
@@ -583,6 +584,15 @@ def _head(response: http.client.HTTPResponse, version_id: str | None) -> RangeHe
         request_id=get("x-amz-request-id") or get("x-amzn-requestid") or "",
         encryption=get("x-amz-server-side-encryption") or None,
     )
+
+
+def _discard(
+    connection: http.client.HTTPConnection, response: http.client.HTTPResponse | None
+) -> None:
+    # Both: a response the server will close owns the socket once the connection lets go.
+    if response is not None:
+        response.close()
+    connection.close()
 
 
 def _read_into(response: http.client.HTTPResponse, view: memoryview) -> int:
