@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lazyserve import environment
 from lazyserve.errors import ModelChangedError, ModelFetchError, ModelTooLarge
@@ -102,6 +102,16 @@ class _Replaced(Exception):
     """The object changed between two ranged GETs of one load."""
 
 
+class _Load:
+    """One attempt's state, filled in when the first response's headers arrive."""
+
+    def __init__(self) -> None:
+        self.buffer: mmap.mmap | None = None
+        self.view = memoryview(b"")
+        self.pin: _Pin | None = None
+        self.parts: list[tuple[int, int, Future[None]]] = []
+
+
 class _Pin:
     """What keeps every range of a load on the first response's object: its version id where
     the bucket has versions, else its ETag (If-Match)."""
@@ -160,46 +170,50 @@ class S3Fetcher:
         client = self.client
         bucket, key = uri.bucket or "", uri.key or ""
         where = f"s3://{bucket}/{key}"
-        buffer: mmap.mmap | None = None
-        view = memoryview(b"")
+        load = _Load()
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="lazyserve-s3") as pool:
 
-        def first_part(head: RangeHead) -> memoryview:
-            nonlocal buffer, view
-            _check_range(where, head, 0)
-            # The size is known from here: a model that cannot fit fails now, before the
-            # other ranged GETs (issue 11).
-            _check_fits(where, head.total)
-            if buffer is None or len(buffer) != head.total:
-                buffer = self.allocate(head.total)
-                view = memoryview(buffer)
-            return view[: head.last + 1]
+            def first_part(head: RangeHead) -> memoryview:
+                _check_range(where, head, 0)
+                if load.pin is not None:  # a retry of the first part, the others under way
+                    if head.etag != load.pin.etag or head.total != len(load.view):
+                        raise _Replaced
+                    return load.view[: head.last + 1]
+                # The size is known from here: a model that cannot fit fails now, before the
+                # other ranged GETs (issue 11).
+                _check_fits(where, head.total)
+                load.buffer = self.allocate(head.total)
+                load.view = memoryview(load.buffer)
+                load.pin = _Pin(
+                    head.version_id or uri.version_id, head.etag, ours=uri.version_id is None
+                )
+                # The other ranges leave now, while this one's body is still arriving.
+                for start in range(head.last + 1, head.total, self.part_size):
+                    end = min(start + self.part_size, head.total) - 1
+                    job = (client, where, bucket, key, load.view, start, end, load.pin)
+                    load.parts.append((start, end, pool.submit(self._range, *job)))
+                return load.view[: head.last + 1]
 
-        first = client.get_range(
-            bucket, key, 0, self.part_size - 1, version_id=uri.version_id, into=first_part
-        )
-        assert buffer is not None
-        total = first.total
-        pin = _Pin(first.version_id or uri.version_id, first.etag, ours=uri.version_id is None)
-        ranges = [
-            (start, min(start + self.part_size, total) - 1)
-            for start in range(first.last + 1, total, self.part_size)
-        ]
-        digest = hashlib.sha256()
-        workers = max(1, min(self.concurrency, len(ranges)))
-        with ThreadPoolExecutor(workers, thread_name_prefix="lazyserve-s3") as pool:
-            futures: list[Future[Any]] = [
-                pool.submit(self._range, client, where, bucket, key, view, start, end, pin)
-                for start, end in ranges
-            ]
+            first_job = pool.submit(
+                client.get_range,
+                bucket,
+                key,
+                0,
+                self.part_size - 1,
+                version_id=uri.version_id,
+                into=first_part,
+            )
+            digest = hashlib.sha256()
             try:
-                # Hash each part as soon as it and those before it are in: the digest overlaps
-                # the download instead of making a second pass.
-                digest.update(view[: first.last + 1])
-                for future, (start, end) in zip(futures, ranges, strict=True):
+                first: RangeHead = first_job.result()
+                # Hash each part as soon as it and those before it are in: the digest
+                # overlaps the download instead of making a second pass.
+                digest.update(load.view[: first.last + 1])
+                for start, end, future in load.parts:
                     future.result()
-                    digest.update(view[start : end + 1])
+                    digest.update(load.view[start : end + 1])
             except BaseException:
-                for future in futures:
+                for _, _, future in load.parts:
                     future.cancel()
                 raise
         sha = digest.hexdigest()
@@ -207,15 +221,16 @@ class S3Fetcher:
             verify(where, sha, expected, "LAZYSERVE_MODEL_SHA256")
         else:
             verify(where, sha, first.sha256, "the sha256 stored with the object")
+        assert load.buffer is not None
         return Weights(
             uri.uri,
-            total,
+            first.total,
             sha,
-            buffer=buffer,
-            version_id=first.version_id,
+            buffer=load.buffer,
+            version_id=first.version_id or uri.version_id,
             etag=first.etag,
             fetch_seconds=time.perf_counter() - started,
-            connections=min(self.concurrency, len(ranges) + 1),
+            connections=min(self.concurrency, len(load.parts) + 1),
             started=started,
         )
 
