@@ -371,6 +371,42 @@ def test_an_answer_no_retry_changes_is_raised_without_a_second_download(
     assert len([r for r in s3.requests if is_weights_get(r)]) == 1
 
 
+PREFETCH_TOO = """
+import json, logging, sys
+from handler.model import DigitsMLP
+from lazyserve import _boot, prefetch
+from lazyserve.model import load_model
+from lazyserve.settings import load_settings
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(message)s")
+helper = _boot.helper.pid if _boot.helper is not None else None
+settings = load_settings()
+prefetch(settings)  # an app written for the in-process prefetch, as before the helper
+print(json.dumps({"helper": helper, "sha256": load_model(DigitsMLP, settings).info.sha256}))
+"""
+
+
+def test_an_explicit_prefetch_adopts_the_helpers_download(
+    s3: CountingS3Server, tmp_path: Path
+) -> None:
+    script = tmp_path / "prefetch.py"
+    script.write_text(PREFETCH_TOO)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env=process_env(s3.endpoint),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["helper"] is not None
+    assert HELPER_USED in done.stderr
+    gets = [r.range for r in s3.requests if is_weights_get(r)]
+    assert len(gets) == len(set(gets)) == PARTS  # one download, not two
+
+
 # --- the helper writes nothing to the function's output and ends with it -------------------------
 
 

@@ -63,26 +63,33 @@ def fetch_weights(settings: Settings, *, s3_client: S3Client | None = None) -> W
 
 def load_weights(settings: Settings, *, s3_client: S3Client | None = None) -> Weights:
     """The weights for these settings: from the download started ahead (the helper process,
-    or `prefetch`), else fetched now. A helper that delivered nothing usable is logged and
-    replaced by a download in this process."""
+    or `prefetch`), else fetched now."""
     pending = take_prefetched(settings)
     if pending is not None:
-        try:
-            weights = pending.result()
-        except _helper.HelperFailed as exc:
-            log.warning(
-                "the download started with the interpreter failed (%s); downloading again", exc
-            )
-        else:
-            verify(weights.uri, weights.sha256, settings.model_sha256, "LAZYSERVE_MODEL_SHA256")
-            return weights
+        return _settle(pending, settings, s3_client)
     return fetch_weights(settings, s3_client=s3_client)
 
 
 def prefetch(settings: Settings, *, s3_client: S3Client | None = None) -> Future[Weights]:
     """Start fetching the weights in a thread now, e.g. before `import torch`, so the download
-    overlaps the rest of the import; the next load with these settings takes the result."""
+    overlaps the rest of the import; the next load with these settings takes the result. The
+    download the interpreter's helper process is making is adopted, not made twice."""
+    started = _helper.take(settings.model_uri)
+    if started is not None:
+        return _registry.start(settings.model_uri, lambda: _settle(started, settings, s3_client))
     return _registry.start(settings.model_uri, lambda: fetch_weights(settings, s3_client=s3_client))
+
+
+def _settle(pending: Pending, settings: Settings, s3_client: S3Client | None) -> Weights:
+    """The weights a download started ahead delivers; a helper process that delivered nothing
+    usable is logged and replaced by a download in this process."""
+    try:
+        weights = pending.result()
+    except _helper.HelperFailed as exc:
+        log.warning("the download started with the interpreter failed (%s); downloading again", exc)
+        return fetch_weights(settings, s3_client=s3_client)
+    verify(weights.uri, weights.sha256, settings.model_sha256, "LAZYSERVE_MODEL_SHA256")
+    return weights
 
 
 def take_prefetched(settings: Settings) -> Pending | None:
