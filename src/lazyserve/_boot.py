@@ -4,8 +4,9 @@ one `s3://` object as the model, start downloading the weights in a helper proce
 function module's first import, so the download overlaps `import torch` whatever order the
 user's imports are in, without competing with it for this interpreter's GIL.
 
-This process's share is a memfd, a pipe and a fork (tens of microseconds; no thread exists yet
-and nothing is imported). The child fetches into the memfd and reports one JSON line on the
+This process's share is a memfd, a pipe, a fork, and the import of the helper's code (stdlib
+modules and lazyserve's sources, which the function imports anyway; no pydantic, torch or boto3,
+and no thread exists yet). The child fetches into the memfd and reports one JSON line on the
 pipe (`lazyserve.sources.helper`); the load takes it from there. Elsewhere this module reads a
 few environment variables and returns. An environment variable turns it on, as coverage.py's
 `process_startup()` .pth hook does (https://coverage.readthedocs.io/en/latest/subprocess.html).
@@ -67,6 +68,18 @@ def start() -> None:
         memfd = os.memfd_create("lazyserve-weights")  # close-on-exec by default
     except (AttributeError, OSError) as exc:  # not Linux, or refused by a sandbox
         failure = f"no memfd for the download helper ({exc})"
+        return
+    try:
+        # The helper's code, imported before the fork rather than in the helper: the function
+        # imports all of it anyway (lazyserve's sources; http.client, ssl, logging, json and
+        # concurrent.futures come with the web stack and asyncio), so this process does no
+        # extra work and the helper inherits it instead of importing it again. On one vCPU
+        # that duplicated import cost ~0.05-0.1 s of CPU and delayed the first GET by ~0.12 s
+        # (benchmarks/README.md). Nothing here starts a thread or imports pydantic or torch.
+        import lazyserve.sources.helper  # noqa: F401
+    except Exception as exc:
+        os.close(memfd)
+        failure = f"the download helper's code could not be imported ({exc!r})"
         return
     report, out = os.pipe()
     parent = os.getpid()
