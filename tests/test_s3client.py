@@ -6,7 +6,9 @@ model refused after one GET, and `head`."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
 import json
 import random
 import threading
@@ -32,7 +34,7 @@ from lazyserve.errors import ModelFetchError, ModelTooLarge
 from lazyserve.settings import ModelURI, parse_model_uri
 from lazyserve.sources import S3Fetcher, S3GetClient, head
 from lazyserve.sources.credentials import Credentials, CredentialsError, CredentialSource
-from lazyserve.sources.s3client import resolve_endpoint
+from lazyserve.sources.endpoints import Route, resolve_endpoint, route
 from tests.helpers import FAKE_CREDENTIALS, REGION
 from tests.s3server import CountingS3Server, Request, WSGIApp
 
@@ -787,3 +789,91 @@ def test_stalled_answers_are_cut_by_the_read_timeout(
         "for 0.1 s (3 attempts)"
     )
     assert len(s3.object_gets(BUCKET, "stalled.safetensors")) == 3
+
+
+# --- proxies, as boto3 honoured them -------------------------------------------------------------
+
+
+@dataclass
+class ForwardProxy:
+    """An HTTP proxy on 127.0.0.1:0 that relays absolute-form requests and records them."""
+
+    seen: list[tuple[str, str | None]] = field(default_factory=list)  # target, Proxy-Auth
+
+    def __post_init__(self) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.seen.append((self.path, self.headers.get("Proxy-Authorization")))
+                parts = urlsplit(self.path)
+                upstream = http.client.HTTPConnection(parts.netloc, timeout=10)
+                headers = {k: v for k, v in self.headers.items() if k != "Proxy-Authorization"}
+                upstream.request(
+                    "GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers
+                )
+                answer = upstream.getresponse()
+                body = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                upstream.close()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        host, port = self.server.server_address[:2]
+        self.address = f"{host}:{port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[ForwardProxy]:
+    forward = ForwardProxy()
+    yield forward
+    forward.stop()
+
+
+def test_http_proxy_carries_the_gets_with_its_credentials(
+    s3: CountingS3Server, proxy: ForwardProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = random_bytes(2 * PART, seed=10)
+    make_bucket(s3, BUCKET).put_object(Bucket=BUCKET, Key="proxied.safetensors", Body=data)
+    monkeypatch.setenv("HTTP_PROXY", f"http://user:pa%40ss@{proxy.address}")
+    weights = fetch(uri_of(BUCKET, "proxied.safetensors"))
+    assert weights.buffer is not None and bytes(weights.buffer) == data
+    basic = "Basic " + base64.b64encode(b"user:pa@ss").decode()
+    assert proxy.seen == [(f"{s3.endpoint}/{BUCKET}/proxied.safetensors", basic)] * 2
+
+
+def test_no_proxy_goes_around_the_proxy(
+    s3: CountingS3Server, proxy: ForwardProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_bucket(s3, BUCKET).put_object(Bucket=BUCKET, Key="direct.safetensors", Body=b"d" * 10)
+    monkeypatch.setenv("http_proxy", f"http://{proxy.address}")
+    monkeypatch.setenv("NO_PROXY", "example.com, .127.0.0.1")
+    assert fetch(uri_of(BUCKET, "direct.safetensors")).size == 10
+    assert proxy.seen == []
+
+
+def test_https_goes_through_a_connect_tunnel() -> None:
+    environ = {"HTTPS_PROXY": "http://u:p@proxy.internal:3128", "NO_PROXY": "localhost"}
+    endpoint = resolve_endpoint("models", "eu-west-1", environ)
+    way = route(endpoint, environ)
+    assert (way.host, way.port, way.tunnel, way.target_prefix) == (
+        "proxy.internal",
+        3128,
+        True,
+        "",
+    )
+    assert way.proxy_headers == {"Proxy-Authorization": "Basic dTpw"}
+    assert route(endpoint, {}) == Route("models.s3.eu-west-1.amazonaws.com", 443)

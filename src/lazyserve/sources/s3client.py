@@ -12,9 +12,8 @@ request. boto3 stays for `lazyserve push` and as the last place credentials are 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import http.client
+import os
 import random
 import re
 import socket
@@ -27,12 +26,13 @@ from urllib.parse import quote, urlsplit
 
 from lazyserve.errors import LazyserveError, ModelFetchError, ModelFormatError
 from lazyserve.sources.credentials import CredentialsError, CredentialSource
+from lazyserve.sources.endpoints import Endpoint, Route, region_of, resolve_endpoint, route
+from lazyserve.sources.sigv4 import Signer
 
 __all__ = [
     "ATTEMPTS",
     "CONNECT_TIMEOUT",
     "READ_TIMEOUT",
-    "Endpoint",
     "ObjectStat",
     "PreconditionFailed",
     "RangeHead",
@@ -40,7 +40,6 @@ __all__ = [
     "S3GetClient",
     "TransferError",
     "load_error",
-    "resolve_endpoint",
 ]
 
 CONNECT_TIMEOUT = 2.0
@@ -48,7 +47,6 @@ READ_TIMEOUT = 5.0
 ATTEMPTS = 3  # per ranged GET, the first included: S3 errors worth retrying, connections, bodies
 BACKOFF = 0.1  # seconds before the first retry (with jitter), doubling, at most BACKOFF_MAX
 BACKOFF_MAX = 2.0
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _ERROR_BODY_LIMIT = 64 * 1024
 # botocore's standard retry mode retries these (botocore/retries/standard.py), and so do we.
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -145,12 +143,17 @@ class PreconditionFailed(Exception):
 class TransferError(Exception):
     """No usable answer: a connection or a timeout failed, or a body broke off."""
 
-    def __init__(self, detail: str, *, start: int, end: int, request_id: str = "") -> None:
+    def __init__(
+        self, detail: str, *, start: int, end: int, answered: RangeHead | None = None
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.start = start
         self.end = end
-        self.request_id = request_id  # set when S3 had answered and the body broke
+        # S3 had answered (status and headers) when the body broke: its request id is what
+        # AWS support asks for.
+        self.answered = answered is not None
+        self.request_id = answered.request_id if answered is not None else ""
 
 
 def load_error(uri: str, exc: BaseException) -> LazyserveError:
@@ -163,8 +166,8 @@ def load_error(uri: str, exc: BaseException) -> LazyserveError:
         request = f", request id {exc.request_id}" if exc.request_id else ""
         return ModelFetchError(f"{where}: S3 error {exc.code} ({_hint(exc)}){request}")
     if isinstance(exc, TransferError):
-        if exc.request_id:  # S3 had answered: the body broke
-            tail = f", request id {exc.request_id}"
+        if exc.answered:  # the body broke
+            tail = f", request id {exc.request_id}" if exc.request_id else ""
             return ModelFetchError(f"{where} bytes {exc.start}-{exc.end}: {exc.detail}{tail}")
         return ModelFetchError(f"{where}: {exc.detail}")
     if isinstance(exc, CredentialsError):
@@ -191,54 +194,6 @@ def _hint(exc: S3Error) -> str:
     return _HINTS.get(exc.code) or exc.message or f"HTTP {exc.status}"
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """Where one bucket's requests go: scheme, Host header, connect address, addressing style."""
-
-    scheme: str
-    netloc: str  # the Host header: host[:port]
-    host: str
-    port: int
-    prefix: str  # a path the endpoint URL carries before the bucket
-    path_style: bool
-
-    def path(self, bucket: str, key: str) -> str:
-        """The request path, encoded as SigV4 signs it for S3: each byte outside RFC 3986's
-        unreserved set as %XX, `/` kept, nothing normalised (S3 takes `a//b` literally)."""
-        encoded = quote(key, safe="/")
-        if self.path_style:
-            return f"{self.prefix}/{quote(bucket, safe='')}/{encoded}"
-        return f"{self.prefix}/{encoded}"
-
-
-def region_of(environ: Mapping[str, str]) -> str:
-    return environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-
-
-def resolve_endpoint(bucket: str, region: str, environ: Mapping[str, str]) -> Endpoint:
-    """AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (path-style, as given), else S3's regional
-    endpoint: virtual-hosted, or path-style for bucket names with dots (their TLS names would
-    not match `*.s3.REGION.amazonaws.com`)."""
-    url = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
-    if url:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"the S3 endpoint URL {url!r} is not an http(s) URL")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return Endpoint(
-            parts.scheme, parts.netloc, parts.hostname, port, parts.path.rstrip("/"), True
-        )
-    fips = environ.get("AWS_USE_FIPS_ENDPOINT", "").lower() == "true"
-    dualstack = environ.get("AWS_USE_DUALSTACK_ENDPOINT", "").lower() == "true"
-    service = ("s3-fips" if fips else "s3") + (".dualstack" if dualstack else "")
-    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    host = f"{service}.{region}.{suffix}"
-    if "." in bucket:
-        return Endpoint("https", host, host, 443, "", True)
-    host = f"{bucket}.{host}"
-    return Endpoint("https", host, host, 443, "", False)
-
-
 class S3GetClient:
     """GETs (and looks at) S3 objects; one per process is enough, and threads share it.
 
@@ -253,8 +208,6 @@ class S3GetClient:
         region: str | None = None,
         credentials: CredentialSource | None = None,
     ) -> None:
-        import os
-
         env = dict(os.environ if environ is None else environ)
         if endpoint_url is not None:
             env["AWS_ENDPOINT_URL_S3"] = endpoint_url
@@ -262,9 +215,10 @@ class S3GetClient:
         self.region = region or region_of(env)
         self.credentials = credentials if credentials is not None else CredentialSource(env)
         self._regions: dict[str, str] = {}  # buckets S3 said live in another region
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._idle: dict[Endpoint, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
-        self._keys: dict[tuple[str, str, str], bytes] = {}
+        self._signer = Signer("s3")
+        self._routes: dict[Endpoint, Route] = {}
         self._ssl: Any = None
         self.connections = 0  # connections opened, for tests and benchmarks
 
@@ -383,11 +337,15 @@ class S3GetClient:
     ) -> RangeHead:
         region = self._region(bucket)
         endpoint = resolve_endpoint(bucket, region, self._environ)
-        query = f"versionId={quote(version_id, safe='-_.~')}" if version_id is not None else ""
         path = endpoint.path(bucket, key)
-        headers = self._signed(method, endpoint, path, query, extra, region)
-        target = f"{path}?{query}" if query else path
-        connection, reused = self._connection(endpoint, start, end)
+        query = f"versionId={quote(version_id, safe='-_.~')}" if version_id is not None else ""
+        headers = self._signer.sign(
+            method, path, query, {"Host": endpoint.netloc, **extra}, self.credentials.get(), region
+        )
+        way = self._route(endpoint)
+        headers.update(way.proxy_headers if not way.tunnel else {})
+        target = way.target_prefix + (f"{path}?{query}" if query else path)
+        connection, reused = self._connection(endpoint, way, start, end)
         response: http.client.HTTPResponse | None = None
         head: RangeHead | None = None
         try:
@@ -399,7 +357,7 @@ class S3GetClient:
                     raise
                 # An idle keep-alive connection the server had closed: not a failed attempt.
                 connection.close()
-                connection, reused = self._connection(endpoint, start, end)
+                connection, reused = self._connection(endpoint, way, start, end)
                 connection.request(method, target, headers=headers)
                 response = connection.getresponse()
             head = _head(response, version_id)
@@ -415,7 +373,7 @@ class S3GetClient:
                     f"the body ended after {got} of {len(view)} bytes",
                     start=start,
                     end=end,
-                    request_id=head.request_id or "-",
+                    answered=head,
                 )
             if into is None:
                 response.read()
@@ -428,8 +386,7 @@ class S3GetClient:
                 if isinstance(exc, TimeoutError)
                 else f"{type(exc).__name__}: {exc}"
             )
-            request_id = (head.request_id or "-") if head is not None else ""
-            raise TransferError(detail, start=start, end=end, request_id=request_id) from exc
+            raise TransferError(detail, start=start, end=end, answered=head) from exc
         except BaseException:
             # An S3 error, a short body, or `into` refusing the response: its body is unread.
             _discard(connection, response)
@@ -437,40 +394,47 @@ class S3GetClient:
 
     # --- connections --------------------------------------------------------------------------
 
+    def _route(self, endpoint: Endpoint) -> Route:
+        found = self._routes.get(endpoint)
+        if found is None:
+            found = self._routes[endpoint] = route(endpoint, self._environ)
+        return found
+
     def _connection(
-        self, endpoint: Endpoint, start: int, end: int
+        self, endpoint: Endpoint, way: Route, start: int, end: int
     ) -> tuple[http.client.HTTPConnection, bool]:
-        where = (endpoint.scheme, endpoint.host, endpoint.port)
         with self._lock:
-            idle = self._idle.get(where)
+            idle = self._idle.get(endpoint)
             if idle:
                 return idle.pop(), True
             self.connections += 1
         connection: http.client.HTTPConnection
         if endpoint.scheme == "https":
             connection = http.client.HTTPSConnection(
-                endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT, context=self._context()
+                way.host, way.port, timeout=CONNECT_TIMEOUT, context=self._context()
             )
         else:
-            connection = http.client.HTTPConnection(
-                endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT
-            )
+            connection = http.client.HTTPConnection(way.host, way.port, timeout=CONNECT_TIMEOUT)
+        if way.tunnel:
+            connection.set_tunnel(endpoint.host, endpoint.port, headers=way.proxy_headers)
+        where = (
+            endpoint.netloc
+            if (way.host, way.port) == (endpoint.host, endpoint.port)
+            else (f"{endpoint.netloc} through the proxy {way.host}:{way.port}")
+        )
         try:
             connection.connect()
         except TimeoutError as exc:
             connection.close()
             raise TransferError(
-                f"ConnectTimeoutError: could not connect to {endpoint.netloc} within "
-                f"{CONNECT_TIMEOUT:g} s",
+                f"ConnectTimeoutError: could not connect to {where} within {CONNECT_TIMEOUT:g} s",
                 start=start,
                 end=end,
             ) from exc
         except OSError as exc:
             connection.close()
             raise TransferError(
-                f"{type(exc).__name__}: could not connect to {endpoint.netloc}: {exc}",
-                start=start,
-                end=end,
+                f"{type(exc).__name__}: could not connect to {where}: {exc}", start=start, end=end
             ) from exc
         assert connection.sock is not None
         connection.sock.settimeout(READ_TIMEOUT)
@@ -487,9 +451,7 @@ class S3GetClient:
             _discard(connection, response)
             return
         with self._lock:
-            self._idle.setdefault((endpoint.scheme, endpoint.host, endpoint.port), []).append(
-                connection
-            )
+            self._idle.setdefault(endpoint, []).append(connection)
 
     def _context(self) -> Any:
         if self._ssl is None:
@@ -501,67 +463,6 @@ class S3GetClient:
 
     def _region(self, bucket: str) -> str:
         return self._regions.get(bucket, self.region)
-
-    # --- signing ------------------------------------------------------------------------------
-
-    def _signed(
-        self,
-        method: str,
-        endpoint: Endpoint,
-        path: str,
-        query: str,
-        extra: dict[str, str],
-        region: str,
-    ) -> dict[str, str]:
-        """The request's headers with a SigV4 Authorization header (AWS's "Signature Version 4
-        signing process"; S3's canonical URI is the encoded path as sent, not normalised)."""
-        credentials = self.credentials.get()
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        day = stamp[:8]
-        headers = {
-            "Host": endpoint.netloc,
-            **extra,
-            "X-Amz-Content-SHA256": EMPTY_SHA256,
-            "X-Amz-Date": stamp,
-        }
-        if credentials.token:
-            headers["X-Amz-Security-Token"] = credentials.token
-        names = sorted((name.lower(), value.strip()) for name, value in headers.items())
-        signed = ";".join(name for name, _ in names)
-        canonical = "\n".join(
-            [
-                method,
-                path,
-                query,
-                "".join(f"{name}:{value}\n" for name, value in names),
-                signed,
-                EMPTY_SHA256,
-            ]
-        )
-        scope = f"{day}/{region}/s3/aws4_request"
-        to_sign = "\n".join(
-            ["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]
-        )
-        signature = hmac.new(
-            self._signing_key(credentials.secret_key, day, region),
-            to_sign.encode(),
-            hashlib.sha256,
-        ).hexdigest()
-        headers["Authorization"] = (
-            f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
-            f"SignedHeaders={signed}, Signature={signature}"
-        )
-        return headers
-
-    def _signing_key(self, secret: str, day: str, region: str) -> bytes:
-        cached = self._keys.get((secret, day, region))
-        if cached is not None:
-            return cached
-        key = ("AWS4" + secret).encode()
-        for part in (day, region, "s3", "aws4_request"):
-            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-        self._keys = {(secret, day, region): key}  # one day's key, for the current secret
-        return key
 
 
 def _head(response: http.client.HTTPResponse, version_id: str | None) -> RangeHead:
