@@ -2,7 +2,7 @@
 as its own documentation recommends, next to the link limit measured in the same run.
 
 Loaders (name[:connections]; each run in a fresh subprocess, the endpoint in this process):
-  lazyserve         lazyserve's load_model: parallel ranged GETs into one buffer
+  lazyserve         lazyserve's load_model: parallel ranged GETs into one buffer (16 by default)
   boto3             download_file to /tmp (s3transfer: 10 threads, 8 MB parts; `boto3:8` = 8),
                     safetensors.torch.load_file (a memory map), the model on the meta device,
                     load_state_dict(assign=True)
@@ -55,14 +55,20 @@ if TYPE_CHECKING:
 LOADERS = ("lazyserve", "boto3", "boto3_crt", "runai", "s3torchconnector", "link")
 DEFAULT_METHODS = (
     "lazyserve",
+    "lazyserve:8",
     "boto3",
     "boto3:8",
+    "boto3:16",
     "boto3_crt",
+    "boto3_crt:16",
     "runai",
+    "runai:16",
     "s3torchconnector",
     "link:8",
+    "link:16",
 )
 LINK = "link:8"  # the reference every fraction is taken against
+LAZYSERVE_DEFAULT = 16  # LAZYSERVE_S3_CONCURRENCY's default
 REGION = "us-east-1"
 PACKAGES = (
     "lazyserve",
@@ -464,7 +470,7 @@ def _load_average() -> str:
 def label(method: str) -> str:
     name, count = parse_method(method)
     labels = {
-        "lazyserve": f"**lazyserve** ({count or 8} conn)",
+        "lazyserve": f"**lazyserve** ({count or LAZYSERVE_DEFAULT} conn)",
         "boto3": f"boto3 download_file → load_file ({count or 10} threads)",
         "boto3_crt": "boto3 CRT download → load_file"
         + (f" ({count} conn)" if count else " (CRT default)"),
