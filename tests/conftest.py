@@ -10,7 +10,16 @@ from types import ModuleType
 import boto3
 import pytest
 
-from tests.helpers import BUCKET, FAKE_CREDENTIALS, KEY, REGION, WEIGHTS, Gate
+from tests.helpers import (
+    BUCKET,
+    FAKE_CREDENTIALS,
+    KEY,
+    REGION,
+    WEIGHTS,
+    CredentialsEndpoint,
+    Gate,
+    expiring_in,
+)
 from tests.s3server import CountingS3Server
 
 
@@ -98,3 +107,23 @@ def gate(s3: CountingS3Server) -> Iterator[Gate]:
     finally:
         gate.open()
         s3.fault = None
+
+
+@pytest.fixture
+def container(monkeypatch: pytest.MonkeyPatch) -> Iterator[CredentialsEndpoint]:
+    """A credentials endpoint named by AWS_CONTAINER_CREDENTIALS_FULL_URI, with a token, and no
+    credentials in the environment (as under SnapStart)."""
+    endpoint = CredentialsEndpoint(
+        {
+            "AccessKeyId": "ASIACONTAINERFAKE",
+            "SecretAccessKey": "container/secret",
+            "Token": "container-token",
+            "Expiration": expiring_in(3600),
+        }
+    )
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", endpoint.url)
+    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "the-auth-token")
+    yield endpoint
+    endpoint.stop()

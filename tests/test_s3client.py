@@ -14,7 +14,6 @@ import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from lazyserve.settings import ModelURI, parse_model_uri
 from lazyserve.sources import S3Fetcher, S3GetClient, head
 from lazyserve.sources.credentials import Credentials, CredentialsError, CredentialSource
 from lazyserve.sources.endpoints import Route, resolve_endpoint, route
-from tests.helpers import FAKE_CREDENTIALS, REGION
+from tests.helpers import FAKE_CREDENTIALS, REGION, CredentialsEndpoint, expiring_in
 from tests.s3server import CountingS3Server, Request, WSGIApp
 
 BUCKET = "lazyserve-client"
@@ -409,65 +408,6 @@ def test_region_comes_from_aws_region_then_aws_default_region() -> None:
 
 
 # --- credentials ------------------------------------------------------------------------------
-
-
-@dataclass
-class CredentialsEndpoint:
-    """The container credentials endpoint (what ECS, SnapStart and EKS Pod Identity run), on
-    127.0.0.1:0; answers `document` and records each request's Authorization header."""
-
-    document: dict[str, Any]
-    seen: list[str | None] = field(default_factory=list)
-    status: int = 200
-
-    def __post_init__(self) -> None:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.seen.append(self.headers.get("Authorization"))
-                body = json.dumps(outer.document).encode()
-                self.send_response(outer.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        host, port = self.server.server_address[:2]
-        self.url = f"http://{host}:{port}/v2/credentials"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def expiring_in(seconds: float) -> str:
-    return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@pytest.fixture
-def container(monkeypatch: pytest.MonkeyPatch) -> Iterator[CredentialsEndpoint]:
-    """A credentials endpoint named by AWS_CONTAINER_CREDENTIALS_FULL_URI, with a token, and no
-    credentials in the environment (as under SnapStart)."""
-    endpoint = CredentialsEndpoint(
-        {
-            "AccessKeyId": "ASIACONTAINERFAKE",
-            "SecretAccessKey": "container/secret",
-            "Token": "container-token",
-            "Expiration": expiring_in(3600),
-        }
-    )
-    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
-    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", endpoint.url)
-    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "the-auth-token")
-    yield endpoint
-    endpoint.stop()
 
 
 def test_assumed_role_credentials_from_the_container_endpoint_are_accepted(

@@ -96,12 +96,12 @@ class Settings(BaseSettings):
     load: Literal["lazy", "eager", "background"] = "lazy"
     load_wait: float = Field(default=25.0, gt=0, le=900)
     # Parallel ranged GETs. One S3 connection carries about 85-90 MB/s (AWS's S3 performance
-    # guidelines: one connection per ~90 MB/s wanted) and Lambda publishes no network limit,
-    # so 16 (up to ~1.4 GB/s) rather than 8 (~0.7 GB/s): measured against a stand-in with S3's
-    # per-connection rate and first-byte latency, 16 connections carried 1.1 GB/s where 8
-    # carried 0.58, and a 64 MiB model loaded in 0.16-0.19 s instead of 0.19-0.20 s (one part
-    # per connection); above that, the sha256 and first touches of memory bound a load on two
-    # vCPUs whatever the count (benchmarks/README.md, "Choosing the defaults").
+    # guidelines: one connection per ~90 MB/s wanted) and Lambda publishes no network limit, so
+    # 16 (up to ~1.4 GB/s) rather than 8 (~0.7 GB/s). Measured against a stand-in with S3's
+    # per-connection rate and first-byte latency on a 2-vCPU VM (benchmarks/README.md,
+    # "Choosing the defaults"): 0.88 / 1.09 / 1.12 of the 8-connection link at 64 MiB / 512 MiB
+    # / 1 GiB, against 0.75 / 0.94 / 0.96 with 8; under heavy load from other processes 8 did
+    # better at 512 MiB and up (the sha256 thread competes with 16 receiving threads).
     s3_concurrency: int = Field(default=16, ge=1, le=64)
     # The largest ranged GET (AWS recommends 8-16 MB ranges): the first GET is 1 MiB (it learns
     # the size), and an object too small for one part per connection is split evenly over them.

@@ -17,9 +17,6 @@ from lazyserve import environment
 from lazyserve.errors import ModelChangedError, ModelFetchError, ModelTooLarge
 from lazyserve.sources.credentials import CredentialsError
 from lazyserve.sources.s3client import (
-    ATTEMPTS,
-    CONNECT_TIMEOUT,
-    READ_TIMEOUT,
     ObjectStat,
     PreconditionFailed,
     RangeHead,
@@ -34,11 +31,8 @@ if TYPE_CHECKING:
     from lazyserve.settings import ModelURI
 
 __all__ = [
-    "ATTEMPTS",
-    "CONNECT_TIMEOUT",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_PART_SIZE",
-    "READ_TIMEOUT",
     "S3Fetcher",
     "head",
     "private_buffer",
@@ -281,7 +275,7 @@ class S3Fetcher:
                     end,
                     into=same_object,
                     version_id=version,
-                    if_match=None if version is not None else pin.etag,
+                    if_match=None if version is not None else (pin.etag or None),
                 )
                 return
             except PreconditionFailed:
