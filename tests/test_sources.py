@@ -555,3 +555,24 @@ def test_a_stalled_endpoint_ends_in_a_fetch_error(
 
     assert str(info.value).startswith(f"cannot read s3://{BUCKET}/{key}: ReadTimeoutError")
     assert len(s3.object_gets(BUCKET, key)) == 1  # one attempt, cut by the read timeout
+
+
+def test_an_endpoint_that_ignores_range_is_refused(s3: CountingS3Server) -> None:
+    # A whole-object 200 to a ranged GET: the parts cannot be placed, and reading every
+    # object whole once per part would multiply the download.
+    key = "http/no-range.safetensors"
+    data = random_bytes(3 * PART, seed=20)
+    seed(s3, key, data)
+
+    def whole(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", str(len(data))), ("ETag", '"whole"')])
+        return [data]
+
+    s3.fault = lambda request: whole if request.method == "GET" else None
+    with pytest.raises(ModelFetchError) as info:
+        fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
+    assert str(info.value) == (
+        f"cannot read s3://{BUCKET}/{key}: the endpoint ignored the Range header "
+        "(status 200, no Content-Range)"
+    )
+    assert len(ranged_gets(s3, key)) == 1
