@@ -576,3 +576,26 @@ def test_an_endpoint_that_ignores_range_is_refused(s3: CountingS3Server) -> None
         "(status 200, no Content-Range)"
     )
     assert len(ranged_gets(s3, key)) == 1
+
+
+def test_a_boto3_client_given_to_the_load_lends_its_endpoint_and_credentials(
+    s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "http/given-client.safetensors"
+    data = random_bytes(2 * PART, seed=21)
+    seed(s3, key, data)
+    given = boto3.client(
+        "s3",
+        region_name=REGION,
+        endpoint_url=s3.endpoint,
+        aws_access_key_id="AKIAGIVENCLIENT00000",
+        aws_secret_access_key="given/secret",
+    )
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # only the given client knows where S3 is
+    settings = load_settings(
+        {"LAZYSERVE_MODEL_URI": f"s3://{BUCKET}/{key}", "LAZYSERVE_S3_PART_SIZE": str(PART)}
+    )
+    assert content(fetch_weights(settings, s3_client=given)) == data
+    gets = ranged_gets(s3, key)
+    assert len(gets) == 2
+    assert all("Credential=AKIAGIVENCLIENT00000/" in g.headers["authorization"] for g in gets)

@@ -57,7 +57,11 @@ def fetch_weights(settings: Settings, *, s3_client: S3Client | None = None) -> W
         fetcher = S3Fetcher(
             concurrency=settings.s3_concurrency, part_size=settings.s3_part_size, client=client
         )
-        return fetcher.fetch(uri, expected_sha256=settings.model_sha256)
+        try:
+            return fetcher.fetch(uri, expected_sha256=settings.model_sha256)
+        finally:
+            if client is not None:
+                client.close()  # made for this load: its kept-alive connections go with it
     return fetch_local(uri, expected_sha256=settings.model_sha256)
 
 
