@@ -2,7 +2,7 @@
 as its own documentation recommends, next to the link limit measured in the same run.
 
 Loaders (name[:connections]; each run in a fresh subprocess, the endpoint in this process):
-  lazyserve         lazyserve's load_model: parallel ranged GETs into one buffer (8 by default)
+  lazyserve         lazyserve's load_model: parallel ranged GETs into one buffer (16 by default)
   boto3             download_file to /tmp (s3transfer: 10 threads, 8 MB parts; `boto3:8` = 8),
                     safetensors.torch.load_file (a memory map), the model on the meta device,
                     load_state_dict(assign=True)
@@ -57,15 +57,20 @@ if TYPE_CHECKING:
 LOADERS = ("lazyserve", "boto3", "boto3_crt", "runai", "s3torchconnector", "one_get", "link")
 DEFAULT_METHODS = (
     "lazyserve",
+    "lazyserve:8",
     "boto3",
     "boto3:8",
+    "boto3:16",
     "boto3_crt",
+    "boto3_crt:16",
     "runai",
+    "runai:16",
     "s3torchconnector",
     "link:8",
     "link:16",
 )
 LINK = "link:8"  # the reference every fraction is taken against
+LAZYSERVE_DEFAULT = 16  # LAZYSERVE_S3_CONCURRENCY's default
 REGION = "us-east-1"
 PACKAGES = (
     "lazyserve",
@@ -117,16 +122,16 @@ class Target:
 
 
 def lazyserve_loader(target: Target, connections: int | None) -> Callable[[], nn.Module]:
-    """The one place that calls lazyserve (its internal API is being reworked)."""
+    """The one place that calls lazyserve: load_model, as a function would."""
     from lazyserve.model import load_model
     from lazyserve.settings import load_settings
-    from lazyserve.sources import s3_client
+    from lazyserve.sources import s3_get_client
 
     env = {"LAZYSERVE_MODEL_URI": target.uri, "LAZYSERVE_MODEL_SHA256": target.sha256}
     if connections is not None:
         env["LAZYSERVE_S3_CONCURRENCY"] = str(connections)
     settings = load_settings(env)
-    s3_client(settings.s3_concurrency + 2)  # the client lazyserve will use, made now
+    s3_get_client().credentials.get()  # the client lazyserve will use, and its credentials
     return lambda: load_model(target.build, settings).module
 
 
@@ -482,7 +487,7 @@ def _load_average() -> str:
 def label(method: str) -> str:
     name, count = parse_method(method)
     labels = {
-        "lazyserve": f"**lazyserve** ({count or 8} conn)",
+        "lazyserve": f"**lazyserve** ({count or LAZYSERVE_DEFAULT} conn)",
         "boto3": f"boto3 download_file → load_file ({count or 10} threads)",
         "boto3_crt": "boto3 CRT download → load_file"
         + (f" ({count} conn)" if count else " (CRT default)"),
@@ -561,37 +566,37 @@ def _timeline_worker(target: Target) -> dict[str, float]:
 
     clock = time.perf_counter
     t0 = clock()
-    import boto3  # noqa: F401
+    import lazyserve.sources.s3 as s3_module
 
     t_import = clock() - t0
     import torch  # noqa: F401
 
-    from lazyserve import sources
     from lazyserve.model import load_model
     from lazyserve.settings import load_settings
+    from lazyserve.sources import s3_get_client
 
     settings = load_settings(
         {"LAZYSERVE_MODEL_URI": target.uri, "LAZYSERVE_MODEL_SHA256": target.sha256}
     )
     t1 = clock()
-    client = sources.s3_client(settings.s3_concurrency + 2)
+    client = s3_get_client()
+    client.credentials.get()
     t_client = clock() - t1
 
-    gets: list[tuple[float, float]] = []  # (request sent, response headers in)
-    reads: list[float] = []  # each part's last byte in
+    gets: list[tuple[float, float, float]] = []  # (request sent, headers in, last byte in)
     hashing: list[tuple[float, float]] = []  # each sha256 update
-    real_get, real_read = client.get_object, sources.S3Fetcher._read
+    real_get = client.get_range
 
-    def get_object(**kwargs: Any) -> Any:
-        sent = clock()
-        response = real_get(**kwargs)
-        gets.append((sent, clock()))
-        return response
+    def get_range(*args: Any, into: Callable[[Any], Any], **kwargs: Any) -> Any:
+        sent, headers = clock(), [0.0]
 
-    def read(self: Any, *args: Any) -> int:
-        end = real_read(self, *args)
-        reads.append(clock())
-        return end
+        def stamped(head: Any) -> Any:
+            headers[0] = clock()
+            return into(head)
+
+        head = real_get(*args, into=stamped, **kwargs)
+        gets.append((sent, headers[0], clock()))
+        return head
 
     class Digest:
         def __init__(self) -> None:
@@ -605,16 +610,14 @@ def _timeline_worker(target: Target) -> dict[str, float]:
         def hexdigest(self) -> str:
             return self._inner.hexdigest()
 
-    client.get_object = get_object  # type: ignore[method-assign]
-    sources.S3Fetcher._read = read  # type: ignore[method-assign,assignment]
-    vars(sources)["hashlib"] = type("hashlib", (), {"sha256": Digest})
+    client.get_range = get_range  # type: ignore[method-assign]
+    vars(s3_module)["hashlib"] = type("hashlib", (), {"sha256": Digest})
     start = clock()
     loaded = load_model(target.build, settings)
     done = clock()
-    first_sent, first_headers = gets[0]
-    rest_sent = sorted(sent for sent, _ in gets[1:]) or [start]
-    rest_headers = sorted(h for _, h in gets[1:]) or [start]
-    last_byte = max(reads)
+    first_sent, first_headers, first_done = min(gets)
+    rest = sorted(gets)[1:] or [(start, start, start)]
+    last_byte = max(end for _, _, end in gets)
     # First touches of fresh anonymous memory, alone: the cost the receiving threads pay as
     # the ranges land in lazyserve's buffer (one write per 4 KiB page).
     buffer = mmap.mmap(-1, target.size, flags=mmap.MAP_PRIVATE)
@@ -626,14 +629,14 @@ def _timeline_worker(target: Target) -> dict[str, float]:
     view.release()
     buffer.close()
     return {
-        "import boto3": t_import,
-        "boto3 client creation (lazyserve's s3_client)": t_client,
+        "import lazyserve's S3 fetcher (stdlib client)": t_import,
+        "S3 client creation and credentials": t_client,
         "first GET: request to response headers": first_headers - first_sent,
         "first GET sent, after the clock started": first_sent - start,
-        "first part's last byte in": (min(reads) - start) if reads else 0.0,
-        "other GETs: first sent": rest_sent[0] - start,
-        "other GETs: first headers in": rest_headers[0] - start,
-        "other GETs: last headers in": rest_headers[-1] - start,
+        "first part's last byte in": first_done - start,
+        "other GETs: first sent": rest[0][0] - start,
+        "other GETs: first headers in": min(h for _, h, _ in rest) - start,
+        "other GETs: last headers in": max(h for _, h, _ in rest) - start,
         "last byte in": last_byte - start,
         "sha256 done (fetch_seconds)": loaded.info.fetch_seconds,
         "sha256 tail after the last byte": hashing[-1][1] - last_byte,

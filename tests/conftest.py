@@ -20,10 +20,12 @@ from tests.helpers import (
     REGION,
     ROOT,
     WEIGHTS,
+    CredentialsEndpoint,
     Gate,
     LambdaFunction,
     StartFunction,
     TaskImage,
+    expiring_in,
     lambda_environ,
     run_command,
 )
@@ -198,3 +200,23 @@ def start_function(
             function.stop()
         finally:
             function.api.stop()
+
+
+@pytest.fixture
+def container(monkeypatch: pytest.MonkeyPatch) -> Iterator[CredentialsEndpoint]:
+    """A credentials endpoint named by AWS_CONTAINER_CREDENTIALS_FULL_URI, with a token, and no
+    credentials in the environment (as under SnapStart)."""
+    endpoint = CredentialsEndpoint(
+        {
+            "AccessKeyId": "ASIACONTAINERFAKE",
+            "SecretAccessKey": "container/secret",
+            "Token": "container-token",
+            "Expiration": expiring_in(3600),
+        }
+    )
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", endpoint.url)
+    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "the-auth-token")
+    yield endpoint
+    endpoint.stop()

@@ -16,7 +16,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -474,3 +476,42 @@ def wait_until_serving(server: subprocess.Popen[Any], base: str, limit: float = 
         except httpx.TransportError:
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.2)
+
+
+@dataclass
+class CredentialsEndpoint:
+    """The container credentials endpoint (what ECS, SnapStart and EKS Pod Identity run), on
+    127.0.0.1:0; answers `document` and records each request's Authorization header."""
+
+    document: dict[str, Any]
+    seen: list[str | None] = field(default_factory=list)
+    status: int = 200
+
+    def __post_init__(self) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.seen.append(self.headers.get("Authorization"))
+                body = json.dumps(outer.document).encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        host, port = self.server.server_address[:2]
+        self.url = f"http://{host}:{port}/v2/credentials"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def expiring_in(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -18,7 +18,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from lazyserve.settings import parse_model_uri
-from lazyserve.sources import S3Fetcher
+from lazyserve.sources import S3Fetcher, S3GetClient
 
 BUCKET = "bench"
 KEY = "weights/model.safetensors"
@@ -181,10 +181,14 @@ def test_bandwidth_per_connection_and_first_byte_latency() -> None:
         assert body == data and time.perf_counter() - started >= 0.5
 
 
-def test_lazyserve_reads_an_object_through_it(endpoint: S3Endpoint, s3client: Any) -> None:
-    fetcher = S3Fetcher(concurrency=4, part_size=4096, s3_client=s3client)
+def test_lazyserve_reads_an_object_through_it(endpoint: S3Endpoint) -> None:
+    client = S3GetClient(endpoint_url=endpoint.endpoint)
+    fetcher = S3Fetcher(concurrency=4, part_size=4096, client=client)
     endpoint.clear_log()
-    weights = fetcher.fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}"))
+    try:
+        weights = fetcher.fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}"))
+    finally:
+        client.close()  # its kept-alive connections
     assert weights.buffer is not None and bytes(weights.buffer) == DATA
     assert weights.sha256 == hashlib.sha256(DATA).hexdigest()
     parts = -(-len(DATA) // 4096)

@@ -60,3 +60,9 @@ def test_unknown_loader_is_refused_by_name() -> None:
         peers.parse_method("boto4:8")
     with pytest.raises(ValueError, match=r"'runai:x': the connection count after ':'"):
         peers.parse_method("runai:x")
+
+
+def test_the_lazyserve_label_shows_the_settings_default() -> None:
+    from lazyserve.settings import Settings
+
+    assert peers.LAZYSERVE_DEFAULT == Settings.model_fields["s3_concurrency"].default

@@ -22,7 +22,7 @@ import boto3
 import httpx
 import pytest
 
-import lazyserve.sources.s3
+import lazyserve.sources.s3client
 from lazyserve.errors import ModelUnavailable
 from tests.helpers import (
     BUCKET,
@@ -295,7 +295,7 @@ BROKEN_BODIES = ["reset-mid-body", "short-body"]
 
 @pytest.fixture
 def front(s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[RawFront]:
-    """The raw TCP front, relaying to moto, with boto3 pointed at it."""
+    """The raw TCP front, relaying to moto, with the S3 client pointed at it."""
     raw = RawFront(s3.endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", raw.endpoint)
     try:
@@ -471,13 +471,13 @@ async def test_a_failed_load_keeps_none_of_the_fetched_bytes(
 async def test_a_short_slowdown_burst_is_absorbed_within_one_load(
     s3: CountingS3Server, mod: ModuleType, client: httpx.AsyncClient
 ) -> None:
-    burst = lazyserve.sources.s3.BOTO_ATTEMPTS - 1
+    burst = lazyserve.sources.s3client.ATTEMPTS - 1
     s3.fault = Throttle(burst)
     response = await client.post("/predict", json={"inputs": [DIGIT_8]})
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["label"] == 8
     assert mod.service.model.loads_started == 1
-    assert weights_gets(s3) == PARTS + burst  # the throttled GETs were retried by botocore
+    assert weights_gets(s3) == PARTS + burst  # the throttled GETs were retried
 
 
 @pytest.mark.anyio
@@ -487,7 +487,7 @@ async def test_a_slowdown_outage_fails_the_load_then_the_next_request_recovers(
     client: httpx.AsyncClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Throttled for longer than botocore keeps retrying: the load gives up with S3's code.
+    # Throttled for longer than the client keeps retrying: the load gives up with S3's code.
     throttle = Throttle(100)
     s3.fault = throttle
     response = await client.post("/predict", json={"inputs": [DIGIT_8]})
@@ -508,8 +508,8 @@ async def test_a_slowdown_outage_fails_the_load_then_the_next_request_recovers(
     assert response.json()["predictions"][0]["label"] == 8
     assert weights_gets(s3) == PARTS
     assert mod.service.model.loads_started == 2
-    # One load makes BOTO_ATTEMPTS attempts at a throttled GET, no more.
-    assert attempts == lazyserve.sources.s3.BOTO_ATTEMPTS
+    # One load makes ATTEMPTS attempts at a throttled GET, no more.
+    assert attempts == lazyserve.sources.s3client.ATTEMPTS
 
 
 # --- a stalled endpoint: cut by the real timeouts, inside API Gateway's 29 s ----------------------
@@ -520,9 +520,9 @@ async def test_a_stalled_endpoint_is_a_503_well_inside_api_gateways_timeout(
     s3: CountingS3Server, front: RawFront, mod: ModuleType, client: httpx.AsyncClient
 ) -> None:
     # The real settings: connect 2 s, read 5 s, 3 attempts; nothing patched.
-    assert lazyserve.sources.s3.CONNECT_TIMEOUT == 2.0
-    assert lazyserve.sources.s3.READ_TIMEOUT == 5.0
-    assert lazyserve.sources.s3.BOTO_ATTEMPTS == 3
+    assert lazyserve.sources.s3client.CONNECT_TIMEOUT == 2.0
+    assert lazyserve.sources.s3client.READ_TIMEOUT == 5.0
+    assert lazyserve.sources.s3client.ATTEMPTS == 3
     assert mod.service.model.wait == LOAD_WAIT
     front.mode = "stall"
     results: dict[str, httpx.Response] = {}
@@ -566,5 +566,5 @@ async def test_a_stalled_endpoint_is_a_503_well_inside_api_gateways_timeout(
     s3.clear()
     await assert_serves_again(client)
     assert weights_gets(s3) == PARTS
-    # One load, BOTO_ATTEMPTS connections that each waited READ_TIMEOUT.
-    assert attempts == lazyserve.sources.s3.BOTO_ATTEMPTS, attempts
+    # One load, ATTEMPTS connections that each waited READ_TIMEOUT.
+    assert attempts == lazyserve.sources.s3client.ATTEMPTS, attempts

@@ -23,8 +23,10 @@ import httpx
 import pytest
 import torch
 
+import lazyserve.sources.credentials
 import lazyserve.sources.s3
 from lazyserve.errors import InvalidInput, ModelFormatError, ModelUnavailable, SettingsError
+from lazyserve.sources import reset_s3_clients
 from tests.helpers import (
     BUCKET,
     DIGIT_8,
@@ -35,6 +37,7 @@ from tests.helpers import (
     REGION,
     ROOT,
     WEIGHTS,
+    CredentialsEndpoint,
     ImportHandler,
     RunShell,
     TouchFile,
@@ -352,3 +355,44 @@ def test_event_body_limit(local_mod: ModuleType, name: str, b64: bool, size: int
     else:
         assert response["statusCode"] == 200, content[:200]
         assert body_of(response)["predictions"][0]["label"] == 8
+
+
+def test_container_credentials_and_their_token_never_reach_logs_or_answers(
+    s3: CountingS3Server,
+    container: CredentialsEndpoint,
+    import_handler: ImportHandler,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Credentials from the container endpoint (SnapStart, ECS): the endpoint's authorization
+    # token and the credentials it hands out stay out of every message, at DEBUG.
+    secrets = {
+        "authorization token": "the-auth-token",
+        "secret access key": str(container.document["SecretAccessKey"]),
+        "session token": str(container.document["Token"]),
+    }
+    monkeypatch.setattr(lazyserve.sources.credentials, "CONTAINER_PAUSE", 0.0)
+    caplog.set_level(logging.DEBUG)
+    mod = import_handler(LAZYSERVE_MODEL_URI=s3_uri(), LAZYSERVE_LOG_LEVEL="DEBUG")
+    answers: list[str] = []
+    failing = s3_auth_error("SignatureDoesNotMatch")
+    s3.fault = lambda request: failing if is_weights_get(request) else None
+    assert http(mod, "/predict", answers)["statusCode"] == 503
+    # A restore from a snapshot renews the clients; the endpoint fails this time.
+    reset_s3_clients()
+    container.status = 500
+    with pytest.raises(ModelUnavailable) as info:
+        mod.handler(load_event("warmup"), None)
+    answers.append(str(info.value))
+    assert str(info.value) == (
+        f"cannot read {s3_uri()}: the container credentials endpoint "
+        "(AWS_CONTAINER_CREDENTIALS_FULL_URI, host 127.0.0.1) gave no credentials after 3 "
+        "attempts: HTTP 500"
+    )
+
+    def leaked(text: str) -> list[str]:
+        return [name for name, secret in secrets.items() if secret in text]
+
+    assert [leaked(answer) for answer in answers] == [[]] * len(answers)
+    assert [r.name for r in caplog.records if leaked(record_text(r))] == []
+    assert container.seen == ["the-auth-token"] * 4  # sent to the endpoint, and only there

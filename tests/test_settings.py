@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 import lazyserve.sources.s3
 from lazyserve.errors import LazyserveError, LazyserveWarning, SettingsError
 from lazyserve.settings import (
-    _QUERY_LIKE,
     Settings,
     known_variables,
     load_settings,
     parse_model_uri,
 )
 from lazyserve.sources import S3Fetcher
+from lazyserve.uris import _QUERY_LIKE
 from tests.helpers import BUCKET, REGION
 from tests.s3server import CountingS3Server
 
@@ -53,7 +53,7 @@ def test_defaults() -> None:
     assert s.model_sha256 is None
     assert s.load == "lazy"
     assert s.load_wait == 25
-    assert s.s3_concurrency == 8
+    assert s.s3_concurrency == 16
     assert s.s3_part_size == 8 * 1024 * 1024 == 8388608
     assert s.torch_threads == len(os.sched_getaffinity(0))
     assert s.log_level == "INFO"

@@ -5,16 +5,14 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
-from moto import mock_aws
 
-import lazyserve.sources.s3
+import lazyserve.sources.s3client
 from lazyserve.errors import (
     ModelChangedError,
     ModelFetchError,
@@ -31,12 +29,15 @@ from lazyserve.sources import (
     prefetch,
     reset_s3_clients,
     s3_client,
+    s3_get_client,
     take_prefetched,
 )
-from tests.helpers import FAKE_CREDENTIALS, REGION
+from lazyserve.sources.s3client import S3Error
+from tests.helpers import REGION
 from tests.s3server import CountingS3Server, Request, WSGIApp
 
 BUCKET = "lazyserve-sources"
+VERSIONED = "lazyserve-sources-versioned"
 KEY = "nets/net.safetensors"
 PART = 4096
 
@@ -54,72 +55,92 @@ def content(weights: Weights) -> bytes:
     return bytes(weights.buffer)
 
 
-@pytest.fixture(scope="module")
-def moto_client() -> Any:
-    # Creating a boto3 client costs a few hundred ms; one serves every in-process test (moto
-    # intercepts any client created after moto is imported, while a mock_aws() is active).
-    return boto3.client(
-        "s3",
-        region_name=REGION,
-        aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-    )
+_http_clients: dict[str, Any] = {}
 
 
-@pytest.fixture
-def mocked(moto_client: Any) -> Iterator[Any]:
-    """A fresh in-process moto S3 with an empty bucket, and a client for it."""
-    with mock_aws():
-        moto_client.create_bucket(Bucket=BUCKET)
-        yield moto_client
+def http_client(s3: CountingS3Server) -> Any:
+    """A boto3 client for moto's server (cached: creating clients is slow), for seeding objects
+    and for faults that replace them; lazyserve itself reads through its own GET client."""
+    if s3.endpoint not in _http_clients:
+        _http_clients[s3.endpoint] = boto3.client(
+            "s3", region_name=REGION, endpoint_url=s3.endpoint
+        )
+    return _http_clients[s3.endpoint]
 
 
-def fetcher(client: Any = None) -> S3Fetcher:
-    return S3Fetcher(concurrency=4, part_size=PART, s3_client=client)
+def bucket(s3: CountingS3Server, name: str = BUCKET, *, versioned: bool = False) -> Any:
+    client = http_client(s3)
+    try:
+        client.create_bucket(Bucket=name)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    if versioned:
+        client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    return client
 
 
-# --- S3, in-process moto ---
+def seed(s3: CountingS3Server, key: str, data: bytes, **extra: Any) -> tuple[Any, str]:
+    client = bucket(s3)
+    etag = client.put_object(Bucket=BUCKET, Key=key, Body=data, **extra)["ETag"]
+    s3.clear()
+    return client, etag
 
 
-def test_fetch_returns_the_exact_bytes(mocked: Any) -> None:
+def fetcher() -> S3Fetcher:
+    # No client given: the fetcher uses the process's GET client, which follows
+    # AWS_ENDPOINT_URL_S3 (set by the s3 fixture).
+    return S3Fetcher(concurrency=4, part_size=PART)
+
+
+def ranged_gets(s3: CountingS3Server, key: str, name: str = BUCKET) -> list[Request]:
+    return [r for r in s3.object_gets(name, key) if r.range is not None]
+
+
+# --- S3 (moto's server over HTTP) ---
+
+
+def test_fetch_returns_the_exact_bytes(s3: CountingS3Server) -> None:
     data = random_bytes(50_000, seed=1)
-    put = mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data)
+    _, etag = seed(s3, "exact.safetensors", data)
 
-    weights = fetcher(mocked).fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}"))
+    weights = fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/exact.safetensors"))
 
     assert content(weights) == data
     assert weights.size == 50_000
     assert weights.sha256 == sha256(data)
-    assert weights.etag == put["ETag"]
-    assert weights.uri == f"s3://{BUCKET}/{KEY}"
+    assert weights.etag == etag
+    assert weights.uri == f"s3://{BUCKET}/exact.safetensors"
     assert weights.version_id is None
     assert weights.connections == 4
 
 
 @pytest.mark.parametrize("size", [1, PART - 1, PART, PART + 1, 3 * PART])
-def test_sizes_around_the_part_size(mocked: Any, size: int) -> None:
+def test_sizes_around_the_part_size(s3: CountingS3Server, size: int) -> None:
     data = random_bytes(size, seed=size)
-    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data)
-    weights = fetcher(mocked).fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}"))
+    key = f"sizes/{size}.safetensors"
+    seed(s3, key, data)
+    weights = fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
     assert content(weights) == data
     assert weights.sha256 == sha256(data)
+    assert len(ranged_gets(s3, key)) == -(-size // PART)
 
 
-def test_expected_sha256_that_matches(mocked: Any) -> None:
+def test_expected_sha256_that_matches(s3: CountingS3Server) -> None:
     data = random_bytes(10_000, seed=2)
-    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data)
-    uri = parse_model_uri(f"s3://{BUCKET}/{KEY}")
-    assert content(fetcher(mocked).fetch(uri, expected_sha256=sha256(data))) == data
+    seed(s3, "match.safetensors", data)
+    uri = parse_model_uri(f"s3://{BUCKET}/match.safetensors")
+    assert content(fetcher().fetch(uri, expected_sha256=sha256(data))) == data
 
 
-def test_pinned_version_is_fetched_after_an_overwrite(mocked: Any) -> None:
-    mocked.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+def test_pinned_version_is_fetched_after_an_overwrite(s3: CountingS3Server) -> None:
+    client = bucket(s3, VERSIONED, versioned=True)
     first, second = random_bytes(20_000, seed=3), random_bytes(30_000, seed=4)
-    v1 = mocked.put_object(Bucket=BUCKET, Key=KEY, Body=first)["VersionId"]
-    v2 = mocked.put_object(Bucket=BUCKET, Key=KEY, Body=second)["VersionId"]
+    key = "pinned.safetensors"
+    v1 = client.put_object(Bucket=VERSIONED, Key=key, Body=first)["VersionId"]
+    v2 = client.put_object(Bucket=VERSIONED, Key=key, Body=second)["VersionId"]
 
-    pinned = fetcher(mocked).fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}?versionId={v1}"))
-    latest = fetcher(mocked).fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}"))
+    pinned = fetcher().fetch(parse_model_uri(f"s3://{VERSIONED}/{key}?versionId={v1}"))
+    latest = fetcher().fetch(parse_model_uri(f"s3://{VERSIONED}/{key}"))
 
     assert content(pinned) == first
     assert pinned.version_id == v1
@@ -128,83 +149,95 @@ def test_pinned_version_is_fetched_after_an_overwrite(mocked: Any) -> None:
     assert latest.version_id == v2
 
 
-def fetch_error(client: Any, uri: str, **kwargs: Any) -> ModelUnavailable:
+def fetch_error(uri: str, **kwargs: Any) -> ModelUnavailable:
     with pytest.raises(ModelUnavailable) as info:
-        fetcher(client).fetch(parse_model_uri(uri), **kwargs)
+        fetcher().fetch(parse_model_uri(uri), **kwargs)
     return info.value
 
 
-def test_missing_key(mocked: Any) -> None:
-    error = fetch_error(mocked, f"s3://{BUCKET}/nope.safetensors")
+def test_missing_key(s3: CountingS3Server) -> None:
+    bucket(s3)
+    error = fetch_error(f"s3://{BUCKET}/nope.safetensors")
     assert isinstance(error, ModelFetchError)
     message = str(error)
-    assert message.startswith(f"cannot read s3://{BUCKET}/nope.safetensors: S3 error NoSuchKey")
-    assert isinstance(error.__cause__, ClientError)
+    assert message.startswith(
+        f"cannot read s3://{BUCKET}/nope.safetensors: S3 error NoSuchKey (no object has that key)"
+    )
+    assert isinstance(error.__cause__, S3Error)
+    assert error.__cause__.request_id in message
 
 
-def test_missing_bucket(mocked: Any) -> None:
-    error = fetch_error(mocked, "s3://no-such-bucket/k.safetensors")
+def test_missing_bucket(s3: CountingS3Server) -> None:
+    error = fetch_error("s3://no-such-bucket/k.safetensors")
     assert isinstance(error, ModelFetchError)
     assert str(error).startswith(
         "cannot read s3://no-such-bucket/k.safetensors: S3 error NoSuchBucket"
     )
-    assert isinstance(error.__cause__, ClientError)
+    assert isinstance(error.__cause__, S3Error)
 
 
-def test_missing_version(mocked: Any) -> None:
-    mocked.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
-    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=b"x" * 10)
-    error = fetch_error(mocked, f"s3://{BUCKET}/{KEY}?versionId=not-a-version")
+def test_missing_version(s3: CountingS3Server) -> None:
+    client = bucket(s3, VERSIONED, versioned=True)
+    client.put_object(Bucket=VERSIONED, Key="v.safetensors", Body=b"x" * 10)
+    error = fetch_error(f"s3://{VERSIONED}/v.safetensors?versionId=not-a-version")
     assert isinstance(error, ModelFetchError)
-    assert f"s3://{BUCKET}/{KEY}" in str(error)
+    assert f"s3://{VERSIONED}/v.safetensors" in str(error)
 
 
-def test_wrong_expected_sha256(mocked: Any) -> None:
+def test_wrong_expected_sha256(s3: CountingS3Server) -> None:
     data = random_bytes(9_000, seed=5)
-    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data)
+    seed(s3, "wrong.safetensors", data)
     wrong = "ab" * 32
-    error = fetch_error(mocked, f"s3://{BUCKET}/{KEY}", expected_sha256=wrong)
+    error = fetch_error(f"s3://{BUCKET}/wrong.safetensors", expected_sha256=wrong)
     assert isinstance(error, ModelIntegrityError)
     assert sha256(data) in str(error)
     assert wrong in str(error)
     assert "LAZYSERVE_MODEL_SHA256" in str(error)
 
 
-def test_sha256_stored_with_the_object_is_checked(mocked: Any) -> None:
+def test_sha256_stored_with_the_object_is_checked(s3: CountingS3Server) -> None:
     data = random_bytes(9_000, seed=6)
-    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data, Metadata={"sha256": sha256(data)})
-    weights = fetcher(mocked).fetch(parse_model_uri(f"s3://{BUCKET}/{KEY}"))
+    seed(s3, "stored.safetensors", data, Metadata={"sha256": sha256(data)})
+    weights = fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/stored.safetensors"))
     assert content(weights) == data
 
 
-def test_wrong_sha256_stored_with_the_object_fails(mocked: Any) -> None:
+def test_wrong_sha256_stored_with_the_object_fails(s3: CountingS3Server) -> None:
     data = random_bytes(9_000, seed=7)
     stored = "cd" * 32
-    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=data, Metadata={"sha256": stored})
-    error = fetch_error(mocked, f"s3://{BUCKET}/{KEY}")
+    seed(s3, "stored-wrong.safetensors", data, Metadata={"sha256": stored})
+    error = fetch_error(f"s3://{BUCKET}/stored-wrong.safetensors")
     assert isinstance(error, ModelIntegrityError)
     assert sha256(data) in str(error)
     assert stored in str(error)
     assert "stored with the object" in str(error)
 
 
-def test_empty_object(mocked: Any) -> None:
-    mocked.put_object(Bucket=BUCKET, Key=KEY, Body=b"")
-    error = fetch_error(mocked, f"s3://{BUCKET}/{KEY}")
+def test_empty_object(s3: CountingS3Server) -> None:
+    seed(s3, "empty.safetensors", b"")
+    error = fetch_error(f"s3://{BUCKET}/empty.safetensors")
     assert isinstance(error, ModelFormatError)
-    assert str(error) == f"s3://{BUCKET}/{KEY}: the object is empty"
+    assert str(error) == f"s3://{BUCKET}/empty.safetensors: the object is empty"
 
 
 # --- clients ---
 
 
-def test_one_client_per_pool_size_with_bounded_timeouts() -> None:
+def test_one_get_client_per_process_until_reset() -> None:
+    client = s3_get_client()
+    assert s3_get_client() is client
+    reset_s3_clients()
+    assert s3_get_client() is not client
+
+
+def test_one_boto3_client_per_pool_size_with_bounded_timeouts() -> None:
+    # boto3 stays for `lazyserve push` (multipart uploads).
     client = s3_client(6)
     assert s3_client(6) is client
     assert s3_client(10) is not client
     config: Any = client.meta.config
-    assert config.connect_timeout == lazyserve.sources.s3.CONNECT_TIMEOUT
-    assert config.read_timeout == lazyserve.sources.s3.READ_TIMEOUT
+    assert config.connect_timeout == lazyserve.sources.s3client.CONNECT_TIMEOUT
+    assert config.read_timeout == lazyserve.sources.s3client.READ_TIMEOUT
     assert config.max_pool_connections == 6
     reset_s3_clients()
     assert s3_client(6) is not client
@@ -314,35 +347,7 @@ def test_prefetch_over_s3_fetches_once(s3: CountingS3Server) -> None:
     assert len(ranged_gets(s3, key)) == -(-len(data) // PART)
 
 
-# --- S3 over HTTP (moto's server), with faults ---
-
-
-_http_clients: dict[str, Any] = {}
-
-
-def http_client(s3: CountingS3Server) -> Any:
-    """A plain client for moto's server (cached: creating clients is slow), for seeding objects
-    and for faults that replace them."""
-    if s3.endpoint not in _http_clients:
-        _http_clients[s3.endpoint] = boto3.client(
-            "s3", region_name=REGION, endpoint_url=s3.endpoint
-        )
-    return _http_clients[s3.endpoint]
-
-
-def seed(s3: CountingS3Server, key: str, data: bytes) -> tuple[Any, str]:
-    client = http_client(s3)
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    etag = client.put_object(Bucket=BUCKET, Key=key, Body=data)["ETag"]
-    s3.clear()
-    return client, etag
-
-
-def ranged_gets(s3: CountingS3Server, key: str) -> list[Request]:
-    return [r for r in s3.object_gets(BUCKET, key) if r.range is not None]
+# --- S3 over HTTP, with faults ---
 
 
 def test_http_fetch_reads_each_part_once(s3: CountingS3Server) -> None:
@@ -350,10 +355,7 @@ def test_http_fetch_reads_each_part_once(s3: CountingS3Server) -> None:
     data = random_bytes(50_000, seed=10)
     _, etag = seed(s3, key, data)
 
-    # No client given: the fetcher makes its own, which follows AWS_ENDPOINT_URL_S3.
-    weights = S3Fetcher(concurrency=4, part_size=PART).fetch(
-        parse_model_uri(f"s3://{BUCKET}/{key}")
-    )
+    weights = fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
 
     assert content(weights) == data
     assert weights.etag == etag
@@ -407,37 +409,30 @@ def test_object_replaced_during_a_load_restarts_from_the_new_version(
 def test_versioned_object_replaced_during_a_load_keeps_the_first_version(
     s3: CountingS3Server,
 ) -> None:
-    bucket = "lazyserve-sources-versioned"
+    name = VERSIONED
     key = "http/versioned.safetensors"
-    client = http_client(s3)
-    try:
-        client.create_bucket(Bucket=bucket)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    client = bucket(s3, name, versioned=True)
     old, new = random_bytes(30_000, seed=18), random_bytes(30_000, seed=19)
-    v1 = client.put_object(Bucket=bucket, Key=key, Body=old)["VersionId"]
+    v1 = client.put_object(Bucket=name, Key=key, Body=old)["VersionId"]
     s3.clear()
     replaced: list[str] = []
     lock = threading.Lock()
 
     def replace_after_the_first_get(request: Request) -> WSGIApp | None:
-        if request.method == "GET" and request.path == f"/{bucket}/{key}":
+        if request.method == "GET" and request.path == f"/{name}/{key}":
             with lock:
-                if len(s3.object_gets(bucket, key)) >= 2 and not replaced:
-                    replaced.append(
-                        client.put_object(Bucket=bucket, Key=key, Body=new)["VersionId"]
-                    )
+                if len(s3.object_gets(name, key)) >= 2 and not replaced:
+                    replaced.append(client.put_object(Bucket=name, Key=key, Body=new)["VersionId"])
         return None
 
     s3.fault = replace_after_the_first_get
-    weights = fetcher().fetch(parse_model_uri(f"s3://{bucket}/{key}"))
+    weights = fetcher().fetch(parse_model_uri(f"s3://{name}/{key}"))
 
     assert replaced and replaced[0] != v1
     # The version seen first is read to the end: consistent, no restart needed.
     assert content(weights) == old
     assert weights.version_id == v1
-    gets = s3.object_gets(bucket, key)
+    gets = s3.object_gets(name, key)
     assert "versionId" not in gets[0].query
     assert all(f"versionId={v1}" in r.query for r in gets[1:])
     assert len(gets) == -(-len(old) // PART)
@@ -542,8 +537,8 @@ def test_a_stalled_endpoint_ends_in_a_fetch_error(
 ) -> None:
     key = "http/stalled.safetensors"
     seed(s3, key, random_bytes(10_000, seed=16))
-    monkeypatch.setattr(lazyserve.sources.s3, "READ_TIMEOUT", 0.2)
-    monkeypatch.setattr(lazyserve.sources.s3, "BOTO_ATTEMPTS", 1)
+    monkeypatch.setattr(lazyserve.sources.s3client, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(lazyserve.sources.s3client, "ATTEMPTS", 1)
     release = threading.Event()
 
     def stall(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -559,3 +554,48 @@ def test_a_stalled_endpoint_ends_in_a_fetch_error(
         release.set()
 
     assert str(info.value).startswith(f"cannot read s3://{BUCKET}/{key}: ReadTimeoutError")
+    assert len(s3.object_gets(BUCKET, key)) == 1  # one attempt, cut by the read timeout
+
+
+def test_an_endpoint_that_ignores_range_is_refused(s3: CountingS3Server) -> None:
+    # A whole-object 200 to a ranged GET: the parts cannot be placed, and reading every
+    # object whole once per part would multiply the download.
+    key = "http/no-range.safetensors"
+    data = random_bytes(3 * PART, seed=20)
+    seed(s3, key, data)
+
+    def whole(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", str(len(data))), ("ETag", '"whole"')])
+        return [data]
+
+    s3.fault = lambda request: whole if request.method == "GET" else None
+    with pytest.raises(ModelFetchError) as info:
+        fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
+    assert str(info.value) == (
+        f"cannot read s3://{BUCKET}/{key}: the endpoint ignored the Range header "
+        "(status 200, no Content-Range)"
+    )
+    assert len(ranged_gets(s3, key)) == 1
+
+
+def test_a_boto3_client_given_to_the_load_lends_its_endpoint_and_credentials(
+    s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "http/given-client.safetensors"
+    data = random_bytes(2 * PART, seed=21)
+    seed(s3, key, data)
+    given = boto3.client(
+        "s3",
+        region_name=REGION,
+        endpoint_url=s3.endpoint,
+        aws_access_key_id="AKIAGIVENCLIENT00000",
+        aws_secret_access_key="given/secret",
+    )
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # only the given client knows where S3 is
+    settings = load_settings(
+        {"LAZYSERVE_MODEL_URI": f"s3://{BUCKET}/{key}", "LAZYSERVE_S3_PART_SIZE": str(PART)}
+    )
+    assert content(fetch_weights(settings, s3_client=given)) == data
+    gets = ranged_gets(s3, key)
+    assert len(gets) == 2
+    assert all("Credential=AKIAGIVENCLIENT00000/" in g.headers["authorization"] for g in gets)

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 __all__ = [
     "cpus",
     "initialization_type",
     "memory_limit",
+    "memory_limit_source",
     "on_lambda",
     "resident_bytes",
 ]
 
 _MIB = 1024 * 1024
 # cgroup v2, then v1: the limit a container runtime (or Lambda's sandbox) puts on this process.
+# (Plain paths: the download helper asks too, and needs no pathlib.)
 _CGROUP_LIMITS = (
-    Path("/sys/fs/cgroup/memory.max"),
-    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+    "/sys/fs/cgroup/memory.max",
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
 )
 _NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a number near 2**63
 
@@ -56,13 +57,21 @@ def memory_limit(environ: Mapping[str, str] | None = None) -> int | None:
         return int(size) * _MIB
     for path in _CGROUP_LIMITS:
         try:
-            text = path.read_text().strip()
-        except OSError:
+            with open(path, encoding="ascii") as file:
+                text = file.read().strip()
+        except (OSError, ValueError):
             continue
         if text.isdigit() and int(text) < _NO_LIMIT:
             return int(text)
         return None  # "max": this cgroup sets no limit
     return None
+
+
+def memory_limit_source(environ: Mapping[str, str] | None = None) -> str:
+    """Where memory_limit() found its number, for messages."""
+    if _env(environ).get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "").isdigit():
+        return "AWS_LAMBDA_FUNCTION_MEMORY_SIZE"
+    return "the cgroup memory limit"
 
 
 def resident_bytes() -> int:

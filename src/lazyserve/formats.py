@@ -15,8 +15,8 @@ from typing import Literal, TypeVar
 import torch
 
 from lazyserve.errors import ModelFormatError
-from lazyserve.settings import ModelURI, parse_model_uri
 from lazyserve.sources import Weights
+from lazyserve.uris import ModelURI, parse_model_uri
 
 __all__ = ["build_model", "format_of", "read_state_dict", "sniff_format"]
 

@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict
 from lazyserve.formats import build_model, format_of, read_state_dict
 from lazyserve.lazy import LazyModel
 from lazyserve.logs import set_global
-from lazyserve.settings import ModelURI, Settings
-from lazyserve.sources import fetch_weights, take_prefetched
+from lazyserve.settings import Settings
+from lazyserve.sources import load_weights
 from lazyserve.types import S3Client
+from lazyserve.uris import ModelURI
 
 __all__ = ["Loaded", "ModelInfo", "lazy_model", "load_model"]
 
@@ -61,14 +62,8 @@ def load_model(
 ) -> Loaded[M]:
     """Fetch, check and build the model once; raises a ModelLoadError subclass on failure.
     `uri` names one model of a prefix (default: the settings' URI); `reserve(size)` runs once
-    the weights' size is known, before they are read (see fetch_weights)."""
-    prefetched = take_prefetched(settings) if uri is None else None
-    if prefetched is not None:
-        weights = prefetched.result()
-        if reserve is not None:
-            reserve(weights.size)
-    else:
-        weights = fetch_weights(settings, uri=uri, reserve=reserve, s3_client=s3_client)
+    the weights' size is known, before they are read (see sources.fetch_weights)."""
+    weights = load_weights(settings, uri=uri, reserve=reserve, s3_client=s3_client)
     fetched = time.perf_counter()
     module = build_model(build, read_state_dict(weights), weights.uri)
     done = time.perf_counter()
@@ -86,7 +81,8 @@ def load_model(
         connections=weights.connections,
     )
     mbps = weights.size / 1e6 / max(info.fetch_seconds, 1e-9)
-    set_global(model_sha256=info.sha256)
+    if uri is None:  # the process serves this one model: every log line may name it
+        set_global(model_sha256=info.sha256)
     log.info(
         "model loaded from %s: %d bytes in %.3fs (%.1f MB/s)",
         info.uri,

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import IO, Literal
 
 from lazyserve.errors import ModelFetchError, ModelFormatError
-from lazyserve.settings import MODEL_SUFFIX, parse_model_uri
 from lazyserve.sources import s3_client
 from lazyserve.types import S3Client
+from lazyserve.uris import MODEL_SUFFIX, parse_model_uri
 
 __all__ = ["Pushed", "check_weights_file", "convert", "file_sha256", "push"]
 

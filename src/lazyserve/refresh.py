@@ -15,7 +15,7 @@ from typing import Any
 
 from lazyserve.lazy import LazyModel
 from lazyserve.model import Loaded
-from lazyserve.sources import ObjectVersion
+from lazyserve.sources import ObjectStat
 
 __all__ = ["Refresher", "Target"]
 
@@ -28,7 +28,7 @@ class Target:
 
     name: str  # for logs and counts: the URI, or the model's name under a prefix
     holder: LazyModel[Loaded[Any]]
-    stat: Callable[[], ObjectVersion]  # what the object is now (a HEAD request)
+    stat: Callable[[], ObjectStat]  # what the object is now (a HEAD request)
     reload: Callable[[], Loaded[Any]]  # load the object as it is now, verified
     # (current bytes, new bytes) -> True when the new copy may be loaded beside the current
     # one; the memory it takes is then reserved until `swapped` or `abandoned` says what became

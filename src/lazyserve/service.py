@@ -31,7 +31,7 @@ from lazyserve.schemas import NOT_FOUND, TOO_LARGE, UNAVAILABLE
 from lazyserve.settings import Settings, load_settings
 from lazyserve.signatures import dumper, in_inference_mode, io_types
 from lazyserve.signatures import rules as signature_rules
-from lazyserve.sources import stat
+from lazyserve.sources import head
 from lazyserve.startup import start_loading
 from lazyserve.types import LambdaContext, LambdaEvent, S3Client
 from lazyserve.workers import Inference
@@ -298,7 +298,7 @@ class Service(Generic[M]):
                 Target(
                     name=self.settings.model_uri,
                     holder=self._holder,
-                    stat=lambda: stat(self.uri),
+                    stat=lambda: head(self.uri),
                     reload=lambda: load_model(
                         self._build, self.settings, uri=self.uri, s3_client=self._s3_client
                     ),
@@ -313,7 +313,7 @@ class Service(Generic[M]):
         return Target(
             name=uri.uri,
             holder=entry.holder,
-            stat=lambda: stat(uri),
+            stat=lambda: head(uri),
             reload=lambda: load_model(
                 self._build, self.settings, uri=uri, s3_client=self._s3_client
             ),

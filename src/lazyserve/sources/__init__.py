@@ -1,30 +1,52 @@
-"""Where weights come from: S3 (`s3.py`) or a local file (`local.py`), into one `Weights`."""
+"""Where weights come from: S3 (`s3.py`, over the GET client in `s3client.py`) or a local file
+(`local.py`), into one `Weights`; fetched now, or taken from a download started earlier (by
+`prefetch`, or by the helper process the interpreter started, `helper.py`)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Protocol
 
-from lazyserve.settings import ModelURI, Settings
+from lazyserve.sources import helper as _helper
 from lazyserve.sources import registry as _registry
+from lazyserve.sources.boto import s3_client
 from lazyserve.sources.local import fetch_local
-from lazyserve.sources.s3 import ObjectVersion, S3Fetcher, reset_s3_clients, s3_client, stat
-from lazyserve.sources.weights import Weights
-from lazyserve.types import S3Client
+from lazyserve.sources.s3 import S3Fetcher, head, reset_s3_clients, s3_get_client
+from lazyserve.sources.s3client import ObjectStat, S3GetClient
+from lazyserve.sources.weights import Weights, verify
+
+if TYPE_CHECKING:
+    from lazyserve.settings import Settings
+    from lazyserve.types import S3Client
+    from lazyserve.uris import ModelURI
 
 __all__ = [
-    "ObjectVersion",
+    "ObjectStat",
+    "Pending",
     "S3Fetcher",
+    "S3GetClient",
     "Weights",
     "fetch_local",
     "fetch_weights",
+    "head",
+    "load_weights",
     "prefetch",
     "reset_prefetches",
     "reset_s3_clients",
     "s3_client",
-    "stat",
+    "s3_get_client",
     "take_prefetched",
 ]
+
+log = logging.getLogger("lazyserve")
+
+
+class Pending(Protocol):
+    """A download started ahead of the load that takes it."""
+
+    def result(self, timeout: float | None = None) -> Weights: ...
 
 
 def fetch_weights(
@@ -34,33 +56,75 @@ def fetch_weights(
     reserve: Callable[[int], None] | None = None,
     s3_client: S3Client | None = None,
 ) -> Weights:
-    """The weights' bytes, from S3 or a local file, checked against the expected sha256.
-    `uri` defaults to the settings' (one model of a prefix names its own); `reserve(size)` runs
-    once the size is known, before the bytes are read, and raises to refuse the load."""
+    """The weights' bytes, fetched now in this process from S3 or a local file, checked against
+    the expected sha256. `uri` defaults to the settings' (one model of a prefix names its own);
+    `reserve(size)` runs once the size is known, before the bytes are read, and raises to
+    refuse the load. `s3_client`: a boto3 client whose endpoint, region and credentials the
+    GETs use (the GETs themselves go through `S3GetClient`)."""
     uri = settings.uri if uri is None else uri
     # LAZYSERVE_MODEL_SHA256 names the one file of a single-model URI, not each of a prefix's.
     expected = settings.model_sha256 if uri.uri == settings.model_uri else None
     if uri.is_s3:
+        client = S3GetClient.from_boto3(s3_client) if s3_client is not None else None
         fetcher = S3Fetcher(
-            concurrency=settings.s3_concurrency,
-            part_size=settings.s3_part_size,
-            s3_client=s3_client,
+            concurrency=settings.s3_concurrency, part_size=settings.s3_part_size, client=client
         )
-        return fetcher.fetch(uri, expected_sha256=expected, reserve=reserve)
+        try:
+            return fetcher.fetch(uri, expected_sha256=expected, reserve=reserve)
+        finally:
+            if client is not None:
+                client.close()  # made for this load: its kept-alive connections go with it
     return fetch_local(uri, expected_sha256=expected, reserve=reserve)
+
+
+def load_weights(
+    settings: Settings,
+    *,
+    uri: ModelURI | None = None,
+    reserve: Callable[[int], None] | None = None,
+    s3_client: S3Client | None = None,
+) -> Weights:
+    """The weights for these settings (or for `uri`, one model of a prefix): from the download
+    started ahead (the helper process, or `prefetch`), else fetched now."""
+    pending = take_prefetched(settings) if uri is None else None
+    if pending is not None:
+        weights = _settle(pending, settings, s3_client)
+        if reserve is not None:
+            reserve(weights.size)
+        return weights
+    return fetch_weights(settings, uri=uri, reserve=reserve, s3_client=s3_client)
 
 
 def prefetch(settings: Settings, *, s3_client: S3Client | None = None) -> Future[Weights]:
     """Start fetching the weights in a thread now, e.g. before `import torch`, so the download
-    overlaps the rest of the import; the next load with these settings takes the result."""
+    overlaps the rest of the import; the next load with these settings takes the result. The
+    download the interpreter's helper process is making is adopted, not made twice."""
+    started = _helper.take(settings.model_uri)
+    if started is not None:
+        return _registry.start(settings.model_uri, lambda: _settle(started, settings, s3_client))
     return _registry.start(settings.model_uri, lambda: fetch_weights(settings, s3_client=s3_client))
 
 
-def take_prefetched(settings: Settings) -> Future[Weights] | None:
-    """The prefetch started for these settings, if any; each prefetch is taken once."""
-    return _registry.take(settings.model_uri)
+def _settle(pending: Pending, settings: Settings, s3_client: S3Client | None) -> Weights:
+    """The weights a download started ahead delivers; a helper process that delivered nothing
+    usable is logged and replaced by a download in this process."""
+    try:
+        weights = pending.result()
+    except _helper.HelperFailed as exc:
+        log.warning("the download started with the interpreter failed (%s); downloading again", exc)
+        return fetch_weights(settings, s3_client=s3_client)
+    verify(weights.uri, weights.sha256, settings.model_sha256, "LAZYSERVE_MODEL_SHA256")
+    return weights
+
+
+def take_prefetched(settings: Settings) -> Pending | None:
+    """The download started ahead for these settings, if any; each is taken once."""
+    started: Any = _helper.take(settings.model_uri)
+    return started if started is not None else _registry.take(settings.model_uri)
 
 
 def reset_prefetches() -> None:
-    """Forget every prefetch no load has taken (tests; a process that changes its settings)."""
+    """Forget every download started ahead that no load has taken (tests; a process that
+    changes its settings); a helper process is stopped."""
     _registry.reset()
+    _helper.discard()

@@ -7,10 +7,13 @@ import hashlib
 import mmap
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lazyserve.errors import ModelFetchError, ModelMissing
-from lazyserve.settings import ModelURI
 from lazyserve.sources.weights import Weights, verify
+
+if TYPE_CHECKING:
+    from lazyserve.uris import ModelURI
 
 __all__ = ["fetch_local"]
 

@@ -1,133 +1,150 @@
-"""Weights from S3: parallel ranged GETs of one object version straight into a single buffer."""
+"""Weights from S3: parallel ranged GETs of one object version straight into a single buffer,
+hashed as the parts arrive."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import mmap
-import random
-import re
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from lazyserve.errors import ModelChangedError, ModelFetchError, ModelFormatError, ModelMissing
-from lazyserve.settings import ModelURI
+from lazyserve import environment
+from lazyserve.errors import ModelChangedError, ModelFetchError, ModelTooLarge
+from lazyserve.sources.credentials import CredentialsError
+from lazyserve.sources.s3client import (
+    ObjectStat,
+    PreconditionFailed,
+    RangeHead,
+    S3Error,
+    S3GetClient,
+    TransferError,
+    load_error,
+)
 from lazyserve.sources.weights import Weights, verify
-from lazyserve.types import S3Client
+
+if TYPE_CHECKING:
+    from lazyserve.uris import ModelURI
 
 __all__ = [
-    "BOTO_ATTEMPTS",
-    "CONNECT_TIMEOUT",
-    "READ_TIMEOUT",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_PART_SIZE",
     "S3Fetcher",
+    "head",
+    "private_buffer",
     "reset_s3_clients",
-    "s3_client",
+    "s3_get_client",
 ]
 
 log = logging.getLogger("lazyserve")
 
-CONNECT_TIMEOUT = 2.0
-READ_TIMEOUT = 5.0
-BOTO_ATTEMPTS = 3  # botocore's attempts per GET (first + retries): SlowDown, 5xx, connections
-BODY_ATTEMPTS = 3  # ours: errors while a range's body streams in, which botocore cannot retry
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
-_S3_HINTS = {
-    "NoSuchKey": "no object has that key",
-    "NoSuchBucket": "the bucket does not exist",
-    "NoSuchVersion": "the object has no such version",
-    "AccessDenied": "access denied: the function's role needs s3:GetObject on this key",
-    "SlowDown": "S3 is throttling requests",
-    "InvalidRange": "the object is empty",
-}
+# The defaults of LAZYSERVE_S3_CONCURRENCY and LAZYSERVE_S3_PART_SIZE (settings.py says why),
+# here too because the download helper reads its few settings without pydantic.
+DEFAULT_CONCURRENCY = 16
+DEFAULT_PART_SIZE = 8 * 1024 * 1024
+_MIB = 1024 * 1024
+# The first GET learns the object's size: a small one, so the others (sized from it) leave
+# early and its own body is not the last to arrive.
+FIRST_PART = _MIB
+# Objects too small for one `part_size` part per connection are split evenly over the
+# connections, in parts of at least this (one connection streams ~90 MB/s: a 1 MiB part
+# is ~12 ms of transfer against S3's ~20 ms to the first byte).
+MIN_PART = _MIB
 
-
-_clients: dict[int, S3Client] = {}
+Allocate = Callable[[int], mmap.mmap]
+_clients: dict[str, S3GetClient] = {}
 _clients_lock = threading.Lock()
 
 
-def s3_client(max_connections: int = 10) -> S3Client:
-    """One boto3 S3 client per process and pool size, with bounded timeouts and retries."""
+def s3_get_client() -> S3GetClient:
+    """The process's S3 GET client, made on first use from the environment of that moment."""
     with _clients_lock:
-        client = _clients.get(max_connections)
+        client = _clients.get("default")
         if client is None:
-            import boto3
-            from botocore.config import Config
-
-            # boto3 honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and the credentials chain.
-            config = Config(
-                connect_timeout=CONNECT_TIMEOUT,
-                read_timeout=READ_TIMEOUT,
-                # total_max_attempts: botocore reads max_attempts as retries after the first.
-                retries={"mode": "standard", "total_max_attempts": BOTO_ATTEMPTS},
-                max_pool_connections=max_connections,
-            )
-            client = boto3.session.Session().client("s3", config=config)
-            _clients[max_connections] = client
+            client = _clients["default"] = S3GetClient()
         return client
 
 
 def reset_s3_clients() -> None:
-    """Forget cached clients (after a SnapStart restore: new connections, new credentials)."""
+    """Forget the clients (after a SnapStart restore: new connections, new credentials)."""
+    from lazyserve.sources.boto import reset_boto3_clients
+
     with _clients_lock:
+        clients = list(_clients.values())
         _clients.clear()
+    for client in clients:
+        client.close()
+    reset_boto3_clients()
 
 
-@dataclass(frozen=True)
-class ObjectVersion:
-    """What identifies the bytes an S3 URI names right now."""
+def private_buffer(size: int) -> mmap.mmap:
+    # An anonymous private mapping: the kernel hands out zeroed pages as the ranges land, in
+    # the threads that write them. bytearray(size) would first memset every page here, on the
+    # critical path: 0.25-0.5 s for 512 MiB on a 2-vCPU Firecracker VM, where first touches of
+    # memory run at about 1 GB/s.
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
-    size: int
-    etag: str
-    version_id: str | None
 
-
-def stat(uri: ModelURI, *, client: S3Client | None = None) -> ObjectVersion:
-    """The object's size, ETag and version id (a HEAD request), to tell whether it changed."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    client = client if client is not None else s3_client()
-    params: dict[str, Any] = {"Bucket": uri.bucket or "", "Key": uri.key or ""}
-    if uri.version_id:
-        params["VersionId"] = uri.version_id
+def head(uri: ModelURI, *, client: S3GetClient | None = None) -> ObjectStat:
+    """The object's size, ETag and version id, from one 1-byte GET: a cheap check for a new
+    version. Raises ModelFetchError as a load would."""
+    where = f"s3://{uri.bucket}/{uri.key}"
     try:
-        head = client.head_object(**params)
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
-        raise ModelFetchError(
-            f"cannot read s3://{uri.bucket}/{uri.key}: S3 error {code} (HEAD)"
-        ) from exc
-    except BotoCoreError as exc:
-        raise ModelFetchError(
-            f"cannot read s3://{uri.bucket}/{uri.key}: {type(exc).__name__}: {exc}"
-        ) from exc
-    return ObjectVersion(int(head["ContentLength"]), str(head["ETag"]), head.get("VersionId"))
+        return (client or s3_get_client()).stat(uri.bucket or "", uri.key or "", uri.version_id)
+    except (S3Error, TransferError, CredentialsError) as exc:
+        raise load_error(where, exc) from exc
 
 
 class _Replaced(Exception):
     """The object changed between two ranged GETs of one load."""
 
 
+class _Load:
+    """One attempt's state, filled in when the first response's headers arrive."""
+
+    def __init__(self) -> None:
+        self.buffer: mmap.mmap | None = None
+        self.view = memoryview(b"")
+        self.pin: _Pin | None = None
+        self.parts: list[tuple[int, int, Future[None]]] = []
+
+
+class _Pin:
+    """What keeps every range of a load on the first response's object: its version id where
+    the bucket has versions, else its ETag (If-Match)."""
+
+    def __init__(self, version: str | None, etag: str, *, ours: bool) -> None:
+        self.version = version
+        self.etag = etag
+        self.ours = ours  # the version came from S3's answer, not from the URI
+
+
 class S3Fetcher:
-    """Reads one S3 object version with parallel ranged GETs straight into a single buffer."""
+    """Reads one S3 object version with parallel ranged GETs straight into a single buffer.
+
+    `allocate(size)` makes the buffer (default: anonymous memory; the download helper gives a
+    shared mapping of its memfd)."""
 
     def __init__(
         self,
         *,
-        concurrency: int = 8,
-        part_size: int = 8 * 1024 * 1024,
-        s3_client: S3Client | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        part_size: int = DEFAULT_PART_SIZE,
+        client: S3GetClient | None = None,
+        allocate: Allocate = private_buffer,
     ) -> None:
         self.concurrency = concurrency
         self.part_size = part_size
-        self._client = s3_client
+        self._client = client
+        self.allocate = allocate
 
     @property
-    def client(self) -> S3Client:
-        return self._client if self._client is not None else s3_client(self.concurrency + 2)
+    def client(self) -> S3GetClient:
+        return self._client if self._client is not None else s3_get_client()
 
     def fetch(
         self,
@@ -138,178 +155,180 @@ class S3Fetcher:
     ) -> Weights:
         """Fetch the object; restart once if it is replaced mid-read, never mixing versions.
         `reserve(size)` runs once the first response gives the size, before the buffer is
-        allocated; it raises to refuse the load."""
+        allocated and the other GETs leave; it raises to refuse the load."""
+        where = f"s3://{uri.bucket}/{uri.key}"
         try:
-            return self._fetch(uri, expected_sha256, reserve)
-        except _Replaced:
-            log.warning("%s changed during the load; starting again from the new version", uri.uri)
-        try:
-            return self._fetch(uri, expected_sha256, reserve)
-        except _Replaced:
-            raise ModelChangedError(
-                f"{uri.uri}: the object changed twice while it was being read; "
-                "give a ?versionId= to pin one version"
-            ) from None
+            try:
+                return self._fetch(uri, expected_sha256, reserve)
+            except _Replaced:
+                log.warning(
+                    "%s changed during the load; starting again from the new version", where
+                )
+            try:
+                return self._fetch(uri, expected_sha256, reserve)
+            except _Replaced:
+                raise ModelChangedError(
+                    f"{where}: the object changed twice while it was being read; "
+                    "give a ?versionId= to pin one version"
+                ) from None
+        except (S3Error, TransferError, CredentialsError) as exc:
+            raise load_error(where, exc) from exc
 
     def _fetch(
         self, uri: ModelURI, expected: str | None, reserve: Callable[[int], None] | None
     ) -> Weights:
         started = time.perf_counter()
-        first = self._get(uri, 0, self.part_size - 1, {"VersionId": uri.version_id})
-        total, etag = first["total"], first["ETag"]
-        if reserve is not None:
-            try:
-                reserve(total)
-            except BaseException:
-                first["Body"].close()
-                raise
-        version = first.get("VersionId")
-        # An anonymous private mapping: the kernel hands out zeroed pages as the ranges land,
-        # in the threads that write them. bytearray(total) would first memset every page here,
-        # on the critical path: 0.25-0.5 s for 512 MiB on a 2-vCPU Firecracker VM, where first
-        # touches of memory run at about 1 GB/s.
-        buffer = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE)
-        view = memoryview(buffer)
-        # Later ranges must come from the same version: pin its id where the bucket has
-        # versions, else make S3 refuse any other ETag (412 PreconditionFailed).
-        pin = {"VersionId": version} if version else {"IfMatch": etag}
-        digest = hashlib.sha256()
+        client = self.client
+        bucket, key = uri.bucket or "", uri.key or ""
+        where = f"s3://{bucket}/{key}"
+        load = _Load()
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="lazyserve-s3") as pool:
-            head: Future[Any] = pool.submit(self._read, uri, view, 0, first)
-            futures = [head]
-            for start in range(int(first["end"]) + 1, total, self.part_size):
-                end = min(start + self.part_size, total) - 1
-                futures.append(pool.submit(self._range, uri, view, start, end, pin, etag))
+
+            def first_part(head: RangeHead) -> memoryview:
+                _check_range(where, head, 0)
+                if load.pin is not None:  # a retry of the first part, the others under way
+                    if head.etag != load.pin.etag or head.total != len(load.view):
+                        raise _Replaced
+                    return load.view[: head.last + 1]
+                # The size is known from here: a model that cannot fit fails now, before the
+                # other ranged GETs (issue 11).
+                _check_fits(where, head.total)
+                if reserve is not None:
+                    reserve(head.total)
+                load.buffer = self.allocate(head.total)
+                load.view = memoryview(load.buffer)
+                load.pin = _Pin(
+                    head.version_id or uri.version_id, head.etag, ours=uri.version_id is None
+                )
+                # The other ranges leave now, while this one's body is still arriving.
+                for start, end in self.split(head.last + 1, head.total):
+                    job = (client, where, bucket, key, load.view, start, end, load.pin)
+                    load.parts.append((start, end, pool.submit(self._range, *job)))
+                return load.view[: head.last + 1]
+
+            first_job = pool.submit(
+                client.get_range,
+                bucket,
+                key,
+                0,
+                min(self.part_size, FIRST_PART) - 1,
+                version_id=uri.version_id,
+                into=first_part,
+            )
+            digest = hashlib.sha256()
             try:
-                offset = 0
+                first: RangeHead = first_job.result()
                 # Hash each part as soon as it and those before it are in: the digest
                 # overlaps the download instead of making a second pass.
-                for future in futures:
-                    end = future.result()
-                    digest.update(view[offset : end + 1])
-                    offset = end + 1
+                digest.update(load.view[: first.last + 1])
+                for start, end, future in load.parts:
+                    future.result()
+                    digest.update(load.view[start : end + 1])
             except BaseException:
-                for future in futures:
+                for _, _, future in load.parts:
                     future.cancel()
                 raise
         sha = digest.hexdigest()
-        stored = (first.get("Metadata") or {}).get("sha256")
         if expected is not None:
-            verify(uri.uri, sha, expected, "LAZYSERVE_MODEL_SHA256")
+            verify(where, sha, expected, "LAZYSERVE_MODEL_SHA256")
         else:
-            verify(uri.uri, sha, stored, "the sha256 stored with the object")
+            verify(where, sha, first.sha256, "the sha256 stored with the object")
+        assert load.buffer is not None
         return Weights(
             uri.uri,
-            total,
+            first.total,
             sha,
-            buffer=buffer,
-            version_id=version,
-            etag=etag,
+            buffer=load.buffer,
+            version_id=first.version_id or uri.version_id,
+            etag=first.etag,
             fetch_seconds=time.perf_counter() - started,
-            connections=min(self.concurrency, len(futures)),
+            connections=min(self.concurrency, len(load.parts) + 1),
             started=started,
         )
 
+    def split(self, start: int, total: int) -> list[tuple[int, int]]:
+        """The ranges after the first: `part_size` bytes each, or, when that would leave
+        connections idle, the rest split evenly over them (parts of at least MIN_PART)."""
+        rest = total - start
+        count = min(self.concurrency, -(-rest // MIN_PART))
+        if rest <= 0 or -(-rest // self.part_size) >= count:
+            return [
+                (at, min(at + self.part_size, total) - 1)
+                for at in range(start, total, self.part_size)
+            ]
+        return [
+            (start + rest * i // count, start + rest * (i + 1) // count - 1) for i in range(count)
+        ]
+
     def _range(
-        self, uri: ModelURI, view: memoryview, start: int, end: int, pin: dict[str, Any], etag: str
-    ) -> int:
-        for attempt in range(1, BODY_ATTEMPTS + 1):
-            response = self._get(uri, start, end, pin)
-            if response["ETag"] != etag:
+        self,
+        client: S3GetClient,
+        where: str,
+        bucket: str,
+        key: str,
+        view: memoryview,
+        start: int,
+        end: int,
+        pin: _Pin,
+    ) -> None:
+        def same_object(head: RangeHead) -> memoryview:
+            if head.etag != pin.etag:
                 raise _Replaced
+            _check_range(where, head, start)
+            return view[start : end + 1]
+
+        while True:
+            version = pin.version
             try:
-                return self._read(uri, view, start, response)
-            except ModelFetchError:
-                if attempt == BODY_ATTEMPTS:
-                    raise
-                delay = min(2.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
-                log.warning("%s bytes %d-%d: retrying after a broken body", uri.uri, start, end)
-                threading.Event().wait(delay)
-        raise AssertionError("unreachable")
-
-    def _get(self, uri: ModelURI, start: int, end: int, extra: dict[str, Any]) -> dict[str, Any]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        params = {k: v for k, v in extra.items() if v is not None}
-        try:
-            response: dict[str, Any] = dict(
-                self.client.get_object(
-                    Bucket=uri.bucket or "",
-                    Key=uri.key or "",
-                    Range=f"bytes={start}-{end}",
-                    **params,
+                client.get_range(
+                    bucket,
+                    key,
+                    start,
+                    end,
+                    into=same_object,
+                    version_id=version,
+                    if_match=None if version is not None else (pin.etag or None),
                 )
-            )
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", "Unknown"))
-            if code in ("PreconditionFailed", "412"):
-                raise _Replaced from exc
-            if code == "InvalidRange":
-                raise ModelFormatError(f"{uri.uri}: the object is empty") from exc
-            request_id = exc.response.get("ResponseMetadata", {}).get("RequestId", "")
-            hint = _S3_HINTS.get(code, str(error.get("Message", "")))
-            kind = ModelMissing if code in ("NoSuchKey", "NoSuchVersion") else ModelFetchError
-            raise kind(
-                f"cannot read s3://{uri.bucket}/{uri.key}: S3 error {code} ({hint})"
-                + (f", request id {request_id}" if request_id else "")
-            ) from exc
-        except BotoCoreError as exc:
-            raise ModelFetchError(
-                f"cannot read s3://{uri.bucket}/{uri.key}: {type(exc).__name__}: {exc}"
-            ) from exc
-        match = _CONTENT_RANGE.fullmatch(str(response.get("ContentRange", "")))
-        if match is None or int(match.group(1)) != start:
-            response["Body"].close()
-            raise ModelFetchError(
-                f"cannot read s3://{uri.bucket}/{uri.key}: the endpoint ignored the Range header "
-                f"(Content-Range {response.get('ContentRange')!r})"
-            )
-        response["total"] = int(match.group(3))
-        response["end"] = int(match.group(2))
-        return response
-
-    def _read(self, uri: ModelURI, view: memoryview, start: int, response: dict[str, Any]) -> int:
-        from http.client import HTTPException
-
-        from botocore.exceptions import BotoCoreError
-        from urllib3.exceptions import HTTPError
-
-        end = int(response["end"])
-        body = response["Body"]
-        target = view[start : end + 1]
-        direct = _direct_reader(body)
-        readinto = direct[0].readinto if direct is not None else body.readinto
-        got = 0
-        request_id = response.get("ResponseMetadata", {}).get("RequestId", "")
-        where = f"cannot read s3://{uri.bucket}/{uri.key} bytes {start}-{end}"
-        tail = f", request id {request_id}" if request_id else ""
-        try:
-            with body:
-                while got < len(target):
-                    n = readinto(target[got:])
-                    if not n:
-                        break
-                    got += n
-                if direct is not None and got == len(target):
-                    direct[1].release_conn()  # fully read: the connection can be reused
-        except (BotoCoreError, HTTPError, HTTPException, OSError) as exc:
-            raise ModelFetchError(f"{where}: {type(exc).__name__}: {exc}{tail}") from exc
-        if got != len(target):
-            raise ModelFetchError(f"{where}: body ended after {got} of {len(target)} bytes{tail}")
-        return end
+                return
+            except PreconditionFailed:
+                raise _Replaced from None
+            except S3Error as exc:
+                if exc.code != "AccessDenied" or version is None or not pin.ours:
+                    raise
+                # A role with s3:GetObject but not s3:GetObjectVersion may read the object,
+                # not a version of it: the ETag pins the rest of the load just as well.
+                if pin.version is not None:
+                    pin.version = None
+                    log.warning(
+                        "%s: reading a version is denied (no s3:GetObjectVersion); the rest of "
+                        "the load is pinned to the object's ETag instead",
+                        where,
+                    )
 
 
-def _direct_reader(body: Any) -> tuple[Any, Any] | None:
-    """(http.client response, urllib3 response) under a botocore body, when both are there.
+def _check_range(where: str, head: RangeHead, start: int) -> None:
+    if not head.ranged or head.first != start:
+        raise ModelFetchError(
+            f"cannot read {where}: the endpoint ignored the Range header (status {head.status}, "
+            f"{'Content-Range from ' + str(head.first) if head.ranged else 'no Content-Range'})"
+        )
 
-    urllib3 2.x's readinto() reads into a temporary bytes object and copies it over: for each
-    part an extra allocation the size of the part and a second copy of every byte. http.client's
-    own readinto() receives from the socket straight into our buffer. botocore asks urllib3 for
-    undecoded bytes, so reading below it changes nothing else; any other layout falls back.
-    """
-    raw = getattr(body, "_raw_stream", None)
-    fp = getattr(raw, "_fp", None)
-    if callable(getattr(fp, "readinto", None)) and callable(getattr(raw, "release_conn", None)):
-        return fp, raw
-    return None
+
+def _check_fits(where: str, size: int) -> None:
+    limit = environment.memory_limit()
+    if limit is None:
+        return
+    held = environment.resident_bytes()
+    if size + held <= limit:
+        return
+    source = environment.memory_limit_source()
+    need = math.ceil((size + held) / _MIB)
+    fix = (
+        f"raise the function's MemorySize to at least {need} MB"
+        if source == "AWS_LAMBDA_FUNCTION_MEMORY_SIZE"
+        else f"give the process at least {need} MiB"
+    )
+    raise ModelTooLarge(
+        f"{where} is {size} bytes ({size / _MIB:.1f} MiB) and cannot fit: this process may use "
+        f"{limit / _MIB:.0f} MiB ({source}) and already holds {held / _MIB:.0f} MiB; {fix}"
+    )

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazyserve.errors import ModelIntegrityError
+
+if TYPE_CHECKING:  # pathlib is not needed to download, and the download helper imports this
+    from pathlib import Path
 
 __all__ = ["Weights", "verify"]
 
