@@ -344,6 +344,25 @@ class E2EResults:
         present = [v for v in values if v is not None]
         return statistics.median(present) if present else None
 
+    def spread(self, variant: str, size: str) -> tuple[float, float] | None:
+        """The fastest and slowest total of a variant: how far one process start is from the
+        next on this machine (the import chain alone varies by a few tenths of a second)."""
+        totals = [t.total for t in self.trials if t.variant == variant and t.size == size]
+        return (min(totals), max(totals)) if totals else None
+
+    def paired(self, variant: str, size: str, against: str = "floor") -> float | None:
+        """The median, over repeats, of variant's total ÷ `against`'s total in the same repeat:
+        both ran back to back, so a slow stretch of the machine weighs on both."""
+        by_repeat = {
+            t.repeat: t.total for t in self.trials if t.variant == against and t.size == size
+        }
+        ratios = [
+            t.total / by_repeat[t.repeat]
+            for t in self.trials
+            if t.variant == variant and t.size == size and t.repeat in by_repeat
+        ]
+        return statistics.median(ratios) if ratios else None
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -408,8 +427,9 @@ def table(results: E2EResults) -> str:
     """A markdown table of the medians, seconds from the function process's start."""
     lines = [
         "| size | variant | INIT s | first invocation s | total s | total ÷ floor "
+        "| same-repeat ÷ floor | total fastest to slowest s "
         "| first GET of the weights at s | last byte at s | function CPU s |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     names = {
         "floor": "floor (weights on local disk)",
@@ -433,9 +453,12 @@ def table(results: E2EResults) -> str:
 
             total = med(lambda t: t.total)
             ratio = "n/a" if floor is None or total is None else f"{total / floor:.2f}"
+            spread = results.spread(variant, size)
             lines.append(
                 f"| {size} | {names[variant]} | {fmt(med(lambda t: t.init))} "
                 f"| {fmt(med(lambda t: t.invoke))} | {fmt(total)} | {ratio} "
+                f"| {fmt(results.paired(variant, size), 2)} "
+                f"| {'n/a' if spread is None else f'{spread[0]:.2f} to {spread[1]:.2f}'} "
                 f"| {fmt(med(lambda t: t.first_get))} | {fmt(med(lambda t: t.last_byte))} "
                 f"| {fmt(med(lambda t: t.cpu), 2)} |"
             )

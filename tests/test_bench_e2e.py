@@ -46,7 +46,20 @@ def test_the_table_has_a_row_per_variant_and_the_floor_ratio() -> None:
     assert len(rows) == len(e2e.VARIANTS)
     assert rows[0].split("|")[6].strip() == "1.00"  # the floor against itself
     assert rows[-1].split("|")[6].strip() == "3.00"  # 6.0 s against the floor's 2.0 s
+    assert rows[-1].split("|")[7].strip() == "3.00"  # the same, repeat by repeat
+    assert rows[-1].split("|")[8].strip() == "6.00 to 6.00"
     assert e2e.E2EResults.from_dict(results.as_dict()) == results
+
+
+def test_same_repeat_ratios_pair_each_variant_with_the_floor_of_its_own_repeat() -> None:
+    results = e2e.E2EResults(2, DEFAULT_BANDWIDTH, DEFAULT_LATENCY, repeats=3)
+    # The machine is slow in repeat 1: both the floor and lazy take longer there.
+    for repeat, floor, lazy in ((0, 2.0, 2.2), (1, 4.0, 4.4), (2, 2.1, 2.31)):
+        results.trials.append(e2e.Trial("floor", "69K", repeat, floor, 0, floor, None, None, 0))
+        results.trials.append(e2e.Trial("lazy", "69K", repeat, lazy, 0, lazy, None, None, 0))
+    assert results.paired("lazy", "69K") == pytest.approx(1.1)
+    assert results.spread("floor", "69K") == (2.0, 4.0)
+    assert results.paired("eager", "69K") is None and results.spread("eager", "69K") is None
 
 
 def test_an_unknown_size_is_refused_with_the_accepted_forms() -> None:
