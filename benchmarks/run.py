@@ -412,9 +412,15 @@ def plot(results: peers.PeersResults, path: Path) -> None:
     sizes = sorted({round(s.size / 2**20) for s in summaries})
     methods = list(dict.fromkeys(s.method for s in summaries))
     fig, ax = plt.subplots(figsize=(9.5, 6), dpi=120)
-    colors = itertools.cycle(
-        ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
-    )
+    # One colour per loader; its own default count drawn solid, other counts dash-dotted.
+    family = {
+        "lazyserve": "#1f77b4",
+        "boto3": "#2ca02c",
+        "boto3_crt": "#8c564b",
+        "runai": "#ff7f0e",
+        "s3torchconnector": "#9467bd",
+    }
+    spare = itertools.cycle(["#d62728", "#e377c2", "#17becf", "#bcbd22"])
     for method in methods:
         points = sorted((round(s.size / 2**20), s.seconds) for s in summaries if s.method == method)
         xs, ys = zip(*points, strict=True)
@@ -424,7 +430,13 @@ def plot(results: peers.PeersResults, path: Path) -> None:
             dash = "--" if (count or 8) == 8 else ":"
             style = {"color": "#555555", "linestyle": dash, "marker": "_", "markersize": 12}
         else:
-            style = {"color": next(colors), "linestyle": "-", "marker": "o"}
+            color = family.get(name) or next(spare)
+            own = count is None
+            style = {
+                "color": color,
+                "linestyle": "-" if own else "-.",
+                "marker": "o" if own else "s",
+            }
         width = 2.6 if name == "lazyserve" else 1.6
         ax.plot(xs, ys, label=peers.label(method).replace("**", ""), linewidth=width, **style)
     ax.set_xscale("log", base=2)
