@@ -15,7 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -95,27 +96,56 @@ def held_out_digits(count: int) -> tuple[list[list[float]], list[int]]:
     return x_test[:count].tolist(), y_test[:count].tolist()
 
 
-def s3_error_app(status: int, code: str, message: str) -> WSGIApp:
-    """A WSGI app answering like S3 does when it refuses a request."""
+def s3_error_app(
+    status: int | str,
+    code: str,
+    message: str | None = None,
+    *,
+    request_id: str = "4442587FB7D0A2F9",
+    **headers: str,
+) -> WSGIApp:
+    """A WSGI app answering like S3 does when it refuses a request: its XML error with the
+    request id in the body and the `x-amz-request-id` header. `status` is 403 or "403 Forbidden";
+    `headers` are added to the answer."""
     body = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f"<Error><Code>{code}</Code><Message>{message}</Message>"
-        "<RequestId>4442587FB7D0A2F9</RequestId><HostId>fake-host-id</HostId></Error>"
+        f"<Error><Code>{code}</Code><Message>{message or f'{code} (injected by the test)'}"
+        f"</Message><RequestId>{request_id}</RequestId><HostId>fake-host-id</HostId></Error>"
     ).encode()
     reasons = {403: "Forbidden", 404: "Not Found", 500: "Internal Server Error", 503: "Slow Down"}
+    line = status if isinstance(status, str) else f"{status} {reasons.get(status, 'Error')}"
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         start_response(
-            f"{status} {reasons.get(status, 'Error')}",
+            line,
             [
                 ("Content-Type", "application/xml"),
                 ("Content-Length", str(len(body))),
-                ("x-amz-request-id", "4442587FB7D0A2F9"),
+                ("x-amz-request-id", request_id),
+                *headers.items(),
             ],
         )
         return [body]
 
     return app
+
+
+@contextmanager
+def stalled_gets(s3: CountingS3Server) -> Iterator[None]:
+    """Inside the block every GET to `s3` waits (up to 10 s) before it is answered; the waits end
+    with the block."""
+    release = threading.Event()
+
+    def stall(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        release.wait(10)
+        start_response("503 Slow Down", [("Content-Length", "0")])
+        return [b""]
+
+    s3.fault = lambda request: stall if request.method == "GET" else None
+    try:
+        yield
+    finally:
+        release.set()
 
 
 def failing_gets(status: int, code: str, message: str) -> Fault:

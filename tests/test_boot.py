@@ -31,6 +31,7 @@ from tests.helpers import (
     Gate,
     is_weights_get,
     load_event,
+    s3_error_app,
     s3_uri,
 )
 from tests.runtime_api import RuntimeAPI
@@ -322,19 +323,13 @@ class FailFirst:
         return self.app
 
 
-def s3_error(status: str, code: str) -> WSGIApp:
-    body = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
-
-    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        start_response(status, [("Content-Length", str(len(body)))])
-        return [body]
-
-    return app
-
-
-def run_digits(s3: CountingS3Server, tmp_path: Path) -> tuple[dict[str, Any], str]:
-    script = tmp_path / "digits.py"
-    script.write_text(LOAD_DIGITS)
+def run_script(
+    s3: CountingS3Server, tmp_path: Path, code: str = LOAD_DIGITS
+) -> tuple[dict[str, Any], str]:
+    """Runs `code` as a script in a fresh interpreter (the .pth hook included): its last line of
+    output as JSON, and its stderr."""
+    script = tmp_path / "script.py"
+    script.write_text(code)
     done = subprocess.run(
         [sys.executable, str(script)],
         cwd=ROOT,
@@ -353,8 +348,8 @@ def test_an_error_a_retry_may_change_is_retried_in_the_process(
 ) -> None:
     # The helper meets SlowDown on all its attempts at the first part; the server's own load
     # then reads the object.
-    s3.fault = FailFirst(3, s3_error("503 Slow Down", "SlowDown"))
-    out, log = run_digits(s3, tmp_path)
+    s3.fault = FailFirst(3, s3_error_app("503 Slow Down", "SlowDown"))
+    out, log = run_script(s3, tmp_path)
     assert out["helper"] is not None and "sha256" in out
     assert "S3 error SlowDown" in log and "downloading again" in log
     assert len([r for r in s3.requests if is_weights_get(r)]) == 3 + PARTS
@@ -363,8 +358,8 @@ def test_an_error_a_retry_may_change_is_retried_in_the_process(
 def test_an_answer_no_retry_changes_is_raised_without_a_second_download(
     s3: CountingS3Server, tmp_path: Path
 ) -> None:
-    s3.fault = FailFirst(100, s3_error("404 Not Found", "NoSuchKey"))
-    out, _ = run_digits(s3, tmp_path)
+    s3.fault = FailFirst(100, s3_error_app("404 Not Found", "NoSuchKey"))
+    out, _ = run_script(s3, tmp_path)
     assert out["helper"] is not None
     assert out["error"] == "ModelMissing"  # a ModelFetchError
     assert out["message"].startswith(f"cannot read {s3_uri()}: S3 error NoSuchKey")
@@ -388,21 +383,9 @@ print(json.dumps({"helper": helper, "sha256": load_model(DigitsMLP, settings).in
 def test_an_explicit_prefetch_adopts_the_helpers_download(
     s3: CountingS3Server, tmp_path: Path
 ) -> None:
-    script = tmp_path / "prefetch.py"
-    script.write_text(PREFETCH_TOO)
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=ROOT,
-        env=process_env(s3.endpoint),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out, log = run_script(s3, tmp_path, PREFETCH_TOO)
     assert out["helper"] is not None
-    assert HELPER_USED in done.stderr
+    assert HELPER_USED in log
     gets = [r.range for r in s3.requests if is_weights_get(r)]
     assert len(gets) == len(set(gets)) == PARTS  # one download, not two
 

@@ -39,6 +39,7 @@ from tests.helpers import (
     assert_unavailable,
     is_weights_get,
     load_event,
+    s3_error_app,
     s3_uri,
     weights_gets,
 )
@@ -150,28 +151,6 @@ class RawFront:
 # --- S3 answers that break ------------------------------------------------------------------------
 
 
-def s3_error(status: str, code: str, request_id: str) -> WSGIApp:
-    """S3's XML error answer, with its request id in the header and the body, as S3 sends it."""
-    body = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f"<Error><Code>{code}</Code><Message>{code} (injected by the test)</Message>"
-        f"<RequestId>{request_id}</RequestId><HostId>fake-host-id</HostId></Error>"
-    ).encode()
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        start_response(
-            status,
-            [
-                ("Content-Type", "application/xml"),
-                ("Content-Length", str(len(body))),
-                ("x-amz-request-id", request_id),
-            ],
-        )
-        return [body]
-
-    return app
-
-
 def short_body(request: Request, request_id: str) -> WSGIApp:
     """A 206 for the requested range that announces its full length and sends half of it."""
     match = re.fullmatch(r"bytes=(\d+)-(\d+)", request.range or "")
@@ -201,7 +180,7 @@ class Throttle:
     def __init__(self, count: int) -> None:
         self.left = count
         self._lock = threading.Lock()
-        self._app = s3_error("503 Slow Down", "SlowDown", "LZFAULT-SLOWDOWN")
+        self._app = s3_error_app("503 Slow Down", "SlowDown", request_id="LZFAULT-SLOWDOWN")
 
     def __call__(self, request: Request) -> WSGIApp | None:
         if not is_weights_get(request):
@@ -248,7 +227,7 @@ def _no_fault(s3: CountingS3Server, front: RawFront, client: Any) -> None:
 
 def _error_fault(status: str, code: str) -> Fault:
     request_id = f"LZFAULT-{code.upper()}"
-    app = s3_error(status, code, request_id)
+    app = s3_error_app(status, code, request_id=request_id)
     return Fault(_fault(lambda _: app), _no_fault, (BUCKET, KEY, code), request_id)
 
 

@@ -12,7 +12,7 @@ import http.client
 import json
 import random
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,7 +34,14 @@ from lazyserve.settings import ModelURI, parse_model_uri
 from lazyserve.sources import S3Fetcher, S3GetClient, head
 from lazyserve.sources.credentials import Credentials, CredentialsError, CredentialSource
 from lazyserve.sources.endpoints import Route, resolve_endpoint, route
-from tests.helpers import FAKE_CREDENTIALS, REGION, CredentialsEndpoint, expiring_in
+from tests.helpers import (
+    FAKE_CREDENTIALS,
+    REGION,
+    CredentialsEndpoint,
+    expiring_in,
+    s3_error_app,
+    stalled_gets,
+)
 from tests.s3server import CountingS3Server, Request, WSGIApp
 
 BUCKET = "lazyserve-client"
@@ -218,26 +225,6 @@ def test_without_get_object_version_a_load_pins_the_etag_instead(
     assert any("no s3:GetObjectVersion" in r.getMessage() for r in caplog.records)
 
 
-def error_app(status: str, code: str, message: str, **headers: str) -> WSGIApp:
-    body = (
-        f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
-        f"<Message>{message}</Message><RequestId>LZCLIENT</RequestId></Error>"
-    ).encode()
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        start_response(
-            status,
-            [
-                ("Content-Type", "application/xml"),
-                ("Content-Length", str(len(body))),
-                *headers.items(),
-            ],
-        )
-        return [body]
-
-    return app
-
-
 @pytest.mark.parametrize(
     ("message", "headers"),
     [
@@ -254,7 +241,7 @@ def test_access_denied_on_an_sse_kms_object_names_kms_decrypt(
     s3: CountingS3Server, message: str, headers: dict[str, str]
 ) -> None:
     make_bucket(s3, BUCKET)
-    app = error_app("403 Forbidden", "AccessDenied", message, **headers)
+    app = s3_error_app("403 Forbidden", "AccessDenied", message, request_id="LZCLIENT", **headers)
     s3.fault = lambda request: app if request.method == "GET" else None
     with pytest.raises(ModelFetchError) as info:
         fetch(uri_of(BUCKET, "kms.safetensors"))
@@ -542,7 +529,9 @@ def test_expired_token_answer_fetches_credentials_again(
     s3: CountingS3Server, container: CredentialsEndpoint
 ) -> None:
     make_bucket(s3, BUCKET).put_object(Bucket=BUCKET, Key="expired.safetensors", Body=b"y" * 10)
-    expired = error_app("400 Bad Request", "ExpiredToken", "The provided token has expired.")
+    expired = s3_error_app(
+        "400 Bad Request", "ExpiredToken", "The provided token has expired.", request_id="LZCLIENT"
+    )
     answered: list[str] = []
 
     def once(request: Request) -> WSGIApp | None:
@@ -618,12 +607,12 @@ def test_answers_worth_retrying_are_retried_up_to_three_attempts(
     data = random_bytes(100, seed=5)
     make_bucket(s3, BUCKET).put_object(Bucket=BUCKET, Key=key, Body=data)
     s3.clear()
-    s3.fault = FailFirst(key, 2, error_app(status, code, "try again"))
+    s3.fault = FailFirst(key, 2, s3_error_app(status, code, "try again", request_id="LZCLIENT"))
     assert fetch(uri_of(BUCKET, key)).size == 100
     assert len(s3.object_gets(BUCKET, key)) == 3
 
     s3.clear()
-    s3.fault = FailFirst(key, 3, error_app(status, code, "try again"))
+    s3.fault = FailFirst(key, 3, s3_error_app(status, code, "try again", request_id="LZCLIENT"))
     with pytest.raises(ModelFetchError) as info:
         fetch(uri_of(BUCKET, key))
     assert f"S3 error {code}" in str(info.value)
@@ -710,19 +699,8 @@ def test_stalled_answers_are_cut_by_the_read_timeout(
     monkeypatch.setattr(lazyserve.sources.s3client, "READ_TIMEOUT", 0.1)
     monkeypatch.setattr(lazyserve.sources.s3client, "BACKOFF", 0.001)
     make_bucket(s3, BUCKET)
-    release = threading.Event()
-
-    def stall(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        release.wait(10)
-        start_response("503 Slow Down", [("Content-Length", "0")])
-        return [b""]
-
-    s3.fault = lambda request: stall if request.method == "GET" else None
-    try:
-        with pytest.raises(ModelFetchError) as info:
-            fetch(uri_of(BUCKET, "stalled.safetensors"))
-    finally:
-        release.set()
+    with stalled_gets(s3), pytest.raises(ModelFetchError) as info:
+        fetch(uri_of(BUCKET, "stalled.safetensors"))
     host = urlsplit(s3.endpoint).netloc
     assert str(info.value) == (
         f"cannot read s3://{BUCKET}/stalled.safetensors: ReadTimeoutError: {host} sent nothing "

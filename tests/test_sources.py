@@ -33,7 +33,7 @@ from lazyserve.sources import (
     take_prefetched,
 )
 from lazyserve.sources.s3client import S3Error
-from tests.helpers import REGION
+from tests.helpers import REGION, stalled_gets
 from tests.s3server import CountingS3Server, Request, WSGIApp
 
 BUCKET = "lazyserve-sources"
@@ -539,19 +539,8 @@ def test_a_stalled_endpoint_ends_in_a_fetch_error(
     seed(s3, key, random_bytes(10_000, seed=16))
     monkeypatch.setattr(lazyserve.sources.s3client, "READ_TIMEOUT", 0.2)
     monkeypatch.setattr(lazyserve.sources.s3client, "ATTEMPTS", 1)
-    release = threading.Event()
-
-    def stall(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        release.wait(10)
-        start_response("503 Slow Down", [("Content-Length", "0")])
-        return [b""]
-
-    s3.fault = lambda request: stall if request.method == "GET" else None
-    try:
-        with pytest.raises(ModelFetchError) as info:
-            fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
-    finally:
-        release.set()
+    with stalled_gets(s3), pytest.raises(ModelFetchError) as info:
+        fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
 
     assert str(info.value).startswith(f"cannot read s3://{BUCKET}/{key}: ReadTimeoutError")
     assert len(s3.object_gets(BUCKET, key)) == 1  # one attempt, cut by the read timeout
