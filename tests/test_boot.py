@@ -213,9 +213,11 @@ def endpoint_64(weights_64: WeightsFile) -> Iterator[S3Endpoint]:
         yield endpoint
 
 
-def run_load(env: dict[str, str], tmp_path: Path) -> tuple[dict[str, Any], str]:
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_SCRIPT)
+def run_script(code: str, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """Runs `code` as a script in a fresh interpreter (the .pth hook included): its last line of
+    output as JSON, and its stderr."""
+    script = tmp_path / "script.py"
+    script.write_text(code)
     done = subprocess.run(
         [sys.executable, str(script)],
         cwd=ROOT,
@@ -241,7 +243,7 @@ def test_the_serving_process_holds_the_weights_once(
         LAYERS=str(weights_64.layers),
         WIDTH=str(weights_64.width),
     )
-    out, log = run_load(env, tmp_path)
+    out, log = run_script(LOAD_SCRIPT, env, tmp_path)
     assert out["sha256"] == weights_64.sha256
     assert (out["helper"] is not None) == (mode == "background")
     assert (HELPER_USED in log) == (mode == "background")
@@ -282,7 +284,7 @@ def test_a_helper_that_fails_is_replaced_by_a_load_in_the_process(
         WIDTH=str(weights_64.width),
         BOOT_TEST_ACTION=action,
     )
-    out, log = run_load(env, tmp_path)
+    out, log = run_script(LOAD_SCRIPT, env, tmp_path)
     assert out["sha256"] == weights_64.sha256
     assert out["failure"] == failure
     assert HELPER_USED not in log
@@ -323,33 +325,13 @@ class FailFirst:
         return self.app
 
 
-def run_script(
-    s3: CountingS3Server, tmp_path: Path, code: str = LOAD_DIGITS
-) -> tuple[dict[str, Any], str]:
-    """Runs `code` as a script in a fresh interpreter (the .pth hook included): its last line of
-    output as JSON, and its stderr."""
-    script = tmp_path / "script.py"
-    script.write_text(code)
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=ROOT,
-        env=process_env(s3.endpoint),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
-
-
 def test_an_error_a_retry_may_change_is_retried_in_the_process(
     s3: CountingS3Server, tmp_path: Path
 ) -> None:
     # The helper meets SlowDown on all its attempts at the first part; the server's own load
     # then reads the object.
     s3.fault = FailFirst(3, s3_error_app("503 Slow Down", "SlowDown"))
-    out, log = run_script(s3, tmp_path)
+    out, log = run_script(LOAD_DIGITS, process_env(s3.endpoint), tmp_path)
     assert out["helper"] is not None and "sha256" in out
     assert "S3 error SlowDown" in log and "downloading again" in log
     assert len([r for r in s3.requests if is_weights_get(r)]) == 3 + PARTS
@@ -359,7 +341,7 @@ def test_an_answer_no_retry_changes_is_raised_without_a_second_download(
     s3: CountingS3Server, tmp_path: Path
 ) -> None:
     s3.fault = FailFirst(100, s3_error_app("404 Not Found", "NoSuchKey"))
-    out, _ = run_script(s3, tmp_path)
+    out, _ = run_script(LOAD_DIGITS, process_env(s3.endpoint), tmp_path)
     assert out["helper"] is not None
     assert out["error"] == "ModelMissing"  # a ModelFetchError
     assert out["message"].startswith(f"cannot read {s3_uri()}: S3 error NoSuchKey")
@@ -383,7 +365,7 @@ print(json.dumps({"helper": helper, "sha256": load_model(DigitsMLP, settings).in
 def test_an_explicit_prefetch_adopts_the_helpers_download(
     s3: CountingS3Server, tmp_path: Path
 ) -> None:
-    out, log = run_script(s3, tmp_path, PREFETCH_TOO)
+    out, log = run_script(PREFETCH_TOO, process_env(s3.endpoint), tmp_path)
     assert out["helper"] is not None
     assert HELPER_USED in log
     gets = [r.range for r in s3.requests if is_weights_get(r)]
