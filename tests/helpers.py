@@ -479,12 +479,35 @@ def digits_variant(i: int) -> bytes:
     return save(state)
 
 
-def put_object(s3: CountingS3Server, key: str, body: bytes, **extra: Any) -> None:
-    """Upload `body` to moto's S3 at BUCKET/key (as a user's `lazyserve push` or console would)."""
+_moto_clients: dict[str, Any] = {}
+
+
+def moto_client(s3: CountingS3Server, service: str = "s3") -> Any:
+    """A boto3 client for moto's server (cached: creating clients is slow), for seeding objects,
+    roles and faults; lazyserve itself reads through its own GET client."""
     import boto3
 
-    client = boto3.client("s3", region_name=REGION, endpoint_url=s3.endpoint)
-    client.put_object(Bucket=BUCKET, Key=key, Body=body, **extra)
+    name = f"{s3.endpoint}/{service}"
+    if name not in _moto_clients:
+        _moto_clients[name] = boto3.client(service, region_name=REGION, endpoint_url=s3.endpoint)
+    return _moto_clients[name]
+
+
+def make_bucket(s3: CountingS3Server, name: str = BUCKET, *, versioned: bool = False) -> Any:
+    """The bucket `name` on moto's server (made once), versioned if asked; its S3 client."""
+    client = moto_client(s3)
+    try:
+        client.create_bucket(Bucket=name)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    if versioned:
+        client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    return client
+
+
+def put_object(s3: CountingS3Server, key: str, body: bytes, **extra: Any) -> None:
+    """Upload `body` to moto's S3 at BUCKET/key (as a user's `lazyserve push` or console would)."""
+    moto_client(s3).put_object(Bucket=BUCKET, Key=key, Body=body, **extra)
 
 
 def free_port() -> int:

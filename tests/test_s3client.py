@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import boto3
 import pytest
 from benchmarks.s3endpoint import S3Endpoint
 from botocore.auth import S3SigV4Auth
@@ -39,6 +38,8 @@ from tests.helpers import (
     REGION,
     CredentialsEndpoint,
     expiring_in,
+    make_bucket,
+    moto_client,
     s3_error_app,
     stalled_gets,
 )
@@ -72,28 +73,6 @@ def uri_of(bucket: str, key: str, version: str | None = None) -> ModelURI:
     return ModelURI(text, bucket=bucket, key=key, version_id=version)
 
 
-_seeders: dict[str, Any] = {}
-
-
-def seeder(s3: CountingS3Server, service: str = "s3") -> Any:
-    """A boto3 client for moto's server with the tests' fake credentials (cached)."""
-    name = f"{s3.endpoint}/{service}"
-    if name not in _seeders:
-        _seeders[name] = boto3.client(service, region_name=REGION, endpoint_url=s3.endpoint)
-    return _seeders[name]
-
-
-def make_bucket(s3: CountingS3Server, name: str, *, versioned: bool = False) -> Any:
-    client = seeder(s3)
-    try:
-        client.create_bucket(Bucket=name)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    if versioned:
-        client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
-    return client
-
-
 def gets(s3: CountingS3Server, bucket: str, key: str) -> list[Request]:
     """The GETs of one object; WSGI hands the server the path's UTF-8 bytes as Latin-1."""
     path = f"/{bucket}/{key}".encode().decode("latin-1")
@@ -112,7 +91,7 @@ _users = iter(range(1_000_000))
 
 def iam_user(s3: CountingS3Server, actions: list[str], resource: str) -> dict[str, str]:
     """A new IAM user in moto allowed `actions` on `resource`; its access key as environment."""
-    iam = seeder(s3, "iam")
+    iam = moto_client(s3, "iam")
     name = f"reader-{next(_users)}"
     iam.create_user(UserName=name)
     key = iam.create_access_key(UserName=name)["AccessKey"]
@@ -402,7 +381,7 @@ def test_assumed_role_credentials_from_the_container_endpoint_are_accepted(
 ) -> None:
     # moto's STS hands out a role's temporary credentials; moto then checks the session token
     # and the signature of every GET made with them.
-    iam, sts = seeder(s3, "iam"), seeder(s3, "sts")
+    iam, sts = moto_client(s3, "iam"), moto_client(s3, "sts")
     role = f"fn-role-{next(_users)}"
     trust = {
         "Version": "2012-10-17",

@@ -33,7 +33,7 @@ from lazyserve.sources import (
     take_prefetched,
 )
 from lazyserve.sources.s3client import S3Error
-from tests.helpers import REGION, stalled_gets
+from tests.helpers import REGION, make_bucket, moto_client, stalled_gets
 from tests.s3server import CountingS3Server, Request, WSGIApp
 
 BUCKET = "lazyserve-sources"
@@ -55,32 +55,8 @@ def content(weights: Weights) -> bytes:
     return bytes(weights.buffer)
 
 
-_http_clients: dict[str, Any] = {}
-
-
-def http_client(s3: CountingS3Server) -> Any:
-    """A boto3 client for moto's server (cached: creating clients is slow), for seeding objects
-    and for faults that replace them; lazyserve itself reads through its own GET client."""
-    if s3.endpoint not in _http_clients:
-        _http_clients[s3.endpoint] = boto3.client(
-            "s3", region_name=REGION, endpoint_url=s3.endpoint
-        )
-    return _http_clients[s3.endpoint]
-
-
-def bucket(s3: CountingS3Server, name: str = BUCKET, *, versioned: bool = False) -> Any:
-    client = http_client(s3)
-    try:
-        client.create_bucket(Bucket=name)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    if versioned:
-        client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
-    return client
-
-
 def seed(s3: CountingS3Server, key: str, data: bytes, **extra: Any) -> tuple[Any, str]:
-    client = bucket(s3)
+    client = make_bucket(s3, BUCKET)
     etag = client.put_object(Bucket=BUCKET, Key=key, Body=data, **extra)["ETag"]
     s3.clear()
     return client, etag
@@ -133,7 +109,7 @@ def test_expected_sha256_that_matches(s3: CountingS3Server) -> None:
 
 
 def test_pinned_version_is_fetched_after_an_overwrite(s3: CountingS3Server) -> None:
-    client = bucket(s3, VERSIONED, versioned=True)
+    client = make_bucket(s3, VERSIONED, versioned=True)
     first, second = random_bytes(20_000, seed=3), random_bytes(30_000, seed=4)
     key = "pinned.safetensors"
     v1 = client.put_object(Bucket=VERSIONED, Key=key, Body=first)["VersionId"]
@@ -156,7 +132,7 @@ def fetch_error(uri: str, **kwargs: Any) -> ModelUnavailable:
 
 
 def test_missing_key(s3: CountingS3Server) -> None:
-    bucket(s3)
+    make_bucket(s3, BUCKET)
     error = fetch_error(f"s3://{BUCKET}/nope.safetensors")
     assert isinstance(error, ModelFetchError)
     message = str(error)
@@ -177,7 +153,7 @@ def test_missing_bucket(s3: CountingS3Server) -> None:
 
 
 def test_missing_version(s3: CountingS3Server) -> None:
-    client = bucket(s3, VERSIONED, versioned=True)
+    client = make_bucket(s3, VERSIONED, versioned=True)
     client.put_object(Bucket=VERSIONED, Key="v.safetensors", Body=b"x" * 10)
     error = fetch_error(f"s3://{VERSIONED}/v.safetensors?versionId=not-a-version")
     assert isinstance(error, ModelFetchError)
@@ -411,7 +387,7 @@ def test_versioned_object_replaced_during_a_load_keeps_the_first_version(
 ) -> None:
     name = VERSIONED
     key = "http/versioned.safetensors"
-    client = bucket(s3, name, versioned=True)
+    client = make_bucket(s3, name, versioned=True)
     old, new = random_bytes(30_000, seed=18), random_bytes(30_000, seed=19)
     v1 = client.put_object(Bucket=name, Key=key, Body=old)["VersionId"]
     s3.clear()
@@ -441,7 +417,7 @@ def test_versioned_object_replaced_during_a_load_keeps_the_first_version(
 def test_object_replaced_twice_during_a_load_fails_clearly(s3: CountingS3Server) -> None:
     key = "http/flapping.safetensors"
     _, first_etag = seed(s3, key, random_bytes(20_000, seed=13))
-    client = http_client(s3)
+    client = moto_client(s3)
     lock = threading.Lock()
     replaced_for: set[str] = set()
 
