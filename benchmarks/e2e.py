@@ -1,6 +1,7 @@
 """End-to-end cold start as a Lambda user sees it: a function run by AWS's runtime interface
 client (`python -m awslambdaric`), from the process's start to its first response, with the
-weights on local disk (the floor), downloaded with boto3 at import, or loaded by lazyserve.
+weights on local disk (the floor, plain and with the `gc.freeze()` lazyserve does at INIT),
+downloaded with boto3 at import, or loaded by lazyserve.
 
 Each trial is a fresh function process talking to a Runtime API on 127.0.0.1
 (tests/runtime_api.py) that already holds one HTTP API `POST /predict` event, so the event
@@ -8,7 +9,7 @@ leaves the moment INIT ends; the weights live on the benchmark S3 endpoint (s3en
 With `--cpus 1` the function runs under `taskset -c 0` and this process (the endpoint and the
 Runtime API) on the other CPUs: Lambda gives a function one vCPU's worth of CPU at 1,769 MB.
 
-`python -m benchmarks.e2e --sizes 69K 128M --repeats 5 [--cpus 1]`
+`python -m benchmarks.e2e --sizes 69K 128M --repeats 7 [--cpus 1]`
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from tests.runtime_api import RuntimeAPI
 from benchmarks.common import BUCKET, LAYER_MIB, ROOT, weights_file
 from benchmarks.s3endpoint import DEFAULT_BANDWIDTH, DEFAULT_LATENCY, S3Endpoint, _Handler
 
-VARIANTS = ("floor", "download_file", "lazy", "background", "eager")
+VARIANTS = ("floor", "floor_frozen", "download_file", "lazy", "background", "eager")
 HANDLERS = {
     "floor": "benchmarks.e2e_apps.floor.handler",
+    "floor_frozen": "benchmarks.e2e_apps.floor_frozen.handler",
     "download_file": "benchmarks.e2e_apps.download.handler",
     "lazy": "benchmarks.e2e_apps.lazyserve_app.handler",
     "background": "benchmarks.e2e_apps.lazyserve_app.handler",
@@ -188,7 +190,7 @@ def lambda_env(runtime_api: str, handler: str, *, one_cpu: bool = False) -> dict
 def variant_env(variant: str, work: Workload, s3: str, tmp: Path) -> dict[str, str]:
     uri = f"s3://{BUCKET}/{work.key}"
     env = {"AWS_ENDPOINT_URL_S3": s3, "BENCH_E2E_LAYERS": str(work.layers)}
-    if variant == "floor":
+    if variant in ("floor", "floor_frozen"):
         env["BENCH_E2E_WEIGHTS"] = str(work.path)
     elif variant == "download_file":
         env["BENCH_E2E_S3_URI"] = uri
@@ -433,6 +435,7 @@ def table(results: E2EResults) -> str:
     ]
     names = {
         "floor": "floor (weights on local disk)",
+        "floor_frozen": "floor + `gc.freeze()` after its imports, as lazyserve does",
         "download_file": "boto3 download_file at import",
         "lazy": "lazyserve `lazy`",
         "background": "lazyserve `background`",

@@ -40,14 +40,15 @@ def test_one_background_trial_answers_and_its_timestamps_are_ordered(
 def test_the_table_has_a_row_per_variant_and_the_floor_ratio() -> None:
     results = e2e.E2EResults(2, DEFAULT_BANDWIDTH, DEFAULT_LATENCY, repeats=1)
     for n, variant in enumerate(e2e.VARIANTS):
-        total = 2.0 + n
+        total = 2.0 + n / 2
         results.trials.append(e2e.Trial(variant, "69K", 0, total - 0.5, 0.5, total, None, None, 0))
     rows = e2e.table(results).splitlines()[2:]
     assert len(rows) == len(e2e.VARIANTS)
     assert rows[0].split("|")[6].strip() == "1.00"  # the floor against itself
-    assert rows[-1].split("|")[6].strip() == "3.00"  # 6.0 s against the floor's 2.0 s
-    assert rows[-1].split("|")[7].strip() == "3.00"  # the same, repeat by repeat
-    assert rows[-1].split("|")[8].strip() == "6.00 to 6.00"
+    last = 2.0 + (len(e2e.VARIANTS) - 1) / 2
+    assert rows[-1].split("|")[6].strip() == f"{last / 2:.2f}"  # against the floor's 2.0 s
+    assert rows[-1].split("|")[7].strip() == f"{last / 2:.2f}"  # the same, repeat by repeat
+    assert rows[-1].split("|")[8].strip() == f"{last:.2f} to {last:.2f}"
     assert e2e.E2EResults.from_dict(results.as_dict()) == results
 
 

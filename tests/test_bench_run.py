@@ -64,6 +64,20 @@ def test_e2e_goals_bound_background_by_the_floor_or_the_link() -> None:
     assert within.met is True and "2 vCPU 128M: 0.69" in within.measured
 
 
+def test_e2e_goals_take_the_faster_floor() -> None:
+    results = e2e.E2EResults(2, 90e6, 0.02, repeats=1)
+    for variant, total in (
+        ("floor", 2.4),
+        ("floor_frozen", 2.0),
+        ("lazy", 2.3),
+        ("background", 2.2),
+    ):
+        results.trials.append(e2e.Trial(variant, "69K", 0, total, 0.0, total, None, None, 0))
+    within, _ = run.e2e_goals([results], {"69K": 0.03})
+    # 2.2 s is within 1.05x of the plain floor's 2.4 s, not of the frozen floor's 2.0 s.
+    assert within.met is False and "2 vCPU 69K: 1.10 (same-repeat 1.10)" in within.measured
+
+
 def test_the_results_file_has_a_section_per_part_and_stands_alone(tmp_path: Path) -> None:
     result = run.Run(peers=peers_results(1.0), seconds={"peers": 60.0}, load_at={"peers": "0.5"})
     text = run.render(
