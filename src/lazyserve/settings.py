@@ -22,6 +22,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from lazyserve.environment import cpus
 from lazyserve.errors import LazyserveWarning, SettingsError
+from lazyserve.sources.s3 import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
 from lazyserve.uris import URI_FORMS, ModelURI, parse_model_uri
 
 __all__ = ["ModelURI", "Settings", "load_settings", "parse_model_uri"]
@@ -58,10 +59,10 @@ class Settings(BaseSettings):
     # "Choosing the defaults"): 0.88 / 1.09 / 1.12 of the 8-connection link at 64 MiB / 512 MiB
     # / 1 GiB, against 0.75 / 0.94 / 0.96 with 8; under heavy load from other processes 8 did
     # better at 512 MiB and up (the sha256 thread competes with 16 receiving threads).
-    s3_concurrency: int = Field(default=16, ge=1, le=64)
+    s3_concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, le=64)
     # The largest ranged GET (AWS recommends 8-16 MB ranges): the first GET is 1 MiB (it learns
     # the size), and an object too small for one part per connection is split evenly over them.
-    s3_part_size: int = Field(default=8 * 1024 * 1024, ge=4096)
+    s3_part_size: int = Field(default=DEFAULT_PART_SIZE, ge=4096)
     torch_threads: int = Field(default_factory=cpus, ge=1, le=256)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     metrics: Literal["auto", "on", "off"] = "auto"

@@ -43,7 +43,8 @@ __all__ = [
 log = logging.getLogger("lazyserve")
 
 # The defaults of LAZYSERVE_S3_CONCURRENCY and LAZYSERVE_S3_PART_SIZE (settings.py says why),
-# here too because the download helper reads its few settings without pydantic.
+# defined here, where the download helper (which reads its few settings without pydantic) and
+# settings.py both take them.
 DEFAULT_CONCURRENCY = 16
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
 _MIB = 1024 * 1024
