@@ -3,15 +3,17 @@
 LazyserveError
 ├── SettingsError          a LAZYSERVE_* variable is missing or invalid
 ├── ModelNotFound          no model has that name under the prefix (HTTP 404)
-├── ModelUnavailable       the model cannot be served right now (HTTP 503)
-│   ├── ModelLoadTimeout   a request waited longer than LAZYSERVE_LOAD_WAIT
+├── ModelUnavailable       the model cannot be served (HTTP 503 when `retryable`, else 500)
+│   ├── ModelLoadTimeout   a request waited longer than LAZYSERVE_LOAD_WAIT        retryable
 │   └── ModelLoadError     a load ran and failed
-│       ├── ModelFetchError      the weights could not be read (S3 or local file)
-│       │   └── ModelMissing     no object or file is there
-│       ├── ModelTooLarge        the weights cannot fit in the memory the function may use
-│       ├── ModelChangedError    the S3 object changed while it was being read
-│       ├── ModelIntegrityError  the weights do not match the expected sha256
-│       └── ModelFormatError     the bytes are not a safe, valid weights file for the model
+│       ├── ModelFetchError      the weights could not be read (S3 or local file)  as S3 said
+│       │   └── ModelMissing     no object or file is there                        no
+│       ├── ModelTooLarge        the weights cannot fit in the memory allowed       no (a busy
+│       │                        pool's budget: yes)
+│       ├── ModelChangedError    the S3 object changed while it was being read     retryable
+│       ├── ModelIntegrityError  the weights do not match the expected sha256      no
+│       └── ModelFormatError     the bytes are not a safe, valid weights file for   no
+│                                the model
 └── LambdaEventError       a direct Lambda invocation that cannot be served
     ├── InvalidInput       the payload breaks the input rules
     └── UnsupportedEvent   the event has none of the accepted shapes
@@ -55,7 +57,17 @@ class ModelNotFound(LazyserveError):
 
 
 class ModelUnavailable(LazyserveError):
-    """The model cannot be served right now; HTTP answers 503 with Retry-After."""
+    """The model cannot be served. `retryable`: whether trying again may change that (S3
+    throttling, a timeout, a load still running): HTTP answers 503 with Retry-After; otherwise
+    (a bad file, a missing object, denied access) only a change to the object or to the
+    function's configuration can, and HTTP answers 500 without Retry-After."""
+
+    retryable: bool = True
+
+    def __init__(self, message: str = "", *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
 
 
 class ModelLoadTimeout(ModelUnavailable):
@@ -63,7 +75,8 @@ class ModelLoadTimeout(ModelUnavailable):
 
 
 class ModelLoadError(ModelUnavailable):
-    """A load ran and failed; the next request that needs the model tries again."""
+    """A load ran and failed; a retryable failure is tried again by the next request that needs
+    the model, any other is remembered until the object changes."""
 
 
 class ModelFetchError(ModelLoadError):
@@ -73,10 +86,14 @@ class ModelFetchError(ModelLoadError):
 class ModelMissing(ModelFetchError):
     """There is no object (or file) where the URI points."""
 
+    retryable = False
+
 
 class ModelTooLarge(ModelLoadError):
     """The weights cannot fit in the memory the function may use (or its memory budget); the
     load stops before it downloads them."""
+
+    retryable = False
 
 
 class ModelChangedError(ModelLoadError):
@@ -86,9 +103,13 @@ class ModelChangedError(ModelLoadError):
 class ModelIntegrityError(ModelLoadError):
     """The weights' sha256 differs from the digest that was expected."""
 
+    retryable = False
+
 
 class ModelFormatError(ModelLoadError):
     """The bytes are not a safe, well-formed weights file that fits the model."""
+
+    retryable = False
 
 
 class LambdaEventError(LazyserveError):
