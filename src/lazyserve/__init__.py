@@ -3,76 +3,84 @@
 import importlib as _importlib
 import typing as _typing
 
+__version__ = "0.2.0"
+
 if _typing.TYPE_CHECKING:
-    from lazyserve.app import setup_app
-    from lazyserve.aws import LambdaHandler, lambda_handler
     from lazyserve.errors import (
         InvalidInput,
+        LambdaEventError,
         LazyserveError,
         LazyserveWarning,
+        ModelChangedError,
+        ModelFetchError,
+        ModelFormatError,
+        ModelIntegrityError,
         ModelLoadError,
+        ModelLoadTimeout,
+        ModelMissing,
         ModelNotFound,
         ModelTooLarge,
         ModelUnavailable,
+        PredictFailed,
         SettingsError,
         UnsupportedEvent,
     )
     from lazyserve.lazy import LazyModel
-    from lazyserve.model import Loaded, ModelInfo, lazy_model, load_model
+    from lazyserve.model import Loaded, ModelInfo
     from lazyserve.service import Service
     from lazyserve.settings import Settings, load_settings
-    from lazyserve.sources import prefetch
-    from lazyserve.startup import start_loading
 
-# Names resolve on first use (PEP 562): `import lazyserve` stays cheap, and the settings and
-# sources modules can be used before torch is imported.
+# Names resolve on first use (PEP 562): `import lazyserve` stays cheap, and the settings can be
+# read before torch is imported.
 _WHERE = {
     "InvalidInput": "errors",
-    "LambdaHandler": "aws",
+    "LambdaEventError": "errors",
     "LazyModel": "lazy",
     "LazyserveError": "errors",
     "LazyserveWarning": "errors",
     "Loaded": "model",
+    "ModelChangedError": "errors",
+    "ModelFetchError": "errors",
+    "ModelFormatError": "errors",
     "ModelInfo": "model",
+    "ModelIntegrityError": "errors",
     "ModelLoadError": "errors",
+    "ModelLoadTimeout": "errors",
+    "ModelMissing": "errors",
     "ModelNotFound": "errors",
     "ModelTooLarge": "errors",
     "ModelUnavailable": "errors",
+    "PredictFailed": "errors",
     "Service": "service",
     "Settings": "settings",
     "SettingsError": "errors",
     "UnsupportedEvent": "errors",
-    "lambda_handler": "aws",
-    "lazy_model": "model",
-    "load_model": "model",
     "load_settings": "settings",
-    "prefetch": "sources",
-    "setup_app": "app",
-    "start_loading": "startup",
 }
 __all__ = [
     "InvalidInput",
-    "LambdaHandler",
+    "LambdaEventError",
     "LazyModel",
     "LazyserveError",
     "LazyserveWarning",
     "Loaded",
+    "ModelChangedError",
+    "ModelFetchError",
+    "ModelFormatError",
     "ModelInfo",
+    "ModelIntegrityError",
     "ModelLoadError",
+    "ModelLoadTimeout",
+    "ModelMissing",
     "ModelNotFound",
     "ModelTooLarge",
     "ModelUnavailable",
+    "PredictFailed",
     "Service",
     "Settings",
     "SettingsError",
     "UnsupportedEvent",
-    "lambda_handler",
-    "lazy_model",
-    "load_model",
     "load_settings",
-    "prefetch",
-    "setup_app",
-    "start_loading",
 ]
 
 

@@ -3,12 +3,12 @@ batches and warm-up pings."""
 
 from __future__ import annotations
 
-import binascii
 import json
 import logging
 from collections.abc import Callable, Collection, Hashable, Mapping
 from typing import Any, cast
 
+from mangum.protocols import HTTPCycle
 from pydantic import ValidationError
 
 from lazyserve import timing
@@ -19,14 +19,12 @@ from lazyserve.errors import (
     ModelUnavailable,
     UnsupportedEvent,
 )
-from lazyserve.lazy import LazyModel
 from lazyserve.logs import bind
 from lazyserve.metrics import ModelMetrics
-from lazyserve.model import Loaded
 from lazyserve.types import LambdaContext, LambdaEvent
 from lazyserve.workers import one_at_a_time
 
-__all__ = ["LambdaHandler", "invalid_input", "lambda_handler"]
+__all__ = ["LambdaHandler", "invalid_input"]
 
 log = logging.getLogger("lazyserve")
 
@@ -38,21 +36,17 @@ WARMUP_SHAPE = '{} / {"warmup": true} to load the model'
 Answer = Callable[[Mapping[str, Any]], Any]
 
 
-def _is_http(event: Mapping[str, Any]) -> bool:
-    # The shapes Mangum can infer (ALB, HTTP API v1/v2 and Function URL, REST); checked here
-    # first because Mangum answers anything else with a bare RuntimeError.
-    context = event.get("requestContext")
-    if not isinstance(context, Mapping):
-        return False
-    return "elb" in context or "version" in event or "resource" in event
-
-
 def _is_sqs(event: Mapping[str, Any]) -> bool:
     records = event.get("Records")
     return (
         isinstance(records, list)
         and bool(records)
-        and all(isinstance(r, Mapping) and r.get("eventSource") == "aws:sqs" for r in records)
+        and all(
+            isinstance(r, Mapping)
+            and r.get("eventSource") == "aws:sqs"
+            and isinstance(r.get("messageId"), str)
+            for r in records
+        )
     )
 
 
@@ -78,7 +72,8 @@ class LambdaHandler:
 
         # lifespan="off": Mangum would run the ASGI lifespan (startup and shutdown) on every
         # invocation; the model lives in a holder for the whole execution environment instead.
-        self._http = Mangum(app, lifespan="off")
+        self.app = app
+        self._mangum = Mangum(app, lifespan="off")
         self._warmup = warmup
         self._direct = direct
         self._direct_keys = frozenset(direct_keys)
@@ -107,8 +102,9 @@ class LambdaHandler:
             raise UnsupportedEvent(
                 f"the event is a {type(event).__name__}; accepted: {self.accepted}"
             )
-        if _is_http(event):
-            return self._serve_http(event, context)
+        http = self._http_handler(event, context)
+        if http is not None:
+            return self._serve_http(http)
         if self._direct is not None:
             if _is_sqs(event):
                 return self._sqs(event["Records"])
@@ -116,24 +112,33 @@ class LambdaHandler:
                 return self._direct(event)
         if _is_warmup(event):
             return self._warmup(event)
-        keys = ", ".join(sorted(map(str, event))[:8])
+        keys = ", ".join(sorted(str(k)[:40] for k in event)[:8])
         raise UnsupportedEvent(f"unsupported event with keys [{keys}]; accepted: {self.accepted}")
 
-    def _serve_http(self, event: Mapping[str, Any], context: LambdaContext | None) -> Any:
+    def _http_handler(self, event: Mapping[str, Any], context: LambdaContext | None) -> Any:
+        """Mangum's handler for an HTTP event (its own inference: ALB, API Gateway HTTP API and
+        Function URL, REST, Lambda@Edge), or None for any other event. The handler's `scope`
+        and `body` are read here, so a malformed HTTP event (a field null or of the wrong type)
+        is an UnsupportedEvent before the app runs."""
+        try:
+            handler = self._mangum.infer(cast(Any, event), cast(Any, context))
+        except Exception:  # RuntimeError: no handler infers it; others: a malformed event
+            return None
+        try:
+            scope, body = handler.scope, handler.body
+        except Exception as exc:
+            raise UnsupportedEvent(
+                f"malformed HTTP event ({type(exc).__name__}); accepted: {self.accepted}"
+            ) from None
+        return handler, scope, body
+
+    def _serve_http(self, http: tuple[Any, Any, bytes]) -> Any:
+        handler, scope, body = http
+        # What Mangum's own __call__ does with lifespan="off": one HTTP cycle of the app.
         # One invocation at a time per execution environment: inference runs inline.
         with one_at_a_time():
-            try:
-                return self._http(cast(Any, event), cast(Any, context))
-            except (KeyError, TypeError, ValueError, binascii.Error, RuntimeError) as exc:
-                # Mangum builds the request from the event before the app runs: a field it
-                # needs is missing or malformed. The app's own errors never get here (Mangum
-                # answers them with a 500).
-                if isinstance(exc, RuntimeError) and "unable to infer" not in str(exc):
-                    raise
-                what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                raise UnsupportedEvent(
-                    f"malformed HTTP event ({what}); accepted: {self.accepted}"
-                ) from None
+            response = HTTPCycle(scope, body)(self.app)
+        return handler(response)
 
     def _sqs(self, records: list[Mapping[str, Any]]) -> dict[str, Any]:
         """Lambda's partial batch response: only the records that were invalid or failed are
@@ -157,7 +162,10 @@ class LambdaHandler:
                     continue
                 model: Any = None
                 try:
-                    payload = json.loads(record.get("body") or "")
+                    body = record.get("body")
+                    if not isinstance(body, str):
+                        raise InvalidInput("the message body is not a JSON string")
+                    payload = json.loads(body)
                     if not isinstance(payload, Mapping):
                         raise InvalidInput("the message body is not a JSON object")
                     model = payload.get("model")
@@ -175,28 +183,14 @@ class LambdaHandler:
                     log.warning("SQS message %s failed: %s", message_id, reason)
                     failed.append(message_id)
                     failed_groups.add(group)
+                except Exception:
+                    # The predict function raised: this record fails alone, the others go on.
+                    log.exception("SQS message %s failed: the predict function raised", message_id)
+                    failed.append(message_id)
+                    failed_groups.add(group)
                 else:
                     log.info("SQS message %s answered", message_id, extra={"answer": answer})
         return {"batchItemFailures": [{"itemIdentifier": item} for item in failed]}
-
-
-def lambda_handler(
-    app: Any,
-    model: LazyModel[Loaded[Any]],
-    *,
-    direct: Answer | None = None,
-    direct_keys: Collection[str] = ("inputs",),
-    metrics: ModelMetrics | None = None,
-) -> LambdaHandler:
-    """The Lambda entry point for `app` and one model holder; `direct` answers `{"inputs": ...}`
-    payloads and SQS records, `metrics` publishes one EMF document per invocation."""
-
-    def warmup(event: Mapping[str, Any]) -> dict[str, Any]:
-        return {"warm": True, "model": model.get().info.model_dump()}
-
-    return LambdaHandler(
-        app, warmup=warmup, direct=direct, direct_keys=direct_keys, metrics=metrics
-    )
 
 
 def invalid_input(exc: ValidationError, rules: str | None = None) -> InvalidInput:

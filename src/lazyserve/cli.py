@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -26,10 +26,6 @@ __all__ = ["main"]
 
 DEFAULT_APP = "handler.app:app"
 DEFAULT_HANDLER = "handler.app.handler"
-DEMO_BUCKET = "lazyserve-demo"
-DEMO_KEY = "digits/digits.safetensors"
-DEMO_WEIGHTS = Path("handler/weights/digits.safetensors")
-DEMO_DIGIT = 1791  # a held-out "4" of scikit-learn's digits (not used in training)
 
 
 class CommandError(Exception):
@@ -106,86 +102,23 @@ def serve(app: str, host: str, port: int, workers: int) -> int:
     return 0
 
 
-def _demo_log_config() -> dict[str, Any]:
-    # uvicorn's own configuration, minus its start-up lines (the demo prints its own banner):
-    # what is left is its access log, and any warning or error.
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["loggers"]["uvicorn.error"]["level"] = "WARNING"
-    return config
-
-
 def demo(port: int) -> int:
-    """An embedded S3 (moto) on loopback, the reference weights in it, the function on uvicorn."""
-    import hashlib
-
-    if not DEMO_WEIGHTS.is_file():
-        raise CommandError(
-            None, f"{DEMO_WEIGHTS} not found: run `lazyserve demo` from the repository root"
-        )
+    """The repository's demo (`make demo`): its module, `handler/demo.py`, embeds an S3 endpoint
+    and serves the reference function; it is not part of the installed library."""
+    _importable_cwd()
     try:
-        import boto3
-        from moto.server import ThreadedMotoServer
-    except ImportError as exc:
+        module = importlib.import_module("handler.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("handler", "handler.demo"):
+            raise
         raise CommandError(
             None,
-            f"the demo needs the demo extra ({exc.name} is missing): pip install 'lazyserve[demo]'",
+            "the demo is the lazyserve repository's reference function: run `make demo` (or "
+            "`lazyserve demo`) from a clone of it; to start a project of your own, run "
+            "`lazyserve init DIR`",
         ) from None
-    # The embedded S3 runs on werkzeug in this process: its access lines (and botocore's) are
-    # the demo's plumbing, not the service a newcomer is looking at.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    sock = _listen("127.0.0.1", port)
-    port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, s3_port = server.get_host_and_port()
-        endpoint = f"http://{host}:{s3_port}"
-        # The embedded S3 takes any credentials; these keep boto3 from looking for real ones.
-        os.environ.update(
-            AWS_ACCESS_KEY_ID="demo",
-            AWS_SECRET_ACCESS_KEY="demo",
-            AWS_REGION="us-east-1",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_ENDPOINT_URL_S3=endpoint,
-            LAZYSERVE_MODEL_URI=f"s3://{DEMO_BUCKET}/{DEMO_KEY}",
-        )
-        data = DEMO_WEIGHTS.read_bytes()
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket=DEMO_BUCKET)
-        s3.put_object(
-            Bucket=DEMO_BUCKET,
-            Key=DEMO_KEY,
-            Body=data,
-            Metadata={"sha256": hashlib.sha256(data).hexdigest()},
-        )
-        label, pixels = _demo_digit()
-        body = json.dumps({"inputs": [pixels]}, separators=(",", ":"))
-        asgi = _load_app(DEFAULT_APP)
-        print(f"embedded S3 at {endpoint}: s3://{DEMO_BUCKET}/{DEMO_KEY} ({len(data)} bytes)")
-        print(f"serving the digits function on http://127.0.0.1:{port} (Ctrl-C stops)")
-        print(f'try it (a real handwritten {label}; expect "label":{label}):')
-        print(
-            f"  curl -s http://127.0.0.1:{port}/predict "
-            f"-H 'content-type: application/json' -d '{body}'",
-            flush=True,
-        )
-        import uvicorn
-
-        config = uvicorn.Config(asgi, host="127.0.0.1", port=port, log_config=_demo_log_config())
-        uvicorn.Server(config).run(sockets=[sock])
-        return 0
-    finally:
-        sock.close()
-        server.stop()
-
-
-def _demo_digit() -> tuple[int, list[int]]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return int(digits.target[DEMO_DIGIT]), [int(v) for v in digits.data[DEMO_DIGIT]]
+    result: int = module.main(port)
+    return result
 
 
 @dataclass
@@ -297,6 +230,14 @@ def _import_handler(handler_path: str) -> Any:
     if not callable(handler):
         kind = type(handler).__name__
         raise CommandError("--handler", f"{handler_path}: not a function but a {kind}", code=2)
+    call = handler if inspect.isroutine(handler) else type(handler).__call__
+    if inspect.iscoroutinefunction(call):
+        raise CommandError(
+            "--handler",
+            f"{handler_path} is an ASGI app or a coroutine, not a Lambda handler: give the "
+            f"handler function (`handler = service.handler`), e.g. {DEFAULT_HANDLER}",
+            code=2,
+        )
     return handler
 
 

@@ -3,12 +3,15 @@ initialised, the CPUs it may use, the memory it may use and the memory it holds.
 
 from __future__ import annotations
 
+import itertools
 import os
+import sys
 from collections.abc import Mapping
 
 __all__ = [
     "cpus",
     "initialization_type",
+    "is_runtime_process",
     "memory_limit",
     "memory_limit_source",
     "on_lambda",
@@ -33,6 +36,28 @@ def on_lambda(environ: Mapping[str, str] | None = None) -> bool:
     """Inside an AWS Lambda execution environment (also `sam local` and the runtime emulator,
     which set the same variables)."""
     return "AWS_LAMBDA_FUNCTION_NAME" in _env(environ)
+
+
+def is_runtime_process(
+    argv: list[str] | None = None, environ: Mapping[str, str] | None = None
+) -> bool:
+    """This interpreter is the one that serves the function: Lambda's Python runtime, started as
+    its image or managed runtime starts it, not an extension, a shell command or `pip` run in the
+    same execution environment (they inherit AWS_LAMBDA_RUNTIME_API too). Told from the command
+    line, which is public: container images run `python -m awslambdaric HANDLER` (the AWS base
+    images' entry point and AWS's documented ENTRYPOINT for other images); managed runtimes
+    run `$LAMBDA_RUNTIME_DIR/bootstrap.py`, possibly behind a wrapper script
+    (AWS_LAMBDA_EXEC_WRAPPER)."""
+    env = _env(environ)
+    if "AWS_LAMBDA_RUNTIME_API" not in env:
+        return False
+    # sys.orig_argv: the whole command line, already there when .pth files run (sys.argv then
+    # holds only ['-m'] or ['-c']).
+    args = list(sys.orig_argv) if argv is None else argv
+    if any(a == "-m" and b == "awslambdaric" for a, b in itertools.pairwise(args)):
+        return True
+    bootstrap = os.path.join(env.get("LAMBDA_RUNTIME_DIR") or "/var/runtime", "bootstrap.py")
+    return bootstrap in args
 
 
 def initialization_type(environ: Mapping[str, str] | None = None) -> str | None:

@@ -1,27 +1,51 @@
-"""How errors become HTTP answers: the contract's 503 for an unavailable model, JSON 422s that
-never echo the input, and 413 for bodies over Lambda's payload limit."""
+"""How errors become HTTP answers, all JSON and worded by lazyserve:
+
+- 503 with Retry-After, `model_unavailable`: the model is loading (ModelLoadTimeout), or its load
+  failed in a way a retry may change (throttling, a timeout, an S3 5xx: `retryable` errors);
+- 500, `model_unloadable`: it cannot load until its object or the function's configuration
+  changes (ModelFormatError, ModelIntegrityError, ModelTooLarge, ModelMissing, AccessDenied);
+- 404, `model_not_found`: no model has that name (many models);
+- 500, `predict_failed`, with a request id: the predict function (or any route) raised;
+- 422 that never echo the input, and 413 for bodies over Lambda's payload limit."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import RequestValidationError, ResponseValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from lazyserve.errors import ModelLoadTimeout, ModelNotFound, ModelUnavailable
+from lazyserve.errors import (
+    LazyserveError,
+    ModelLoadTimeout,
+    ModelNotFound,
+    ModelUnavailable,
+    PredictFailed,
+)
+from lazyserve.logs import request_id
 from lazyserve.schemas import ModelUnavailableBody, ModelUnavailableDetail
 
 __all__ = [
+    "MAX_MESSAGE",
     "BodyTooLarge",
     "add_error_handlers",
+    "bounded",
+    "predict_failed",
     "too_large_response",
     "unavailable_response",
 ]
+
+log = logging.getLogger("lazyserve")
+
+MAX_MESSAGE = 2000
+"""Characters of an error message an answer carries; the log has the rest."""
 
 MAX_ERRORS = 20
 """Validation errors a 422 lists; the rest are counted in one last entry."""
@@ -37,10 +61,61 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text`, cut to `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def unavailable_response(exc: ModelUnavailable) -> JSONResponse:
+    message = bounded(str(exc))
+    if not exc.retryable:
+        body = ModelUnavailableBody(
+            detail=ModelUnavailableDetail(error="model_unloadable", message=message)
+        )
+        return JSONResponse(body.model_dump(), status_code=500)
     retry = RETRY_AFTER_LOADING if isinstance(exc, ModelLoadTimeout) else RETRY_AFTER_FAILED
-    body = ModelUnavailableBody(detail=ModelUnavailableDetail(message=str(exc)))
+    body = ModelUnavailableBody(detail=ModelUnavailableDetail(message=message))
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(retry)})
+
+
+def predict_failed(exc: Exception, function: str) -> Exception:
+    """What to raise for `exc` from the predict function: lazyserve's own errors and HTTP
+    exceptions the function raised on purpose as they are; anything else is logged with its
+    traceback and becomes PredictFailed, a JSON 500 naming the request id."""
+    if isinstance(exc, HTTPException | LazyserveError | RequestValidationError):
+        return exc
+    rid = request_id() or uuid.uuid4().hex
+    log.error(
+        "%s() raised %s", function, type(exc).__name__, exc_info=exc, extra={"request_id": rid}
+    )
+    return PredictFailed(rid)
+
+
+def _failed_response(rid: str) -> JSONResponse:
+    error = PredictFailed(rid)
+    body = {"detail": {"error": "predict_failed", "message": str(error), "request_id": rid}}
+    return JSONResponse(body, status_code=500)
+
+
+async def _predict_failed(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, PredictFailed)
+    return _failed_response(exc.request_id)
+
+
+async def _response_invalid(request: Request, exc: Exception) -> JSONResponse:
+    # The predict function returned something its declared response type refuses.
+    rid = request_id() or uuid.uuid4().hex
+    log.error(
+        "the response does not match the declared response type: %s",
+        bounded(str(exc), 500),
+        extra={"request_id": rid},
+    )
+    return _failed_response(rid)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette's ServerErrorMiddleware answers with this, then re-raises for the server to log.
+    return _failed_response(request_id() or uuid.uuid4().hex)
 
 
 def too_large_response(limit: int) -> JSONResponse:
@@ -49,7 +124,7 @@ def too_large_response(limit: int) -> JSONResponse:
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:
-    body = {"detail": {"error": "model_not_found", "message": str(exc)}}
+    body = {"detail": {"error": "model_not_found", "message": bounded(str(exc))}}
     return JSONResponse(body, status_code=404)
 
 
@@ -126,8 +201,11 @@ async def _invalid(request: Request, exc: Exception) -> Response:
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """The 503, 404, 422 and 413 answers above, on `app`."""
+    """The answers above, on `app`."""
     app.add_exception_handler(ModelUnavailable, _unavailable)
+    app.add_exception_handler(PredictFailed, _predict_failed)
+    app.add_exception_handler(ResponseValidationError, _response_invalid)
+    app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(ModelNotFound, _not_found)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)

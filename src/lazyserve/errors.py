@@ -14,6 +14,7 @@ LazyserveError
 │       ├── ModelIntegrityError  the weights do not match the expected sha256      no
 │       └── ModelFormatError     the bytes are not a safe, valid weights file for   no
 │                                the model
+├── PredictFailed          the predict function raised (HTTP 500 with a request id)
 └── LambdaEventError       a direct Lambda invocation that cannot be served
     ├── InvalidInput       the payload breaks the input rules
     └── UnsupportedEvent   the event has none of the accepted shapes
@@ -38,6 +39,7 @@ __all__ = [
     "ModelNotFound",
     "ModelTooLarge",
     "ModelUnavailable",
+    "PredictFailed",
     "SettingsError",
     "UnsupportedEvent",
 ]
@@ -110,6 +112,17 @@ class ModelFormatError(ModelLoadError):
     """The bytes are not a safe, well-formed weights file that fits the model."""
 
     retryable = False
+
+
+class PredictFailed(LazyserveError):
+    """The predict function raised an exception: HTTP answers a JSON 500 naming the request id,
+    and the log has the exception with its traceback under that id."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            f"the predict function failed; the log has its error under request id {request_id}"
+        )
+        self.request_id = request_id
 
 
 class LambdaEventError(LazyserveError):

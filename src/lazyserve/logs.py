@@ -1,18 +1,13 @@
-"""Logs: one JSON object per line on Lambda, readable text in a terminal, with the request's
-context on each line (cold_start, request_id, model_sha256).
+"""Logs: lazyserve writes to the `lazyserve` logger, each line with the request's context
+(cold_start, request_id, model_sha256).
 
-The standard library rather than Powertools' Logger: the library logs to a plain
-`logging.getLogger("lazyserve")` that any app can route. On Lambda the runtime client
-(awslambdaric) has already put a handler on the root logger, which writes each formatted record
-to stdout as it is (no newline added) or as one frame of Lambda's telemetry log; lazyserve keeps
-that handler and only sets what it formats:
-- with Lambda's JSON log format (`LoggingConfig: LogFormat: JSON`, i.e. AWS_LAMBDA_LOG_FORMAT=JSON)
-  the runtime's own JSON formatter stays (requestId, the frame types Lambda filters levels by)
-  and lazyserve's fields are added to each record it formats;
-- with the Text format (the default), lazyserve's JSON, one newline-terminated object a record.
-Elsewhere lazyserve adds a handler of its own to stderr only if the root logger has none, so a
-handler the app configured is never reformatted.
-"""
+On Lambda its lines are JSON objects, one per line on stdout, with an RFC 3339 `timestamp` and a
+`level`: with Lambda's JSON log format Lambda filters them by that level, and in the Text format
+each is one event ("Log-level filtering" in the Lambda developer guide). The runtime's own root
+handler is left exactly as the runtime set it up: lazyserve's logger has its own handler and does
+not propagate to the root logger, as Powertools' Logger does. Elsewhere, when the app has
+configured logging (the root logger has handlers) lazyserve's records go there, carrying the
+context fields as attributes; when it has not, lazyserve writes readable text to stderr."""
 
 from __future__ import annotations
 
@@ -27,20 +22,11 @@ from typing import Any
 
 from lazyserve.environment import on_lambda
 
-__all__ = ["bind", "configure_logging", "set_global"]
+__all__ = ["bind", "configure_logging", "lambda_log_level", "request_id", "set_global"]
 
 _context: ContextVar[Mapping[str, Any] | None] = ContextVar("lazyserve_log_context", default=None)
 _global: dict[str, Any] = {}
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-# What awslambdaric's handler filter puts on every record (awslambdaric/bootstrap.py,
-# LambdaLoggerFilter), renamed as Lambda's own JSON format names them; `_frame_type` is its
-# JSON formatter's note to the handler.
-_RUNTIME_FIELDS = {"aws_request_id": "requestId", "tenant_id": "tenantId"}
-_HIDDEN = {"_frame_type"}
-# awslambdaric's root handlers (awslambdaric/bootstrap.py, `_setup_logging`): the pip package
-# (container images) and the bootstrap module of older managed runtimes.
-_RUNTIME_HANDLERS = {"LambdaLoggerHandler", "LambdaLoggerHandlerWithFrameType"}
-_RUNTIME_MODULES = {"awslambdaric.bootstrap", "bootstrap"}
 # Lambda's level names (AWS_LAMBDA_LOG_LEVEL) in Python's terms.
 _LAMBDA_LEVELS = {
     "TRACE": logging.DEBUG,
@@ -52,9 +38,7 @@ _LAMBDA_LEVELS = {
     "FATAL": logging.CRITICAL,
     "CRITICAL": logging.CRITICAL,
 }
-# Their INFO lines (credentials found, endpoint resolved) are not for a person reading the
-# service's log, and at DEBUG botocore logs request headers: the access key id and the token.
-_QUIET = ("botocore", "boto3", "s3transfer", "urllib3")
+_LOGGER = "lazyserve"
 
 
 class bind:
@@ -75,8 +59,14 @@ class bind:
 
 
 def set_global(**fields: Any) -> None:
-    """Add fields to every later log line of the process (e.g. the loaded model's sha256)."""
+    """Add fields to every later log line of the process (e.g. the served model's sha256)."""
     _global.update(fields)
+
+
+def request_id() -> str | None:
+    """The request id bound to this task or thread (a Lambda invocation's), if any."""
+    found = (_context.get() or {}).get("request_id")
+    return str(found) if found else None
 
 
 def _context_fields() -> dict[str, Any]:
@@ -84,25 +74,12 @@ def _context_fields() -> dict[str, Any]:
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
-    for key, value in vars(record).items():
-        if key in _RESERVED or key in _HIDDEN:
-            continue
-        if key in _RUNTIME_FIELDS:
-            if value not in (None, ""):  # no request id during INIT, no tenant id mostly
-                extra[_RUNTIME_FIELDS[key]] = value
-            continue
-        extra[key] = value
+    extra = {k: v for k, v in vars(record).items() if k not in _RESERVED}
     return {**_context_fields(), **extra}
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message, then the context fields;
-    `newline=True` ends it with a newline, for handlers that write records as they are."""
-
-    def __init__(self, *, newline: bool = False) -> None:
-        super().__init__()
-        self.end = "\n" if newline else ""
+    """One JSON object per record: timestamp, level, logger, message, then the context fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -116,15 +93,11 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str) + self.end
+        return json.dumps(line, default=str)
 
 
 class TextFormatter(logging.Formatter):
     """`12:00:00.123 INFO lazyserve: model loaded bytes=69488 ...` for a terminal."""
-
-    def __init__(self, *, newline: bool = False) -> None:
-        super().__init__()
-        self.end = "\n" if newline else ""
 
     def format(self, record: logging.LogRecord) -> str:
         when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
@@ -133,45 +106,30 @@ class TextFormatter(logging.Formatter):
         text = f"{text} {pairs}" if pairs else text
         if record.exc_info:
             text = f"{text}\n{self.formatException(record.exc_info)}"
-        return text + self.end
-
-
-class WithContext(logging.Formatter):
-    """Another formatter (Lambda's JSON one) given lazyserve's fields as record attributes."""
-
-    def __init__(self, inner: logging.Formatter) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def format(self, record: logging.LogRecord) -> str:
-        # `extra=` fields are record attributes already and win, as in JsonFormatter.
-        fields = {k: v for k, v in _context_fields().items() if k not in vars(record)}
-        if not fields:
-            return self.inner.format(record)
-        # A copy: other handlers of the same record must not see the added attributes.
-        copy = logging.makeLogRecord(vars(record))
-        vars(copy).update(fields)
-        text = self.inner.format(copy)
-        # awslambdaric's JSON formatter marks the record with its frame type, which its
-        # handler reads from the record it holds (the original).
-        if hasattr(copy, "_frame_type"):
-            record._frame_type = copy._frame_type
         return text
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The handler lazyserve adds (to stderr) when nothing else handles the root logger."""
+    """lazyserve's own handler: stdout on Lambda, stderr elsewhere, followed when replaced (a
+    runtime's wrapper, pytest's capture)."""
+
+    def __init__(self, stdout: bool) -> None:
+        super().__init__(sys.stdout if stdout else sys.stderr)
+        self.stdout = stdout
 
     def emit(self, record: logging.LogRecord) -> None:
-        # Follow sys.stderr when something replaces it (pytest's capture, a runtime's wrapper).
-        self.stream = sys.stderr
+        self.stream = sys.stdout if self.stdout else sys.stderr
         super().emit(record)
 
 
-def is_runtime_handler(handler: logging.Handler) -> bool:
-    """Whether `handler` is the one Lambda's runtime client (awslambdaric) installed."""
-    kind = type(handler)
-    return kind.__name__ in _RUNTIME_HANDLERS and kind.__module__ in _RUNTIME_MODULES
+class _Context(logging.Filter):
+    """Puts the context fields on records that go to the app's own handlers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _context_fields().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
 
 
 def lambda_log_level(environ: Mapping[str, str] | None = None) -> int | None:
@@ -181,43 +139,26 @@ def lambda_log_level(environ: Mapping[str, str] | None = None) -> int | None:
 
 
 def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) -> None:
-    """JSON lines on Lambda (or when asked), text elsewhere; `level` for lazyserve's logger,
-    never below Lambda's AWS_LAMBDA_LOG_LEVEL. Safe to call more than once."""
-    if json_lines is None:
-        json_lines = on_lambda()
-    lambda_json = os.environ.get("AWS_LAMBDA_LOG_FORMAT", "").strip().upper() == "JSON"
-    lambda_level = lambda_log_level()
-    root = logging.getLogger()
-    runtime = [h for h in root.handlers if is_runtime_handler(h)]
-    for handler in runtime:
-        current = handler.formatter
-        if lambda_json:
-            if current is not None and not isinstance(current, WithContext):
-                handler.setFormatter(WithContext(current))
-        else:
-            handler.setFormatter(
-                JsonFormatter(newline=True) if json_lines else TextFormatter(newline=True)
-            )
-        if lambda_level is not None:
-            handler.setLevel(lambda_level)
-    if runtime:
-        # A warning printed to stderr would be a line of plain text among the JSON ones.
-        logging.captureWarnings(True)
-    else:
-        ours = [h for h in root.handlers if isinstance(h, _Handler)]
-        if not root.handlers:
-            ours = [_Handler(sys.stderr)]
-            root.addHandler(ours[0])
-            root.setLevel(logging.INFO)
-        for handler in ours:
-            handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    """Set up the `lazyserve` logger as the module docstring says: JSON lines on Lambda (or when
+    asked), the app's handlers or text elsewhere; `level`, never below Lambda's
+    AWS_LAMBDA_LOG_LEVEL. Touches no other logger; safe to call more than once."""
     wanted = logging.getLevelName(level.upper())
     if not isinstance(wanted, int):
         raise ValueError(f"log level {level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-    logging.getLogger("lazyserve").setLevel(max(wanted, lambda_level or logging.NOTSET))
-    for name in _QUIET:
-        noisy = logging.getLogger(name)
-        if noisy.level == logging.NOTSET:
-            noisy.setLevel(logging.WARNING)
-        elif noisy.level < logging.INFO:
-            noisy.setLevel(logging.INFO)
+    lambda_level = lambda_log_level()
+    if json_lines is None:
+        json_lines = on_lambda()
+    logger = logging.getLogger(_LOGGER)
+    logger.setLevel(max(wanted, lambda_level or logging.NOTSET))
+    for handler in [h for h in logger.handlers if isinstance(h, _Handler)]:
+        logger.removeHandler(handler)
+    for found in [f for f in logger.filters if isinstance(f, _Context)]:
+        logger.removeFilter(found)
+    if not json_lines and logging.getLogger().handlers:
+        logger.propagate = True  # the app configured logging: its handlers format the lines
+        logger.addFilter(_Context())
+        return
+    handler = _Handler(stdout=json_lines)
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    logger.addHandler(handler)
+    logger.propagate = False

@@ -13,14 +13,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from lazyserve.formats import build_model, format_of, read_state_dict
-from lazyserve.lazy import LazyModel
-from lazyserve.logs import set_global
 from lazyserve.settings import Settings
-from lazyserve.sources import load_weights
-from lazyserve.types import S3Client
+from lazyserve.sources import RangeClient, load_weights
 from lazyserve.uris import ModelURI
 
-__all__ = ["Loaded", "ModelInfo", "lazy_model", "load_model"]
+__all__ = ["Loaded", "ModelInfo", "load_model"]
 
 M = TypeVar("M", bound=torch.nn.Module)
 log = logging.getLogger("lazyserve")
@@ -58,12 +55,13 @@ def load_model(
     *,
     uri: ModelURI | None = None,
     reserve: Callable[[int], None] | None = None,
-    s3_client: S3Client | None = None,
+    client: RangeClient | None = None,
 ) -> Loaded[M]:
     """Fetch, check and build the model once; raises a ModelLoadError subclass on failure.
     `uri` names one model of a prefix (default: the settings' URI); `reserve(size)` runs once
-    the weights' size is known, before they are read (see sources.fetch_weights)."""
-    weights = load_weights(settings, uri=uri, reserve=reserve, s3_client=s3_client)
+    the weights' size is known, before they are read (see sources.fetch_weights); `client`
+    makes the S3 GETs (default: the process's own)."""
+    weights = load_weights(settings, uri=uri, reserve=reserve, client=client)
     fetched = time.perf_counter()
     module = build_model(build, read_state_dict(weights), weights.uri)
     done = time.perf_counter()
@@ -81,8 +79,6 @@ def load_model(
         connections=weights.connections,
     )
     mbps = weights.size / 1e6 / max(info.fetch_seconds, 1e-9)
-    if uri is None:  # the process serves this one model: every log line may name it
-        set_global(model_sha256=info.sha256)
     log.info(
         "model loaded from %s: %d bytes in %.3fs (%.1f MB/s)",
         info.uri,
@@ -90,6 +86,7 @@ def load_model(
         info.total_seconds,
         mbps,
         extra={
+            "model_sha256": info.sha256,
             "fetch_seconds": info.fetch_seconds,
             "build_seconds": info.build_seconds,
             "total_seconds": info.total_seconds,
@@ -100,15 +97,3 @@ def load_model(
         },
     )
     return Loaded(module, info)
-
-
-def lazy_model(
-    build: Callable[[], M], settings: Settings, *, s3_client: S3Client | None = None
-) -> LazyModel[Loaded[M]]:
-    """A process-wide holder that loads `build()`'s module with the weights the settings name."""
-    torch.set_num_threads(settings.torch_threads)
-    return LazyModel(
-        lambda: load_model(build, settings, s3_client=s3_client),
-        wait=settings.load_wait,
-        source=settings.model_uri,
-    )

@@ -7,13 +7,15 @@ from typing import Any
 from fastapi import APIRouter
 
 from lazyserve import timing
+from lazyserve.error_handlers import bounded
+from lazyserve.errors import ModelNotFound
 from lazyserve.lazy import LazyModel
 from lazyserve.model import Loaded
 from lazyserve.pool import ModelPool
 from lazyserve.refresh import Refresher
 from lazyserve.schemas import UNAVAILABLE, Health, ModelMetadata, ModelStatus
 
-__all__ = ["model_metadata", "model_router", "pool_router"]
+__all__ = ["model_metadata", "model_router", "pool_router", "prefix_router"]
 
 
 def model_router(holder: LazyModel[Loaded[Any]], refresher: Refresher | None = None) -> APIRouter:
@@ -48,7 +50,7 @@ def model_metadata(holder: LazyModel[Loaded[Any]]) -> ModelStatus:
         source=holder.source,
         loads=holder.loads_succeeded,
         load_attempts=holder.loads_started,
-        last_error=str(error) if error is not None else None,
+        last_error=bounded(str(error)) if error is not None else None,
         requests=timing.stats(),
         **(loaded.info.model_dump() if loaded is not None else {}),
     )
@@ -72,5 +74,24 @@ def pool_router(pool: ModelPool[Any], refresher: Refresher | None = None) -> API
         if refresher is not None:
             described["refresh"] = refresher.counts()
         return described
+
+    return router
+
+
+def prefix_router() -> APIRouter:
+    """With many models, the single-model paths answer a 404 that says where to go instead."""
+    router = APIRouter(include_in_schema=False)
+    where = (
+        "this function serves many models (LAZYSERVE_MODEL_URI ends in /): POST "
+        "/models/{name}/predict to predict with model NAME, GET /models for the resident ones"
+    )
+
+    @router.post("/predict")
+    async def predict() -> None:
+        raise ModelNotFound(where)
+
+    @router.get("/model")
+    async def model() -> None:
+        raise ModelNotFound(where)
 
     return router

@@ -10,6 +10,7 @@ from lazyserve.lazy import Status
 from lazyserve.model import ModelInfo
 
 __all__ = [
+    "FAILED",
     "NOT_FOUND",
     "TOO_LARGE",
     "UNAVAILABLE",
@@ -27,7 +28,7 @@ class Health(BaseModel):
 
 
 class ModelUnavailableDetail(BaseModel):
-    error: Literal["model_unavailable"] = "model_unavailable"
+    error: Literal["model_unavailable", "model_unloadable"] = "model_unavailable"
     message: str
 
 
@@ -59,7 +60,30 @@ _optional: dict[str, Any] = {
 ModelMetadata = create_model("ModelMetadata", __base__=ModelStatus, **_optional)
 
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {"model": ModelUnavailableBody, "description": "The model is loading or cannot load"}
+    503: {
+        "model": ModelUnavailableBody,
+        "description": "The model is loading, or its load failed in a way a retry may change",
+    }
+}
+
+
+class PredictFailedDetail(BaseModel):
+    error: Literal["predict_failed", "model_unloadable"]
+    message: str
+    request_id: str | None = None
+
+
+class PredictFailedBody(BaseModel):
+    detail: PredictFailedDetail
+
+
+FAILED: dict[int | str, dict[str, Any]] = {
+    500: {
+        "model": PredictFailedBody,
+        "description": "The predict function raised (predict_failed, with a request id), or "
+        "the model cannot load until its object or the function's settings change "
+        "(model_unloadable)",
+    }
 }
 
 

@@ -1,11 +1,10 @@
-"""`Service`: the one object a model function is built from. It reads the settings, sets up
-logging, holds the model (or, for a URI ending in `/`, many models under a memory budget) and
-applies the load mode, builds the FastAPI app with every route and error answer, renews
-changed weights when asked, and is the Lambda handler."""
+"""`Service`: the one object a model function is built from. Constructing it reads the settings and
+assembles the parts (the model holder, or many models under a memory budget, the FastAPI app and
+its routes, the refresh); `@service.predict` declares the prediction; `start()` applies the
+process-wide start-up (`startup.py`) once; the service is then the app and the Lambda handler."""
 
 from __future__ import annotations
 
-import gc
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
@@ -14,25 +13,25 @@ import torch
 from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
 
-from lazyserve import timing
+from lazyserve import startup, timing
 from lazyserve.app import setup_app
 from lazyserve.aws import LambdaHandler, invalid_input
 from lazyserve.environment import memory_limit, on_lambda, resident_bytes
+from lazyserve.error_handlers import predict_failed
 from lazyserve.errors import InvalidInput, ModelNotFound
 from lazyserve.lazy import LazyModel
-from lazyserve.logs import configure_logging
+from lazyserve.logs import set_global
 from lazyserve.metrics import ModelMetrics, metrics_enabled
 from lazyserve.middleware import MetricsMiddleware
 from lazyserve.model import Loaded, load_model
 from lazyserve.pool import ModelPool, PoolEntry
 from lazyserve.refresh import Refresher, Target
-from lazyserve.routes import model_router, pool_router
-from lazyserve.schemas import NOT_FOUND, TOO_LARGE, UNAVAILABLE
+from lazyserve.routes import model_router, pool_router, prefix_router
+from lazyserve.schemas import FAILED, NOT_FOUND, TOO_LARGE, UNAVAILABLE
 from lazyserve.settings import Settings, load_settings
 from lazyserve.signatures import dumper, in_inference_mode, io_types
 from lazyserve.signatures import rules as signature_rules
-from lazyserve.sources import head
-from lazyserve.startup import start_loading
+from lazyserve.sources import Boto3Ranges, RangeClient, head, settle_early_download
 from lazyserve.types import LambdaContext, LambdaEvent, S3Client
 from lazyserve.workers import Inference
 
@@ -50,10 +49,13 @@ INFERENCE_HEADROOM = 0.10
 class Service(Generic[M]):
     """A served model: `app` for uvicorn, `handler` for AWS Lambda, `@predict` for the route.
 
-    `build` makes the user's `nn.Module` (it runs on the meta device, then adopts the loaded
-    weights). Settings come from the LAZYSERVE_* environment variables unless given. With a
-    `LAZYSERVE_MODEL_URI` ending in `/`, model NAME is `<prefix>NAME.safetensors`, served at
-    `POST /models/{name}/predict` (and `{"model": NAME, ...}` for direct and SQS invocations).
+    `build` makes the user's `nn.Module` (its parameters are created on the meta device, then
+    the loaded weights become them). Settings come from the LAZYSERVE_* environment variables
+    unless given. With a `LAZYSERVE_MODEL_URI` ending in `/`, model NAME is
+    `<prefix>NAME.safetensors`, served at `POST /models/{name}/predict` (and
+    `{"model": NAME, ...}` for direct and SQS invocations). `s3_client`: a boto3 S3 client to
+    make every GET with (its endpoint, credentials and configuration), instead of lazyserve's
+    own. `autostart=False`: `@predict` does not call `start()`; call it yourself.
     """
 
     def __init__(
@@ -63,21 +65,20 @@ class Service(Generic[M]):
         app: FastAPI | None = None,
         settings: Settings | None = None,
         s3_client: S3Client | None = None,
+        autostart: bool = True,
     ) -> None:
-        # Logging first: what loading the settings warns about (a mistyped LAZYSERVE_*
-        # variable) then reaches Lambda's log as one JSON line, like everything else.
-        configure_logging()
         self.settings = settings if settings is not None else load_settings()
-        configure_logging(self.settings.log_level)
-        torch.set_num_threads(self.settings.torch_threads)
+        self._client: RangeClient | None = Boto3Ranges(s3_client) if s3_client else None
+        # A download the interpreter started that this app will not take is freed now.
+        settle_early_download(self.settings, adopt=s3_client is None)
         self._build = build
-        self._s3_client = s3_client
+        self._autostart = autostart
+        self._started = False
         self.uri = self.settings.uri
         name = getattr(build, "__name__", "model")
-        self.app = app if app is not None else FastAPI(title=f"{name} (lazyserve)")
-        # Mangum gives a request without a Host header the host "mangum": Starlette's
-        # trailing-slash redirect would send clients to https://mangum/... An exact path or 404.
-        self.app.router.redirect_slashes = False
+        # Mangum gives a request without a Host header the host "mangum": a trailing-slash
+        # redirect would send clients to https://mangum/... An exact path or 404.
+        self.app = app if app is not None else FastAPI(title=name, redirect_slashes=False)
         setup_app(self.app)
         self.metrics = ModelMetrics() if metrics_enabled(self.settings.metrics) else None
         if self.metrics is not None and not on_lambda():
@@ -86,9 +87,8 @@ class Service(Generic[M]):
         # Decided once, after the imports: the weights may use what the imports left.
         self.budget = self.settings.memory_budget or _default_budget()
         self.refresher: Refresher | None = None
-        every = self.settings.refresh_seconds
-        if every is not None and self.uri.is_s3 and self.uri.version_id is None:
-            self.refresher = Refresher(every, self._refresh_targets).start()
+        if self.settings.refresh_seconds is not None:
+            self.refresher = Refresher(self.settings.refresh_seconds, self._refresh_targets)
         self._holder: LazyModel[Loaded[M]] | None = None
         self.pool: ModelPool[Loaded[M]] | None = None
         if self.uri.is_prefix:
@@ -98,21 +98,34 @@ class Service(Generic[M]):
                 budget=self.budget,
                 wait=self.settings.load_wait,
             )
-            self.app.include_router(pool_router(self.pool, self.refresher))
         else:
             self._holder = LazyModel(
                 self._load, wait=self.settings.load_wait, source=self.settings.model_uri
             )
-            self.app.include_router(model_router(self._holder, self.refresher))
         self._answer: Callable[[Mapping[str, Any]], Any] | None = None
         self._direct_keys: frozenset[str] = frozenset()
         self._lambda: LambdaHandler | None = None
-        self.load_mode = (
-            "lazy" if self._holder is None else start_loading(self._holder, self.settings)
-        )
-        # What the imports created lives as long as the process: out of the collector's sight,
-        # a full collection no longer walks torch's ~200k objects on every pass.
-        gc.freeze()
+        self._routes_added = False
+        self.load_mode = "lazy"
+
+    def start(self) -> None:
+        """The process-wide start-up, once (later calls do nothing): the model routes
+        (`/health`, `/ready`, `/model`, or `/models`) join the app after the predict route;
+        lazyserve's logging is set up (JSON lines on Lambda, see logs.py); torch's thread count
+        is set (LAZYSERVE_TORCH_THREADS); the refresh thread starts (LAZYSERVE_REFRESH_SECONDS);
+        LAZYSERVE_LOAD is applied (a `background` or `eager` load starts, `eager` waits for it
+        up to 8 s on an on-demand Lambda); and `gc.freeze()` moves what the imports made out of
+        the collector's sight. `@service.predict` calls it unless `autostart=False`."""
+        if self._started:
+            return
+        self._started = True
+        self._add_model_routes()
+        startup.configure_process(self.settings)
+        if self.refresher is not None:
+            self.refresher.start()
+        if self._holder is not None:
+            self.load_mode = startup.start_loading(self._holder, self.settings)
+        startup.freeze()
 
     def close(self) -> None:
         """Stop the background refresh, if any (a process that builds services repeatedly)."""
@@ -129,14 +142,29 @@ class Service(Generic[M]):
             )
         return self._holder
 
+    def _add_model_routes(self) -> None:
+        if self._routes_added:
+            return
+        self._routes_added = True
+        if self.pool is not None:
+            self.app.include_router(pool_router(self.pool, self.refresher))
+        else:
+            assert self._holder is not None
+            self.app.include_router(model_router(self._holder, self.refresher))
+
     # -- loading ----------------------------------------------------------------------------------
 
     def _load(self) -> Loaded[M]:
-        loaded = load_model(self._build, self.settings, s3_client=self._s3_client)
-        if self.metrics is not None:
-            self.metrics.loaded(loaded.info)
-        gc.freeze()  # the model's objects too (see __init__)
+        loaded = load_model(self._build, self.settings, client=self._client)
+        self._loaded(loaded)
+        startup.freeze()  # the model's objects too (see start())
         return loaded
+
+    def _loaded(self, loaded: Loaded[M], name: str | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.loaded(loaded.info, name)
+        if name is None:  # the process serves this one model: every log line may name it
+            set_global(model_sha256=loaded.info.sha256)
 
     def _check_name(self, name: str) -> None:
         try:
@@ -151,10 +179,9 @@ class Service(Generic[M]):
             self.settings,
             uri=self.uri.for_model(name),
             reserve=reserve,
-            s3_client=self._s3_client,
+            client=self._client,
         )
-        if self.metrics is not None:
-            self.metrics.loaded(loaded.info, name)
+        self._loaded(loaded, name)
         return loaded
 
     # -- the prediction ---------------------------------------------------------------------------
@@ -163,12 +190,14 @@ class Service(Generic[M]):
         """Declare the prediction: `fn(model, request) -> response`, a plain function run under
         `torch.inference_mode()`. It serves `POST /predict` (the body validated as `request`'s
         type before the model is awaited), direct Lambda invocations with the same JSON, and
-        SQS records. Returns `fn` unchanged."""
+        SQS records. Returns `fn` unchanged; then starts the service (see `start()`)."""
         if self._answer is not None:
             raise TypeError("this Service has a predict function already; it takes one")
+        if self._routes_added:
+            raise TypeError("declare the predict function before calling service.start()")
         request_type, response_type = io_types(fn)
         inference = Inference(in_inference_mode(fn))
-        endpoint = self._endpoint(inference)
+        endpoint = self._endpoint(inference, fn.__name__)
         params = [
             inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=request_type)
         ]
@@ -177,44 +206,47 @@ class Service(Generic[M]):
                 0, inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, annotation=str)
             )
         endpoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        # Added before the model routes (start() adds those): every warm request takes this
+        # route, and Starlette tries the routes in order.
         self.app.router.add_api_route(
             "/predict" if self.pool is None else "/models/{name}/predict",
             endpoint,
             methods=["POST"],
             response_model=response_type,
-            responses={**UNAVAILABLE, **TOO_LARGE, **(NOT_FOUND if self.pool else {})},
+            responses={
+                **UNAVAILABLE,
+                **FAILED,
+                **TOO_LARGE,
+                **(NOT_FOUND if self.pool else {}),
+            },
             name=fn.__name__,
             description=inspect.getdoc(fn) or "",
             # No Content-Type (API Gateway test events, sam local): read as JSON, as API
             # Gateway itself does.
             strict_content_type=False,
         )
-        # Matched first: every warm request takes this route, and Starlette tries the routes in
-        # order (the docs, /health, /ready, /model before it cost ~10 us each per request).
-        routes = self.app.router.routes
-        routes.insert(0, routes.pop())
         if self.pool is not None:
-
-            async def which() -> Any:
-                raise ModelNotFound("this function serves many models: POST /models/{name}/predict")
-
-            self.app.router.add_api_route(
-                "/predict", which, methods=["POST"], include_in_schema=False
-            )
+            self.app.include_router(prefix_router())
         self._answer = self._direct_answer(inference, request_type, response_type)
         self._direct_keys = frozenset(
             field.alias or name for name, field in request_type.model_fields.items()
         )
         self._lambda = None  # rebuilt with the direct answer on the next invocation
         self._lambda_handler()  # now, so INIT (not the first request) pays for Mangum
+        if self._autostart:
+            self.start()
         return fn
 
-    def _endpoint(self, inference: Inference[Any]) -> Callable[..., Any]:
+    def _endpoint(self, inference: Inference[Any], fn_name: str) -> Callable[..., Any]:
         pool, holder = self.pool, self._holder
         if holder is not None:
 
             async def one(request: Any) -> Any:
-                return await inference.run(await holder.aget(), request)
+                loaded = await holder.aget()
+                try:
+                    return await inference.run(loaded, request)
+                except Exception as exc:
+                    raise predict_failed(exc, fn_name) from None
 
             return one
         assert pool is not None
@@ -224,7 +256,10 @@ class Service(Generic[M]):
             if timings is not None:
                 timings.model = name
             async with pool.alease(name) as loaded:
-                return await inference.run(loaded, request)
+                try:
+                    return await inference.run(loaded, request)
+                except Exception as exc:
+                    raise predict_failed(exc, fn_name) from None
 
         return many
 
@@ -291,6 +326,9 @@ class Service(Generic[M]):
 
     # -- refresh ----------------------------------------------------------------------------------
 
+    def _stat(self, uri: Any) -> Any:
+        return head(uri, client=self._client)
+
     def _refresh_targets(self) -> list[Target]:
         if self._holder is not None:
             budget = self.budget
@@ -298,11 +336,12 @@ class Service(Generic[M]):
                 Target(
                     name=self.settings.model_uri,
                     holder=self._holder,
-                    stat=lambda: head(self.uri),
+                    stat=lambda: self._stat(self.uri),
                     reload=lambda: load_model(
-                        self._build, self.settings, uri=self.uri, s3_client=self._s3_client
+                        self._build, self.settings, uri=self.uri, client=self._client
                     ),
                     reserve=lambda old, new: budget is None or old + new <= budget,
+                    swapped=lambda old, new: self._loaded(new),
                 )
             ]
         assert self.pool is not None
@@ -313,10 +352,8 @@ class Service(Generic[M]):
         return Target(
             name=uri.uri,
             holder=entry.holder,
-            stat=lambda: head(uri),
-            reload=lambda: load_model(
-                self._build, self.settings, uri=uri, s3_client=self._s3_client
-            ),
+            stat=lambda: self._stat(uri),
+            reload=lambda: load_model(self._build, self.settings, uri=uri, client=self._client),
             reserve=lambda old, new: pool.reserve_extra(new),
             swapped=lambda old, new: pool.swapped(entry, new.info.size_bytes),
             abandoned=pool.release_extra,

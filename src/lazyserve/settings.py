@@ -1,4 +1,6 @@
-"""Settings from LAZYSERVE_* environment variables, validated once, before any AWS call."""
+"""Settings from LAZYSERVE_* environment variables: one parser, standard library only, read by the
+app at import and by the start-up download before anything heavy is imported. Every bad value is
+reported at once, naming the variable, its value and what is accepted, before any AWS call."""
 
 from __future__ import annotations
 
@@ -6,195 +8,293 @@ import difflib
 import math
 import os
 import re
+import sys
 import warnings
-from collections.abc import Mapping
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any, Literal
-
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    EnvSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
-from pydantic_settings.sources.utils import parse_env_vars
 
 from lazyserve.environment import cpus
 from lazyserve.errors import LazyserveWarning, SettingsError
-from lazyserve.sources.s3 import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
 from lazyserve.uris import URI_FORMS, ModelURI, parse_model_uri
 
-__all__ = ["ModelURI", "Settings", "load_settings", "parse_model_uri"]
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_PART_SIZE",
+    "PREFIX",
+    "ModelURI",
+    "Settings",
+    "known_variables",
+    "load_settings",
+    "parse_model_uri",
+    "read_settings",
+    "unknown_variables",
+]
 
 PREFIX = "LAZYSERVE_"
+# Parallel ranged GETs per load. One S3 connection carries about 85-90 MB/s (AWS's "Performance
+# guidelines for Amazon S3": one connection per ~90 MB/s wanted) and Lambda publishes no network
+# limit, so 16 rather than 8; benchmarks/README.md ("Choosing the defaults") has the measurements.
+DEFAULT_CONCURRENCY = 16
+# The largest ranged GET (AWS recommends 8-16 MB ranges).
+DEFAULT_PART_SIZE = 8 * 1024 * 1024
+_MAX_QUOTED = 80  # characters of a bad value a message repeats
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _BYTES = re.compile(r"([0-9]+)([KMGkmg]?)")
 _BINARY = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+_BYTES_FORM = (
+    "optionally followed by K, M or G (binary multiples: 1K = 1024 bytes, 1M = 1024K, 1G = 1024M)"
+)
 MEMORY_BUDGET_FORM = (
-    "a whole number of bytes above 0, optionally followed by K, M or G (binary multiples: "
-    "1K = 1024 bytes, 1M = 1024K, 1G = 1024M), e.g. 1536M; leave it unset (or empty) for "
+    f"a whole number of bytes above 0, {_BYTES_FORM}, e.g. 1536M; leave it unset (or empty) for "
     "the default"
 )
 REFRESH_FORM = "a number of seconds above 0, e.g. 300; leave it unset (or empty) to never refresh"
 
+Dtype = Literal["bfloat16", "float16", "float32"]
 
-class Settings(BaseSettings):
-    """The LAZYSERVE_* settings; see the README's settings table."""
 
-    # env_ignore_empty: an empty value means unset, for every setting (the SAM template passes
-    # "" for the optional parameters a deployment leaves blank).
-    model_config = SettingsConfigDict(
-        env_prefix=PREFIX, case_sensitive=False, frozen=True, env_ignore_empty=True
-    )
+@dataclass(frozen=True)
+class Settings:
+    """The LAZYSERVE_* settings (the README's settings table); `load_settings()` reads them from
+    the environment, and constructing one directly checks the same rules."""
 
     model_uri: str
     model_sha256: str | None = None
     load: Literal["lazy", "eager", "background"] = "lazy"
-    load_wait: float = Field(default=25.0, gt=0, le=900)
-    # Parallel ranged GETs. One S3 connection carries about 85-90 MB/s (AWS's S3 performance
-    # guidelines: one connection per ~90 MB/s wanted) and Lambda publishes no network limit, so
-    # 16 (up to ~1.4 GB/s) rather than 8 (~0.7 GB/s). Measured against a stand-in with S3's
-    # per-connection rate and first-byte latency on a 2-vCPU VM (benchmarks/README.md,
-    # "Choosing the defaults"): 0.88 / 1.09 / 1.12 of the 8-connection link at 64 MiB / 512 MiB
-    # / 1 GiB, against 0.75 / 0.94 / 0.96 with 8; under heavy load from other processes 8 did
-    # better at 512 MiB and up (the sha256 thread competes with 16 receiving threads).
-    s3_concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, le=64)
-    # The largest ranged GET (AWS recommends 8-16 MB ranges): the first GET is 1 MiB (it learns
-    # the size), and an object too small for one part per connection is split evenly over them.
-    s3_part_size: int = Field(default=DEFAULT_PART_SIZE, ge=4096)
-    torch_threads: int = Field(default_factory=cpus, ge=1, le=256)
+    load_wait: float = 25.0
+    s3_concurrency: int = DEFAULT_CONCURRENCY
+    s3_part_size: int = DEFAULT_PART_SIZE
+    torch_threads: int = field(default_factory=cpus)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     metrics: Literal["auto", "on", "off"] = "auto"
     memory_budget: int | None = None
     refresh_seconds: float | None = None
+    dtype: Dtype | None = None
+    batch_max: int | None = None
+    batch_wait_ms: float | None = None
+    prefetch: Literal["auto", "off"] = "auto"
 
-    @field_validator("model_uri")
-    @classmethod
-    def _check_uri(cls, value: str) -> str:
-        parse_model_uri(value)
-        return value
+    def __post_init__(self) -> None:
+        problems = [
+            _message(PREFIX + f.name.upper(), getattr(self, f.name), reason)
+            for f in fields(self)
+            if (reason := _RULES[f.name].check(getattr(self, f.name))) is not None
+        ]
+        if not problems:
+            problems = _across(self)
+        if problems:
+            raise SettingsError(" ".join(problems))
 
-    @field_validator("model_sha256", mode="before")
-    @classmethod
-    def _check_sha256(cls, value: Any) -> Any:
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str) or not _SHA256.fullmatch(value):
-            raise ValueError("accepted: 64 hexadecimal characters (a sha256 digest)")
-        return value.lower()
-
-    @field_validator("memory_budget", mode="before")
-    @classmethod
-    def _check_memory_budget(cls, value: Any) -> Any:
-        if value is None or isinstance(value, int):
-            return value
-        match = _BYTES.fullmatch(str(value).strip())
-        if match is None or int(match[1]) == 0:
-            raise ValueError(f"accepted: {MEMORY_BUDGET_FORM}")
-        return int(match[1]) * _BINARY[match[2].upper()]
-
-    @field_validator("refresh_seconds", mode="before")
-    @classmethod
-    def _check_refresh_seconds(cls, value: Any) -> Any:
-        if value is None:
-            return None
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError):
-            seconds = math.nan
-        if not (math.isfinite(seconds) and seconds > 0):
-            raise ValueError(f"accepted: {REFRESH_FORM}")
-        return seconds
-
-    @model_validator(mode="after")
-    def _check_refresh_target(self) -> Settings:
-        uri = self.uri
-        if self.refresh_seconds is not None and (not uri.is_s3 or uri.version_id is not None):
-            what = "pins one version" if uri.is_s3 else "is not in S3"
-            raise ValueError(
-                f"LAZYSERVE_REFRESH_SECONDS is set, but LAZYSERVE_MODEL_URI {self.model_uri!r} "
-                f"{what}: only an s3:// URI without ?versionId= can change. Unset one of them."
-            )
-        return self
-
-    @field_validator("load", "log_level", "metrics", mode="before")
-    @classmethod
-    def _fold_case(cls, value: Any, info: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        return value.upper() if info.field_name == "log_level" else value.lower()
-
-    @property
+    @cached_property
     def uri(self) -> ModelURI:
+        """`model_uri`, parsed."""
         return parse_model_uri(self.model_uri)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Only the environment (or the mapping handed to load_settings): no .env files, no
-        # secrets directories that could differ between a laptop and Lambda.
-        environ = _environ.get()
-        if environ is None:
-            return (init_settings, env_settings)
-        return (init_settings, _MappingEnvSource(settings_cls, environ))
+
+@dataclass(frozen=True)
+class _Rule:
+    """How one variable's text becomes a value, and what it accepts."""
+
+    parse: Callable[[str], Any]  # raises ValueError with the reason
+    check: Callable[[Any], str | None]  # the typed value's problem, or None
 
 
-# The mapping load_settings was given, for settings_customise_sources to read from.
-_environ: ContextVar[Mapping[str, str] | None] = ContextVar("lazyserve_environ", default=None)
+def _choice(*accepted: str, fold: Callable[[str], str] = str.lower) -> _Rule:
+    names = [f"'{a}'" for a in accepted]
+    words = f"accepted: {', '.join(names[:-1])} or {names[-1]}"
+
+    def check(value: Any) -> str | None:
+        return None if value in accepted else words
+
+    def parse(text: str) -> str:
+        value = fold(text.strip())
+        if value not in accepted:
+            raise ValueError(words)
+        return value
+
+    return _Rule(parse, check)
 
 
-class _MappingEnvSource(EnvSettingsSource):
-    # pydantic-settings reads os.environ only; tests and callers hand in a plain mapping
-    # instead (Starlette's Config(environ=...) habit).
-    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        super().__init__(settings_cls)
-        self.env_vars = parse_env_vars(
-            environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+def _optional(rule: _Rule) -> _Rule:
+    return _Rule(rule.parse, lambda v: None if v is None else rule.check(v))
+
+
+def _whole(low: int, high: int, *, sizes: bool = False, unit: str = "") -> _Rule:
+    suffix = f", {_BYTES_FORM}" if sizes else ""
+    words = f"accepted: a whole number{unit} from {low} to {high}{suffix}"
+
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return None if ok else words
+
+    def parse(text: str) -> int:
+        match = _BYTES.fullmatch(text.strip()) if sizes else None
+        if match is not None:
+            value = int(match[1]) * _BINARY[match[2].upper()]
+        elif re.fullmatch(r"[+-]?[0-9]+", text.strip()):
+            value = int(text)
+        else:
+            raise ValueError(words)
+        if check(value) is not None:
+            raise ValueError(words)
+        return value
+
+    return _Rule(parse, check)
+
+
+def _number(words: str, low: float, high: float, *, include_low: bool = False) -> _Rule:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return words
+        above = value >= low if include_low else value > low
+        return None if math.isfinite(value) and above and value <= high else words
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(words) from None
+        if check(value) is not None:
+            raise ValueError(words)
+        return value
+
+    return _Rule(parse, check)
+
+
+def _uri_parse(text: str) -> str:
+    parse_model_uri(text)  # its ValueError says what is wrong
+    return text
+
+
+def _uri_check(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"accepted: {URI_FORMS}"
+    try:
+        parse_model_uri(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _sha_parse(text: str) -> str:
+    if not _SHA256.fullmatch(text.strip()):
+        raise ValueError("accepted: 64 hexadecimal characters (a sha256 digest)")
+    return text.strip().lower()
+
+
+def _sha_check(value: Any) -> str | None:
+    ok = value is None or (isinstance(value, str) and _SHA256.fullmatch(value) and value.islower())
+    return None if ok else "accepted: 64 lower-case hexadecimal characters (a sha256 digest)"
+
+
+_RULES: dict[str, _Rule] = {
+    "model_uri": _Rule(_uri_parse, _uri_check),
+    "model_sha256": _Rule(_sha_parse, _sha_check),
+    "load": _choice("lazy", "eager", "background"),
+    "load_wait": _number("accepted: a number of seconds above 0, at most 900", 0, 900),
+    "s3_concurrency": _whole(1, 64),
+    "s3_part_size": _whole(4096, 5 * 1024**3, sizes=True, unit=" of bytes"),
+    "torch_threads": _whole(1, 256),
+    "log_level": _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold=str.upper),
+    "metrics": _choice("auto", "on", "off"),
+    "memory_budget": _optional(
+        _Rule(
+            lambda text: _budget(text),
+            lambda v: (
+                None
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0
+                else f"accepted: {MEMORY_BUDGET_FORM}"
+            ),
         )
+    ),
+    "refresh_seconds": _optional(_number(f"accepted: {REFRESH_FORM}", 0, math.inf)),
+    "dtype": _optional(_choice("bfloat16", "float16", "float32")),
+    "batch_max": _optional(_whole(1, 4096)),
+    "batch_wait_ms": _optional(
+        _number("accepted: a number of milliseconds from 0 to 1000", 0, 1000, include_low=True)
+    ),
+    "prefetch": _choice("auto", "off"),
+}
 
 
-def _describe(error: Mapping[str, Any], environ: Mapping[str, str]) -> str:
-    if not error["loc"]:  # a rule across settings, which names them itself
-        return str(error["msg"]).removeprefix("Value error, ")
-    field = str(error["loc"][0])
-    var = PREFIX + field.upper()
-    value = next((v for k, v in environ.items() if k.upper() == var), error.get("input"))
-    if error["type"] == "missing":
-        hint = f": give {URI_FORMS}" if field == "model_uri" else ""
-        if value == "":
-            return f"{var} has value '': empty means unset, and it is required{hint}."
-        typos = [name for name, guess in unknown_variables(environ) if guess == var]
-        typo = f" ({', '.join(typos)} is set: a typo?)" if typos else ""
-        return f"{var} is required but not set{hint}.{typo}"
-    reason = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "literal_error":
-        reason = reason.replace("Input should be", "accepted:")
-    elif error["type"] in ("int_parsing", "float_parsing"):
-        reason = f"not a valid {'integer' if error['type'] == 'int_parsing' else 'number'}"
-    return f"{var} has value {value!r}: {reason}."
+def _budget(text: str) -> int:
+    match = _BYTES.fullmatch(text.strip())
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"accepted: {MEMORY_BUDGET_FORM}")
+    return int(match[1]) * _BINARY[match[2].upper()]
+
+
+def _across(settings: Settings) -> list[str]:
+    """Rules across settings, which name the variables themselves."""
+    uri = settings.uri
+    if settings.refresh_seconds is not None and (not uri.is_s3 or uri.version_id is not None):
+        what = "pins one version" if uri.is_s3 else "is not in S3"
+        uri_value = _quote(settings.model_uri)
+        return [
+            f"LAZYSERVE_REFRESH_SECONDS is set, but LAZYSERVE_MODEL_URI {uri_value} {what}: "
+            "only an s3:// URI without ?versionId= can change. Unset one of them."
+        ]
+    return []
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if len(text) > _MAX_QUOTED:
+        text = text[:_MAX_QUOTED] + "..."
+    return repr(text)
+
+
+def _message(var: str, value: Any, reason: str) -> str:
+    return f"{var} has value {_quote(value)}: {reason}."
 
 
 def known_variables() -> list[str]:
     """Every LAZYSERVE_* variable lazyserve reads."""
-    return [PREFIX + name.upper() for name in Settings.model_fields]
+    return [PREFIX + f.name.upper() for f in fields(Settings)]
+
+
+def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse the LAZYSERVE_* variables of `environ` (default os.environ); raise SettingsError
+    naming every bad one. Warns about nothing: the start-up download reads them this way."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in fields(Settings):
+        var = PREFIX + f.name.upper()
+        text = env.get(var)
+        if text is None or text == "":  # empty means unset: SAM passes "" for blank parameters
+            if f.name == "model_uri":
+                problems.append(_missing(var, text, env))
+            continue
+        try:
+            values[f.name] = _RULES[f.name].parse(text)
+        except ValueError as exc:
+            problems.append(_message(var, text, str(exc)))
+    if problems:
+        raise SettingsError(" ".join(problems))
+    return Settings(**values)
+
+
+def _missing(var: str, text: str | None, env: Mapping[str, str]) -> str:
+    hint = f": give {URI_FORMS}"
+    if text == "":
+        return f"{var} has value '': empty means unset, and it is required{hint}."
+    typos = [name for name, guess in unknown_variables(env) if guess == var]
+    typo = f" ({', '.join(typos)} is set: a typo?)" if typos else ""
+    return f"{var} is required but not set{hint}.{typo}"
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
-    """(variable, the known one it most likely meant, or None) for each LAZYSERVE_* variable
-    in `environ` that is not a setting."""
+    """(variable, the known one it most likely meant, or None) for each variable in `environ`
+    that starts with LAZYSERVE_ in any case and is not a setting (the names are upper case)."""
     known = known_variables()
     tails = {name.removeprefix(PREFIX): name for name in known}
     found = []
     for name in sorted(environ):
         upper = name.upper()
-        if not upper.startswith(PREFIX) or upper in known:
+        if not upper.startswith(PREFIX) or name in known:
             continue
         tail = upper.removeprefix(PREFIX)
         # Compare what follows the prefix: the shared prefix alone makes every pair "close".
@@ -211,24 +311,28 @@ def _warn_unknown(environ: Mapping[str, str]) -> None:
             hint = f"did you mean {guess}?"
         else:
             hint = f"the settings are {', '.join(known_variables())}"
-        # stacklevel 3: the line that called load_settings, which is what the user can change.
         warnings.warn(
             f"{name} is not a lazyserve setting and is ignored; {hint}",
             LazyserveWarning,
-            stacklevel=3,
+            stacklevel=_caller_level(),
         )
 
 
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside lazyserve: the line a user can change (Python
+    3.12's `skip_file_prefixes` does this; 3.11 has no such argument)."""
+    package = os.path.dirname(__file__) + os.sep
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate the settings; raise SettingsError naming each bad variable, and warn
-    (LazyserveWarning) about each LAZYSERVE_* variable that is not a setting."""
+    """Read and validate the settings (default: os.environ); raise SettingsError naming each bad
+    variable, and warn (LazyserveWarning) about each LAZYSERVE_* variable that is not a setting."""
     env = os.environ if environ is None else environ
     _warn_unknown(env)
-    token = _environ.set(env)
-    try:
-        return Settings()  # type: ignore[call-arg]  # values come from the environment
-    except ValidationError as exc:
-        lines = [_describe(err, env) for err in exc.errors()]
-        raise SettingsError(" ".join(lines)) from None
-    finally:
-        _environ.reset(token)
+    return read_settings(env)

@@ -1,8 +1,11 @@
-"""LAZYSERVE_LOAD applied when the app module is imported (Lambda's INIT): lazy, background,
-eager, and what SnapStart and provisioned concurrency change about them."""
+"""The process-wide effects of starting a function, in one place (`Service.start()` calls them, in
+this order): lazyserve's logging, torch's thread count, LAZYSERVE_LOAD applied (lazy, background,
+eager, and what SnapStart and provisioned concurrency change about them), and `gc.freeze()`.
+Each is idempotent."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 from collections.abc import Mapping
@@ -12,11 +15,11 @@ from lazyserve import _boot
 from lazyserve.environment import initialization_type
 from lazyserve.errors import ModelLoadTimeout, ModelUnavailable
 from lazyserve.lazy import LazyModel
-from lazyserve.model import Loaded
+from lazyserve.logs import configure_logging
 from lazyserve.settings import Settings
-from lazyserve.sources import reset_s3_clients
+from lazyserve.sources import helper, reset_s3_clients
 
-__all__ = ["INIT_BUDGET", "PREINIT_BUDGET", "start_loading"]
+__all__ = ["INIT_BUDGET", "PREINIT_BUDGET", "configure_process", "freeze", "start_loading"]
 
 log = logging.getLogger("lazyserve")
 
@@ -28,9 +31,32 @@ PREINIT_BUDGET = 120.0
 limit does not apply: Lambda allows the larger of 130 s and the function's timeout
 (https://docs.aws.amazon.com/lambda/latest/dg/lambda-runtime-environment.html)."""
 
+_threads_set = False
+
+
+def configure_process(settings: Settings) -> None:
+    """lazyserve's logging (see logs.py) and torch's intra-op threads (LAZYSERVE_TORCH_THREADS,
+    by default the CPUs this process may use: Lambda gives fewer than the host has)."""
+    global _threads_set
+    configure_logging(settings.log_level)
+    if not _threads_set:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+        _threads_set = True
+    for problem in (_boot.problem(), helper.failure()):
+        if problem is not None:
+            log.warning("the download could not start with the interpreter: %s", problem)
+
+
+def freeze() -> None:
+    """Move what exists now (the imports, a loaded model) out of the cycle collector's sight: a
+    full collection then no longer walks torch's ~200k objects on every pass."""
+    gc.freeze()
+
 
 def start_loading(
-    model: LazyModel[Loaded[Any]], settings: Settings, environ: Mapping[str, str] | None = None
+    model: LazyModel[Any], settings: Settings, environ: Mapping[str, str] | None = None
 ) -> str:
     """Apply LAZYSERVE_LOAD at import time (Lambda's INIT); return the mode applied.
 
@@ -49,8 +75,6 @@ def start_loading(
         mode = "provisioned"
     if mode == "lazy":
         return mode
-    if _boot.failure is not None:
-        log.warning("the download could not start with the interpreter: %s", _boot.failure)
     model.start()
     if mode == "background":
         return mode
@@ -67,7 +91,7 @@ def start_loading(
     return mode
 
 
-def _register_snapstart_hooks(model: LazyModel[Loaded[Any]]) -> None:
+def _register_snapstart_hooks(model: LazyModel[Any]) -> None:
     try:
         from snapshot_restore_py import register_after_restore, register_before_snapshot
     except ImportError:  # not on Lambda's runtime: nothing will take a snapshot

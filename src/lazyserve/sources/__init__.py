@@ -11,20 +11,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from lazyserve.sources import helper as _helper
 from lazyserve.sources import registry as _registry
-from lazyserve.sources.boto import s3_client
+from lazyserve.sources.boto import Boto3Ranges, s3_client
 from lazyserve.sources.local import fetch_local
 from lazyserve.sources.s3 import S3Fetcher, head, reset_s3_clients, s3_get_client
-from lazyserve.sources.s3client import ObjectStat, S3GetClient
+from lazyserve.sources.s3client import ObjectStat, RangeClient, S3GetClient
 from lazyserve.sources.weights import Weights, verify
 
 if TYPE_CHECKING:
     from lazyserve.settings import Settings
-    from lazyserve.types import S3Client
     from lazyserve.uris import ModelURI
 
 __all__ = [
+    "Boto3Ranges",
     "ObjectStat",
     "Pending",
+    "RangeClient",
     "S3Fetcher",
     "S3GetClient",
     "Weights",
@@ -37,6 +38,7 @@ __all__ = [
     "reset_s3_clients",
     "s3_client",
     "s3_get_client",
+    "settle_early_download",
     "take_prefetched",
 ]
 
@@ -54,26 +56,20 @@ def fetch_weights(
     *,
     uri: ModelURI | None = None,
     reserve: Callable[[int], None] | None = None,
-    s3_client: S3Client | None = None,
+    client: RangeClient | None = None,
 ) -> Weights:
     """The weights' bytes, fetched now in this process from S3 or a local file, checked against
     the expected sha256. `uri` defaults to the settings' (one model of a prefix names its own);
     `reserve(size)` runs once the size is known, before the bytes are read, and raises to
-    refuse the load. `s3_client`: a boto3 client whose endpoint, region and credentials the
-    GETs use (the GETs themselves go through `S3GetClient`)."""
+    refuse the load; `client` makes the GETs (default: the process's `S3GetClient`)."""
     uri = settings.uri if uri is None else uri
     # LAZYSERVE_MODEL_SHA256 names the one file of a single-model URI, not each of a prefix's.
     expected = settings.model_sha256 if uri.uri == settings.model_uri else None
     if uri.is_s3:
-        client = S3GetClient.from_boto3(s3_client) if s3_client is not None else None
         fetcher = S3Fetcher(
             concurrency=settings.s3_concurrency, part_size=settings.s3_part_size, client=client
         )
-        try:
-            return fetcher.fetch(uri, expected_sha256=expected, reserve=reserve)
-        finally:
-            if client is not None:
-                client.close()  # made for this load: its kept-alive connections go with it
+        return fetcher.fetch(uri, expected_sha256=expected, reserve=reserve)
     return fetch_local(uri, expected_sha256=expected, reserve=reserve)
 
 
@@ -82,44 +78,50 @@ def load_weights(
     *,
     uri: ModelURI | None = None,
     reserve: Callable[[int], None] | None = None,
-    s3_client: S3Client | None = None,
+    client: RangeClient | None = None,
 ) -> Weights:
     """The weights for these settings (or for `uri`, one model of a prefix): from the download
     started ahead (the helper process, or `prefetch`), else fetched now."""
     pending = take_prefetched(settings) if uri is None else None
     if pending is not None:
-        weights = _settle(pending, settings, s3_client)
+        weights = _settle(pending, settings, client)
         if reserve is not None:
             reserve(weights.size)
         return weights
-    return fetch_weights(settings, uri=uri, reserve=reserve, s3_client=s3_client)
+    return fetch_weights(settings, uri=uri, reserve=reserve, client=client)
 
 
-def prefetch(settings: Settings, *, s3_client: S3Client | None = None) -> Future[Weights]:
-    """Start fetching the weights in a thread now, e.g. before `import torch`, so the download
-    overlaps the rest of the import; the next load with these settings takes the result. The
-    download the interpreter's helper process is making is adopted, not made twice."""
-    started = _helper.take(settings.model_uri)
+def prefetch(settings: Settings, *, client: RangeClient | None = None) -> Future[Weights]:
+    """Start fetching the weights in a thread now, so the download overlaps what the process
+    does next; the next load with these settings takes the result. A download the helper process
+    is making is adopted, not made twice."""
+    started = _helper.take(settings)
     if started is not None:
-        return _registry.start(settings.model_uri, lambda: _settle(started, settings, s3_client))
-    return _registry.start(settings.model_uri, lambda: fetch_weights(settings, s3_client=s3_client))
+        return _registry.start(settings.model_uri, lambda: _settle(started, settings, client))
+    return _registry.start(settings.model_uri, lambda: fetch_weights(settings, client=client))
 
 
-def _settle(pending: Pending, settings: Settings, s3_client: S3Client | None) -> Weights:
+def settle_early_download(settings: Settings, *, adopt: bool) -> None:
+    """The app has read its settings: a download the interpreter started that the app will not
+    take is stopped and freed now (see `helper.settle`)."""
+    _helper.settle(settings, adopt=adopt)
+
+
+def _settle(pending: Pending, settings: Settings, client: RangeClient | None) -> Weights:
     """The weights a download started ahead delivers; a helper process that delivered nothing
     usable is logged and replaced by a download in this process."""
     try:
         weights = pending.result()
     except _helper.HelperFailed as exc:
         log.warning("the download started with the interpreter failed (%s); downloading again", exc)
-        return fetch_weights(settings, s3_client=s3_client)
+        return fetch_weights(settings, client=client)
     verify(weights.uri, weights.sha256, settings.model_sha256, "LAZYSERVE_MODEL_SHA256")
     return weights
 
 
 def take_prefetched(settings: Settings) -> Pending | None:
     """The download started ahead for these settings, if any; each is taken once."""
-    started: Any = _helper.take(settings.model_uri)
+    started: Any = _helper.take(settings)
     return started if started is not None else _registry.take(settings.model_uri)
 
 

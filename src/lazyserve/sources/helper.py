@@ -1,6 +1,8 @@
-"""The download helper started with the interpreter (`lazyserve._boot`): the child's side (fetch
-one S3 object into a memfd while the server imports torch, report one JSON line, exit) and the
-server's side (wait for that line in the load thread, map the memfd: one copy of the weights)."""
+"""The download helper: a process forked when the function's interpreter starts (`lazyserve._boot`)
+that fetches the weights into a memfd while the function imports torch, reports one JSON line and
+exits; and the server's side, which waits for that line in the load thread and maps the memfd (one
+copy of the weights). A helper no load claims is stopped and freed when the app reads its
+settings (`settle`)."""
 
 from __future__ import annotations
 
@@ -8,51 +10,148 @@ import json
 import logging
 import mmap
 import os
-import re
 import threading
 import time
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lazyserve import _boot, errors
+from lazyserve import errors
 from lazyserve.errors import (
-    LazyserveError,
     ModelChangedError,
     ModelFetchError,
     ModelFormatError,
     ModelIntegrityError,
     ModelTooLarge,
+    ModelUnavailable,
 )
-from lazyserve.sources.s3 import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, S3Fetcher
-from lazyserve.sources.s3client import S3Error
-from lazyserve.sources.weights import Weights
 
 if TYPE_CHECKING:
-    from lazyserve.uris import ModelURI
+    from lazyserve.settings import Settings
+    from lazyserve.sources.weights import Weights
 
-__all__ = ["DEADLINE", "HelperDownload", "HelperFailed", "child_main", "discard", "take"]
+__all__ = [
+    "DEADLINE",
+    "HelperDownload",
+    "HelperFailed",
+    "discard",
+    "failure",
+    "settle",
+    "start",
+    "take",
+]
 
 log = logging.getLogger("lazyserve")
 
 DEADLINE = 900
 """Seconds the helper may live (Lambda's longest timeout): whatever happens, it ends."""
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-_lock = threading.Lock()
+MARK = "_LAZYSERVE_HELPER"
+"""Set (to the helper's pid) once a helper started: Python processes this one starts inherit it
+and start none of their own."""
 
 
 class HelperFailed(Exception):
     """The helper delivered nothing the load can use; the load downloads in its own process."""
 
 
-# --- the server's side ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Started:
+    pid: int
+    report: int  # the pipe end its report arrives on
+    memfd: int
+    settings: Settings
+
+
+# This process's helper (one at most, started once): the state of the server's side.
+_lock = threading.Lock()
+_started: _Started | None = None
+_tried = False
+_failure: str | None = None
+
+
+def start(settings: Settings) -> None:
+    """Fork a helper that fetches `settings.uri` (one S3 object) into a memfd; at most once per
+    process, never in a process a helper started. Failing to start is remembered (`failure()`)
+    and the load then fetches in its own process."""
+    global _started, _tried, _failure
+    with _lock:
+        if _tried or MARK in os.environ:
+            return
+        _tried = True
+        try:
+            memfd = os.memfd_create("lazyserve-weights")  # close-on-exec by default
+        except (AttributeError, OSError) as exc:  # not Linux, or refused by a sandbox
+            _failure = f"no memfd for the download helper ({exc})"
+            return
+        try:
+            # The helper's code, imported before the fork rather than in the helper: the
+            # function imports all of it anyway (the S3 client and what it needs come with the
+            # web stack), so the helper inherits it instead of importing it again.
+            from lazyserve.sources.s3 import S3Fetcher  # noqa: F401
+        except Exception as exc:
+            os.close(memfd)
+            _failure = f"the download helper's code could not be imported ({exc!r})"
+            return
+        report, out = os.pipe()
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in (memfd, report, out):
+                os.close(fd)
+            _failure = f"the download helper could not be started ({exc})"
+            return
+        if pid == 0:
+            _child(settings, memfd, report, out, parent)
+        os.close(out)  # the child holds the only write end: its death reads as end of file
+        os.environ[MARK] = str(pid)
+        _started = _Started(pid, report, memfd, settings)
+
+
+def failure() -> str | None:
+    """Why the helper could not start, if it was asked to and could not."""
+    return _failure
+
+
+def take(settings: Settings) -> HelperDownload | None:
+    """The helper's download, if it fetches what `settings` name; taken once."""
+    global _started
+    with _lock:
+        started = _started
+        if started is None or not _same_fetch(started.settings, settings):
+            return None
+        _started = None
+    return HelperDownload(started)
+
+
+def settle(settings: Settings, *, adopt: bool) -> None:
+    """Called when the app has read its settings: a helper whose download the app will not take
+    (another URI or digest, a lazy load, a caller's own S3 client: `adopt=False`) is stopped, its
+    child reaped and its memfd closed now rather than held for the life of the process."""
+    with _lock:
+        started = _started
+    if started is not None and not (adopt and _same_fetch(started.settings, settings)):
+        discard()
+
+
+def discard() -> None:
+    """Stop a helper no load has taken and free what it fetched."""
+    global _started
+    with _lock:
+        started, _started = _started, None
+    if started is not None:
+        HelperDownload(started).discard()
+
+
+def _same_fetch(a: Settings, b: Settings) -> bool:
+    return (a.model_uri, a.model_sha256) == (b.model_uri, b.model_sha256)
 
 
 class HelperDownload:
     """The helper's download of one URI; `result()` waits for it in the calling thread."""
 
-    def __init__(self, started: _boot.Helper) -> None:
+    def __init__(self, started: _Started) -> None:
         self.pid = started.pid
-        self.uri = started.uri
+        self.uri = started.settings.model_uri
         self._report = started.report
         self._memfd = started.memfd
 
@@ -71,6 +170,8 @@ class HelperDownload:
             os.close(self._memfd)
 
     def _weights(self, line: bytes, status: str) -> Weights:
+        from lazyserve.sources.weights import Weights
+
         try:
             report: dict[str, Any] = json.loads(line)
         except ValueError:
@@ -80,8 +181,12 @@ class HelperDownload:
         if not report.get("ok"):
             name, message = str(report.get("error")), str(report.get("message"))
             kind = getattr(errors, name, None)
-            if report.get("final") and isinstance(kind, type) and issubclass(kind, LazyserveError):
-                raise kind(message)
+            if (
+                report.get("final")
+                and isinstance(kind, type)
+                and issubclass(kind, ModelUnavailable)
+            ):
+                raise kind(message, retryable=bool(report.get("retryable")))
             raise HelperFailed(f"{name}: {message}")
         size = int(report["size"])
         # Private and writable (copy-on-write, so torch.frombuffer has a writable buffer): the
@@ -117,24 +222,6 @@ class HelperDownload:
                 pass
 
 
-def take(uri: str) -> HelperDownload | None:
-    """The helper's download of `uri`, if the interpreter started one; taken once."""
-    with _lock:
-        started = _boot.helper
-        if started is None or started.uri != uri:
-            return None
-        _boot.helper = None
-    return HelperDownload(started)
-
-
-def discard() -> None:
-    """Stop a helper no load has taken (tests; a process that changes its settings)."""
-    with _lock:
-        started, _boot.helper = _boot.helper, None
-    if started is not None:
-        HelperDownload(started).discard()
-
-
 def _read_line(fd: int) -> bytes:
     data = b""
     while not data.endswith(b"\n"):
@@ -157,9 +244,24 @@ def _reap(pid: int) -> str:
 # --- the helper's side ------------------------------------------------------------------------
 
 
-def child_main(memfd: int, out: int, parent: int) -> None:
-    """Fetch the object LAZYSERVE_MODEL_URI names into `memfd`, write one JSON line to `out`."""
+def _child(settings: Settings, memfd: int, report: int, out: int, parent: int) -> None:
+    """The helper's whole life: it never returns into the interpreter's start-up."""
+    try:
+        os.close(report)
+        # Nothing the helper does may reach the function's stdout/stderr (its log).
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        _fetch(settings, memfd, out, parent)
+    finally:
+        os._exit(0)
+
+
+def _fetch(settings: Settings, memfd: int, out: int, parent: int) -> None:
+    """Fetch the object `settings` name into `memfd`, write one JSON line to `out`."""
     import signal
+
+    from lazyserve.sources.s3 import S3Fetcher
 
     signal.alarm(DEADLINE)  # SIGALRM's default action ends the process
     threading.Thread(target=_watch, args=(parent,), name="lazyserve-parent", daemon=True).start()
@@ -168,13 +270,12 @@ def child_main(memfd: int, out: int, parent: int) -> None:
     log.setLevel(logging.WARNING)
     report: dict[str, Any]
     try:
-        uri, concurrency, part_size, sha256 = _settings(os.environ)
         fetcher = S3Fetcher(
-            concurrency=concurrency,
-            part_size=part_size,
+            concurrency=settings.s3_concurrency,
+            part_size=settings.s3_part_size,
             allocate=lambda size: _shared(memfd, size),
         )
-        weights = fetcher.fetch(uri, expected_sha256=sha256)
+        weights = fetcher.fetch(settings.uri, expected_sha256=settings.model_sha256)
         report = {
             "ok": True,
             "uri": weights.uri,
@@ -193,36 +294,12 @@ def child_main(memfd: int, out: int, parent: int) -> None:
             "error": type(exc).__name__,
             "message": str(exc),
             "final": _final(exc),
+            "retryable": getattr(exc, "retryable", True),
         }
     report["warnings"] = notes.lines
     data = (json.dumps(report) + "\n").encode()
     while data:  # a parent that has died makes this fail (EPIPE): nothing left to do then
         data = data[os.write(out, data) :]
-
-
-def _settings(environ: Mapping[str, str]) -> tuple[ModelURI, int, int, str | None]:
-    """The settings a download needs, read without pydantic (its import would delay the first
-    GET by ~0.2 s). Invalid values fail here; the app's own validation reports them."""
-    from lazyserve.uris import parse_model_uri  # standard library only: no pydantic
-
-    env = {k.upper(): v for k, v in environ.items() if k.upper().startswith("LAZYSERVE_")}
-    sha256 = env.get("LAZYSERVE_MODEL_SHA256") or None
-    if sha256 is not None and not _SHA256.fullmatch(sha256):
-        raise ValueError("LAZYSERVE_MODEL_SHA256 is not 64 hexadecimal characters")
-    return (
-        parse_model_uri(env["LAZYSERVE_MODEL_URI"].strip()),
-        _integer(env, "LAZYSERVE_S3_CONCURRENCY", DEFAULT_CONCURRENCY, 1, 64),
-        _integer(env, "LAZYSERVE_S3_PART_SIZE", DEFAULT_PART_SIZE, 4096, 1 << 62),
-        sha256.lower() if sha256 else None,
-    )
-
-
-def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    text = env.get(name, "").strip()
-    value = int(text) if text else default
-    if not low <= value <= high:
-        raise ValueError(f"{name}={value} is out of range")
-    return value
 
 
 def _shared(memfd: int, size: int) -> mmap.mmap:
@@ -236,13 +313,7 @@ def _final(exc: BaseException) -> bool:
     large or not a file, or S3 answered an error no retry changes (NoSuchKey, AccessDenied)."""
     if isinstance(exc, ModelIntegrityError | ModelFormatError | ModelTooLarge | ModelChangedError):
         return True
-    cause = exc.__cause__
-    return (
-        isinstance(exc, ModelFetchError)
-        and isinstance(cause, S3Error)
-        and not cause.retryable
-        and cause.code not in ("ExpiredToken", "TokenRefreshRequired")
-    )
+    return isinstance(exc, ModelFetchError) and not exc.retryable
 
 
 def _watch(parent: int) -> None:

@@ -1,5 +1,5 @@
-"""Weights from S3: parallel ranged GETs of one object version straight into a single buffer,
-hashed as the parts arrive."""
+"""Weights from S3: parallel ranged GETs of one object version (or of several, the shards of one
+model, on the same connections) straight into one buffer per object, hashed as the parts arrive."""
 
 from __future__ import annotations
 
@@ -9,30 +9,31 @@ import math
 import mmap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lazyserve import environment
 from lazyserve.errors import ModelChangedError, ModelFetchError, ModelTooLarge
-from lazyserve.sources.credentials import CredentialsError
-from lazyserve.sources.s3client import (
-    ObjectStat,
+from lazyserve.settings import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
+from lazyserve.sources.s3client import ObjectStat, RangeClient, S3GetClient, body_deadline
+from lazyserve.sources.s3errors import (
     PreconditionFailed,
     RangeHead,
     S3Error,
-    S3GetClient,
     TransferError,
     load_error,
 )
+from lazyserve.sources.signing import CredentialsError
 from lazyserve.sources.weights import Weights, verify
 
 if TYPE_CHECKING:
     from lazyserve.uris import ModelURI
 
 __all__ = [
-    "DEFAULT_CONCURRENCY",
-    "DEFAULT_PART_SIZE",
+    "LOAD_FLOOR",
+    "LOAD_SETUP",
     "S3Fetcher",
     "head",
     "private_buffer",
@@ -42,11 +43,6 @@ __all__ = [
 
 log = logging.getLogger("lazyserve")
 
-# The defaults of LAZYSERVE_S3_CONCURRENCY and LAZYSERVE_S3_PART_SIZE (settings.py says why),
-# defined here, where the download helper (which reads its few settings without pydantic) and
-# settings.py both take them.
-DEFAULT_CONCURRENCY = 16
-DEFAULT_PART_SIZE = 8 * 1024 * 1024
 _MIB = 1024 * 1024
 # The first GET learns the object's size: a small one, so the others (sized from it) leave
 # early and its own body is not the last to arrive.
@@ -55,6 +51,11 @@ FIRST_PART = _MIB
 # connections, in parts of at least this (one connection streams ~90 MB/s: a 1 MiB part
 # is ~12 ms of transfer against S3's ~20 ms to the first byte).
 MIN_PART = _MIB
+LOAD_SETUP = 30.0
+LOAD_FLOOR = 8 * _MIB
+"""A whole load must end within LOAD_SETUP + size / LOAD_FLOOR seconds (1 GiB: 158 s), retries
+included; each GET within its own deadline (s3client.BODY_FLOOR). A load that runs out of time
+fails as a retryable error, and the next request that needs the model starts a new one."""
 
 Allocate = Callable[[int], mmap.mmap]
 _clients: dict[str, S3GetClient] = {}
@@ -87,10 +88,10 @@ def private_buffer(size: int) -> mmap.mmap:
     # the threads that write them. bytearray(size) would first memset every page here, on the
     # critical path: 0.25-0.5 s for 512 MiB on a 2-vCPU Firecracker VM, where first touches of
     # memory run at about 1 GB/s.
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    return mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE)
 
 
-def head(uri: ModelURI, *, client: S3GetClient | None = None) -> ObjectStat:
+def head(uri: ModelURI, *, client: RangeClient | None = None) -> ObjectStat:
     """The object's size, ETag and version id, from one 1-byte GET: a cheap check for a new
     version. Raises ModelFetchError as a load would."""
     where = f"s3://{uri.bucket}/{uri.key}"
@@ -104,16 +105,6 @@ class _Replaced(Exception):
     """The object changed between two ranged GETs of one load."""
 
 
-class _Load:
-    """One attempt's state, filled in when the first response's headers arrive."""
-
-    def __init__(self) -> None:
-        self.buffer: mmap.mmap | None = None
-        self.view = memoryview(b"")
-        self.pin: _Pin | None = None
-        self.parts: list[tuple[int, int, Future[None]]] = []
-
-
 class _Pin:
     """What keeps every range of a load on the first response's object: its version id where
     the bucket has versions, else its ETag (If-Match)."""
@@ -124,18 +115,44 @@ class _Pin:
         self.ours = ours  # the version came from S3's answer, not from the URI
 
 
-class S3Fetcher:
-    """Reads one S3 object version with parallel ranged GETs straight into a single buffer.
+@dataclass
+class _Object:
+    """One object of a load, filled in when its first response's headers arrive."""
 
-    `allocate(size)` makes the buffer (default: anonymous memory; the download helper gives a
-    shared mapping of its memfd)."""
+    uri: ModelURI
+    expected: str | None
+    buffer: mmap.mmap | None = None
+    view: memoryview = field(default_factory=lambda: memoryview(b""))
+    pin: _Pin | None = None
+    single: bool = False  # nothing pins its ranges: read in one GET
+    parts: list[tuple[int, int, Future[None]]] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return f"s3://{self.uri.bucket}/{self.uri.key}"
+
+
+class _Load:
+    """What the objects of one load share: the running size, its reservation and its deadline."""
+
+    def __init__(self, started: float) -> None:
+        self.lock = threading.Lock()
+        self.total = 0
+        self.deadline = started + LOAD_SETUP
+
+
+class S3Fetcher:
+    """Reads S3 object versions with parallel ranged GETs straight into one buffer each.
+
+    `allocate(size)` makes a buffer (default: anonymous memory; the download helper gives
+    mappings of its memfd)."""
 
     def __init__(
         self,
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
         part_size: int = DEFAULT_PART_SIZE,
-        client: S3GetClient | None = None,
+        client: RangeClient | None = None,
         allocate: Allocate = private_buffer,
     ) -> None:
         self.concurrency = concurrency
@@ -144,7 +161,7 @@ class S3Fetcher:
         self.allocate = allocate
 
     @property
-    def client(self) -> S3GetClient:
+    def client(self) -> RangeClient:
         return self._client if self._client is not None else s3_get_client()
 
     def fetch(
@@ -154,96 +171,148 @@ class S3Fetcher:
         expected_sha256: str | None = None,
         reserve: Callable[[int], None] | None = None,
     ) -> Weights:
-        """Fetch the object; restart once if it is replaced mid-read, never mixing versions.
-        `reserve(size)` runs once the first response gives the size, before the buffer is
-        allocated and the other GETs leave; it raises to refuse the load."""
-        where = f"s3://{uri.bucket}/{uri.key}"
+        """Fetch one object; see `fetch_all`."""
+        return self.fetch_all([(uri, expected_sha256)], reserve=reserve)[0]
+
+    def fetch_all(
+        self,
+        objects: Sequence[tuple[ModelURI, str | None]],
+        *,
+        reserve: Callable[[int], None] | None = None,
+    ) -> list[Weights]:
+        """Fetch every (uri, expected sha256) on the same connections; restart once if one is
+        replaced mid-read, never mixing versions. `reserve(total)` runs each time an object's
+        size is learned, with the total so far, before its buffer is allocated and its other
+        GETs leave; it raises to refuse the load."""
         try:
             try:
-                return self._fetch(uri, expected_sha256, reserve)
-            except _Replaced:
+                return self._fetch(objects, reserve)
+            except _Replaced as replaced:
                 log.warning(
-                    "%s changed during the load; starting again from the new version", where
+                    "%s changed during the load; starting again from the new version", replaced
                 )
             try:
-                return self._fetch(uri, expected_sha256, reserve)
-            except _Replaced:
+                return self._fetch(objects, reserve)
+            except _Replaced as replaced:
                 raise ModelChangedError(
-                    f"{where}: the object changed twice while it was being read; "
+                    f"{replaced}: the object changed twice while it was being read; "
                     "give a ?versionId= to pin one version"
                 ) from None
         except (S3Error, TransferError, CredentialsError) as exc:
+            where = getattr(exc, "where", None) or _where(objects[0][0])
             raise load_error(where, exc) from exc
 
     def _fetch(
-        self, uri: ModelURI, expected: str | None, reserve: Callable[[int], None] | None
-    ) -> Weights:
+        self,
+        objects: Sequence[tuple[ModelURI, str | None]],
+        reserve: Callable[[int], None] | None,
+    ) -> list[Weights]:
         started = time.perf_counter()
+        load = _Load(time.monotonic())
         client = self.client
-        bucket, key = uri.bucket or "", uri.key or ""
-        where = f"s3://{bucket}/{key}"
-        load = _Load()
+        items = [_Object(uri, expected) for uri, expected in objects]
+        firsts: list[Future[RangeHead]] = []
+        results: list[Weights] = []
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="lazyserve-s3") as pool:
+            try:
+                for item in items:
+                    firsts.append(pool.submit(self._first, client, pool, load, item, reserve))
+                for item, first_job in zip(items, firsts, strict=True):
+                    results.append(self._finish(item, first_job, started))
+            except BaseException:
+                for item in items:
+                    for _, _, future in item.parts:
+                        future.cancel()
+                raise
+        return results
 
-            def first_part(head: RangeHead) -> memoryview:
-                _check_range(where, head, 0)
-                if load.pin is not None:  # a retry of the first part, the others under way
-                    if head.etag != load.pin.etag or head.total != len(load.view):
-                        raise _Replaced
-                    return load.view[: head.last + 1]
-                # The size is known from here: a model that cannot fit fails now, before the
-                # other ranged GETs (issue 11).
-                _check_fits(where, head.total)
-                if reserve is not None:
-                    reserve(head.total)
-                load.buffer = self.allocate(head.total)
-                load.view = memoryview(load.buffer)
-                load.pin = _Pin(
-                    head.version_id or uri.version_id, head.etag, ours=uri.version_id is None
-                )
-                # The other ranges leave now, while this one's body is still arriving.
-                for start, end in self.split(head.last + 1, head.total):
-                    job = (client, where, bucket, key, load.view, start, end, load.pin)
-                    load.parts.append((start, end, pool.submit(self._range, *job)))
-                return load.view[: head.last + 1]
+    def _first(
+        self,
+        client: RangeClient,
+        pool: ThreadPoolExecutor,
+        load: _Load,
+        item: _Object,
+        reserve: Callable[[int], None] | None,
+    ) -> RangeHead:
+        """The first GET of one object: its headers give the size, and the rest leaves then."""
+        uri = item.uri
+        bucket, key = uri.bucket or "", uri.key or ""
 
-            first_job = pool.submit(
-                client.get_range,
+        def first_part(head: RangeHead) -> memoryview:
+            _check_range(item.where, head, 0)
+            if item.pin is not None:  # a retry of the first part, the others under way
+                if head.etag != item.pin.etag or head.total != len(item.view):
+                    raise _Replaced(item.where)
+                return item.view[: head.last + 1]
+            # The size is known from here: a model that cannot fit fails now, before the
+            # other ranged GETs.
+            with load.lock:
+                load.total += head.total
+                load.deadline += head.total / LOAD_FLOOR
+                total = load.total
+            _check_fits(item.where, total)
+            if reserve is not None:
+                reserve(total)
+            item.buffer = self.allocate(head.total)
+            item.view = memoryview(item.buffer)[: head.total]
+            version = head.version_id or uri.version_id
+            item.pin = _Pin(version, head.etag, ours=uri.version_id is None)
+            verified = item.expected is not None or head.sha256 is not None
+            if not version and not head.etag and not verified:
+                # Nothing would keep two ranges on one object, and no digest would catch a
+                # mix: one GET carries the whole object instead.
+                item.single = True
+                return item.view[:0]
+            # The other ranges leave now, while this one's body is still arriving.
+            for start, end in self.split(head.last + 1, head.total):
+                job = (client, item, start, end, load.deadline)
+                item.parts.append((start, end, pool.submit(self._range, *job)))
+            return item.view[: head.last + 1]
+
+        try:
+            got = client.get_range(
                 bucket,
                 key,
                 0,
                 min(self.part_size, FIRST_PART) - 1,
                 version_id=uri.version_id,
                 into=first_part,
+                deadline=load.deadline,
             )
-            digest = hashlib.sha256()
-            try:
-                first: RangeHead = first_job.result()
-                # Hash each part as soon as it and those before it are in: the digest
-                # overlaps the download instead of making a second pass.
-                digest.update(load.view[: first.last + 1])
-                for start, end, future in load.parts:
-                    future.result()
-                    digest.update(load.view[start : end + 1])
-            except BaseException:
-                for _, _, future in load.parts:
-                    future.cancel()
-                raise
+        except (S3Error, TransferError) as exc:
+            exc.where = item.where  # type: ignore[union-attr]
+            raise
+        if item.single:
+            item.parts.append(
+                (0, got.total - 1, pool.submit(self._whole, client, item, got.total, load))
+            )
+        return got
+
+    def _finish(self, item: _Object, first_job: Future[RangeHead], started: float) -> Weights:
+        first = first_job.result()
+        digest = hashlib.sha256()
+        # Hash each part as soon as it and those before it are in: the digest overlaps the
+        # download instead of making a second pass.
+        if not item.single:
+            digest.update(item.view[: first.last + 1])
+        for start, end, future in item.parts:
+            future.result()
+            digest.update(item.view[start : end + 1])
         sha = digest.hexdigest()
-        if expected is not None:
-            verify(where, sha, expected, "LAZYSERVE_MODEL_SHA256")
+        if item.expected is not None:
+            verify(item.where, sha, item.expected, "LAZYSERVE_MODEL_SHA256")
         else:
-            verify(where, sha, first.sha256, "the sha256 stored with the object")
-        assert load.buffer is not None
+            verify(item.where, sha, first.sha256, "the sha256 stored with the object")
+        assert item.buffer is not None and item.pin is not None
         return Weights(
-            uri.uri,
+            item.uri.uri,
             first.total,
             sha,
-            buffer=load.buffer,
-            version_id=first.version_id or uri.version_id,
-            etag=first.etag,
+            buffer=item.buffer,
+            version_id=item.pin.version,
+            etag=first.etag or None,
             fetch_seconds=time.perf_counter() - started,
-            connections=min(self.concurrency, len(load.parts) + 1),
+            connections=min(self.concurrency, len(item.parts) + 1),
             started=started,
         )
 
@@ -261,40 +330,56 @@ class S3Fetcher:
             (start + rest * i // count, start + rest * (i + 1) // count - 1) for i in range(count)
         ]
 
+    def _whole(self, client: RangeClient, item: _Object, total: int, load: _Load) -> None:
+        """The whole object in one GET (see `first_part`); it must be the object first seen."""
+
+        def same_size(head: RangeHead) -> memoryview:
+            _check_range(item.where, head, 0)
+            if head.total != total:
+                raise _Replaced(item.where)
+            return item.view
+
+        client.get_range(
+            item.uri.bucket or "",
+            item.uri.key or "",
+            0,
+            total - 1,
+            into=same_size,
+            version_id=item.uri.version_id,
+            deadline=max(load.deadline, body_deadline(total)),
+        )
+
     def _range(
-        self,
-        client: S3GetClient,
-        where: str,
-        bucket: str,
-        key: str,
-        view: memoryview,
-        start: int,
-        end: int,
-        pin: _Pin,
+        self, client: RangeClient, item: _Object, start: int, end: int, deadline: float
     ) -> None:
+        pin = item.pin
+        assert pin is not None
+
         def same_object(head: RangeHead) -> memoryview:
             if head.etag != pin.etag:
-                raise _Replaced
-            _check_range(where, head, start)
-            return view[start : end + 1]
+                raise _Replaced(item.where)
+            _check_range(item.where, head, start)
+            return item.view[start : end + 1]
 
         while True:
             version = pin.version
             try:
                 client.get_range(
-                    bucket,
-                    key,
+                    item.uri.bucket or "",
+                    item.uri.key or "",
                     start,
                     end,
                     into=same_object,
                     version_id=version,
                     if_match=None if version is not None else (pin.etag or None),
+                    deadline=deadline,
                 )
                 return
             except PreconditionFailed:
-                raise _Replaced from None
+                raise _Replaced(item.where) from None
             except S3Error as exc:
                 if exc.code != "AccessDenied" or version is None or not pin.ours:
+                    exc.where = item.where  # type: ignore[attr-defined]
                     raise
                 # A role with s3:GetObject but not s3:GetObjectVersion may read the object,
                 # not a version of it: the ETag pins the rest of the load just as well.
@@ -303,15 +388,23 @@ class S3Fetcher:
                     log.warning(
                         "%s: reading a version is denied (no s3:GetObjectVersion); the rest of "
                         "the load is pinned to the object's ETag instead",
-                        where,
+                        item.where,
                     )
+            except TransferError as exc:
+                exc.where = item.where  # type: ignore[attr-defined]
+                raise
+
+
+def _where(uri: ModelURI) -> str:
+    return f"s3://{uri.bucket}/{uri.key}"
 
 
 def _check_range(where: str, head: RangeHead, start: int) -> None:
     if not head.ranged or head.first != start:
         raise ModelFetchError(
             f"cannot read {where}: the endpoint ignored the Range header (status {head.status}, "
-            f"{'Content-Range from ' + str(head.first) if head.ranged else 'no Content-Range'})"
+            f"{'Content-Range from ' + str(head.first) if head.ranged else 'no Content-Range'})",
+            retryable=False,
         )
 
 

@@ -1,88 +1,76 @@
-"""A small S3 client for the ranged GETs of a load: `http.client` with keep-alive connections,
-SigV4 (`sigv4.py`), bounded timeouts, retries, and S3's answers turned into lazyserve's errors
-in one place (`load_error`).
+"""A small S3 client for the ranged GETs of a load: keep-alive `http.client` connections, requests
+addressed and signed by botocore (`endpoints.py`, `signing.py`), bounded time for everything
+(connect, each read, each whole body: a body that trickles ends like one that stalls), and
+retries as botocore's standard mode makes them.
 
-Why not botocore for these GETs (measured on this project's 2-vCPU Firecracker VM, the same
-kind of machine as Lambda's): in a fresh process, `import boto3` plus a client took 0.55 s of
-CPU (0.3 s to 1 s of wall time depending on load) before the first request could leave, against
-0.13-0.16 s for this module and everything it imports (stdlib the web stack imports anyway);
-each ranged GET then spent 2-2.5 ms of CPU in botocore once warm (4 ms on a cold process, more
-under load; ~20 ms was seen in a loaded run) under the GIL, against 0.3 ms here, so botocore's
-parallel GETs went out one after another. boto3 stays for `lazyserve push` and as the last place
-credentials are looked for (`credentials.py`)."""
+Why not botocore's own client for these GETs: each ranged GET spends 2-2.5 ms of CPU in a warm
+botocore client against about 0.3 ms here, under the GIL, so botocore's parallel GETs go out one
+after another; and creating the client costs about 0.35 s of CPU in a fresh process
+(benchmarks/README.md, "Why a GET client of its own"). What is security-critical (credentials,
+signatures, endpoints) stays botocore's. Requests through a proxy go through urllib3 (botocore's
+HTTP library), which speaks TLS to an `https://` proxy where http.client cannot."""
 
 from __future__ import annotations
 
+import heapq
 import http.client
+import itertools
 import os
 import random
-import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, NamedTuple
-from urllib.parse import quote, urlsplit
+from typing import Any, NamedTuple, Protocol
 
-from lazyserve.errors import LazyserveError, ModelFetchError, ModelFormatError, ModelMissing
-from lazyserve.sources.credentials import CredentialsError, CredentialSource
-from lazyserve.sources.endpoints import Endpoint, Route, region_of, resolve_endpoint, route
-from lazyserve.sources.sigv4 import Signer
+from lazyserve.sources.endpoints import (
+    Endpoint,
+    Proxy,
+    endpoint_inputs,
+    proxy_for,
+    region_of,
+    resolve_endpoint,
+)
+from lazyserve.sources.s3errors import (
+    EXPIRED_CODES,
+    PreconditionFailed,
+    RangeHead,
+    S3Error,
+    TransferError,
+    parse_error,
+)
+from lazyserve.sources.signing import Signer, user_agent
 
 __all__ = [
     "ATTEMPTS",
+    "BODY_FLOOR",
     "CONNECT_TIMEOUT",
+    "FIRST_BYTE",
     "READ_TIMEOUT",
     "ObjectStat",
-    "PreconditionFailed",
-    "RangeHead",
-    "S3Error",
+    "RangeClient",
     "S3GetClient",
-    "TransferError",
-    "load_error",
+    "body_deadline",
 ]
 
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 5.0
-ATTEMPTS = 3  # per ranged GET, the first included: S3 errors worth retrying, connections, bodies
+"""Seconds any one read may wait for a byte."""
+FIRST_BYTE = 5.0
+"""Seconds a response may take before its body starts, within a body's deadline."""
+BODY_FLOOR = 1024 * 1024
+"""Bytes per second below which a body is given up on: each GET must deliver its bytes within
+FIRST_BYTE + size / BODY_FLOOR seconds (an 8 MiB part: 13 s; S3 serves one connection at about
+90 MB/s), so an endpoint that trickles a byte every few seconds ends like one that stalls."""
+ATTEMPTS = 3  # per request, the first included: S3 errors worth retrying, connections, bodies
 BACKOFF = 0.1  # seconds before the first retry (with jitter), doubling, at most BACKOFF_MAX
 BACKOFF_MAX = 2.0
 _ERROR_BODY_LIMIT = 64 * 1024
-# botocore's standard retry mode retries these (botocore/retries/standard.py), and so do we.
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-_RETRY_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "BandwidthLimitExceeded",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "PriorRequestNotComplete",
-        "InternalError",
-        "ServiceUnavailable",
-    }
-)
-_EXPIRED_CODES = frozenset({"ExpiredToken", "TokenRefreshRequired"})
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
-_HINTS = {
-    "NoSuchKey": "no object has that key",
-    "NoSuchBucket": "the bucket does not exist",
-    "NoSuchVersion": "the object has no such version",
-    "SlowDown": "S3 is throttling requests",
-    "InvalidAccessKeyId": "S3 does not know the access key id; check the function's credentials",
-    "SignatureDoesNotMatch": "S3 refused the request signature; check the secret access key",
-    "ExpiredToken": "the credentials' session token has expired",
-    "InvalidToken": "the credentials' session token is not valid",
-    "RequestTimeTooSkewed": "this machine's clock is too far from S3's",
-    "PermanentRedirect": "the bucket is in another region; set AWS_REGION to it",
-}
+
+
+def body_deadline(size: int, now: float | None = None) -> float:
+    """The time.monotonic() by which a GET of `size` bytes must be complete."""
+    return (time.monotonic() if now is None else now) + FIRST_BYTE + size / BODY_FLOOR
 
 
 class ObjectStat(NamedTuple):
@@ -93,114 +81,42 @@ class ObjectStat(NamedTuple):
     version_id: str | None
 
 
-@dataclass(frozen=True)
-class RangeHead:
-    """What one response said before its body: the bytes it carries and the object's identity."""
+class RangeClient(Protocol):
+    """What a load needs of an S3 client: `S3GetClient`, or a caller's boto3 client wrapped in
+    `boto.Boto3Ranges`."""
 
-    status: int
-    first: int
-    last: int
-    total: int
-    ranged: bool  # it carried a Content-Range (an endpoint that ignores Range sends none)
-    etag: str
-    version_id: str | None
-    sha256: str | None  # x-amz-meta-sha256, stored by `lazyserve push`
-    request_id: str
-    encryption: str | None  # x-amz-server-side-encryption
-
-
-class S3Error(Exception):
-    """S3 answered with an error (its XML body's Code, Message and RequestId)."""
-
-    def __init__(
+    def get_range(
         self,
-        status: int,
-        code: str,
-        message: str,
-        request_id: str,
+        bucket: str,
+        key: str,
+        start: int,
+        end: int,
         *,
+        into: Callable[[RangeHead], memoryview],
         version_id: str | None = None,
-        encryption: str | None = None,
-        region: str | None = None,
-    ) -> None:
-        super().__init__(f"HTTP {status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-        self.version_id = version_id  # the version the request asked for, if any
-        self.encryption = encryption
-        self.region = region  # x-amz-bucket-region, when S3 says the bucket lives elsewhere
+        if_match: str | None = None,
+        deadline: float | None = None,
+    ) -> RangeHead: ...
 
-    @property
-    def retryable(self) -> bool:
-        return self.status in _RETRY_STATUSES or self.code in _RETRY_CODES
+    def stat(self, bucket: str, key: str, version_id: str | None = None) -> ObjectStat: ...
+
+    def close(self) -> None: ...
 
 
-class PreconditionFailed(Exception):
-    """412: the object no longer has the ETag the request was pinned to."""
+class _Response(Protocol):
+    status: int
 
-
-class TransferError(Exception):
-    """No usable answer: a connection or a timeout failed, or a body broke off."""
-
-    def __init__(
-        self, detail: str, *, start: int, end: int, answered: RangeHead | None = None
-    ) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.start = start
-        self.end = end
-        # S3 had answered (status and headers) when the body broke: its request id is what
-        # AWS support asks for.
-        self.answered = answered is not None
-        self.request_id = answered.request_id if answered is not None else ""
-
-
-def load_error(uri: str, exc: BaseException) -> LazyserveError:
-    """The lazyserve error for a failed read of `uri` (`s3://bucket/key`): S3's answer with a
-    hint, a failed transfer, or missing credentials. The one place these are worded."""
-    where = f"cannot read {uri}"
-    if isinstance(exc, S3Error):
-        if exc.code == "InvalidRange":
-            return ModelFormatError(f"{uri}: the object is empty")
-        request = f", request id {exc.request_id}" if exc.request_id else ""
-        kind = ModelMissing if exc.code in ("NoSuchKey", "NoSuchVersion") else ModelFetchError
-        return kind(f"{where}: S3 error {exc.code} ({_hint(exc)}){request}")
-    if isinstance(exc, TransferError):
-        if exc.answered:  # the body broke
-            tail = f", request id {exc.request_id}" if exc.request_id else ""
-            return ModelFetchError(f"{where} bytes {exc.start}-{exc.end}: {exc.detail}{tail}")
-        return ModelFetchError(f"{where}: {exc.detail}")
-    if isinstance(exc, CredentialsError):
-        return ModelFetchError(f"{where}: {exc}")
-    return ModelFetchError(f"{where}: {type(exc).__name__}: {exc}")
-
-
-def _hint(exc: S3Error) -> str:
-    if exc.code == "AccessDenied":
-        # Name the permission this request needed (issue 10): a version is its own action,
-        # and an SSE-KMS object also needs the key.
-        kms = (exc.encryption or "").startswith("aws:kms") or "kms" in exc.message.lower()
-        if kms:
-            return (
-                "access denied: the object is encrypted with SSE-KMS; the function's role needs "
-                "kms:Decrypt on its KMS key"
-            )
-        if exc.version_id is not None:
-            return "access denied: the function's role needs s3:GetObjectVersion on this key"
-        return (
-            "access denied: the function's role needs s3:GetObject on this key "
-            "(without s3:ListBucket, a missing key is also answered AccessDenied)"
-        )
-    return _HINTS.get(exc.code) or exc.message or f"HTTP {exc.status}"
+    def getheader(self, name: str) -> str | None: ...
+    def readinto(self, view: memoryview) -> int: ...
+    def read(self, amount: int) -> bytes: ...
 
 
 class S3GetClient:
     """GETs (and looks at) S3 objects; one per process is enough, and threads share it.
 
-    `environ` supplies the endpoint, region and credentials variables (default os.environ,
-    read when the client is made); `endpoint_url`/`region`/`credentials` override them."""
+    `environ` supplies the endpoint, region and proxy variables (default os.environ, read when
+    the client is made); `endpoint_url`/`region` override them; `session` is the
+    botocore session whose credentials sign the requests (default: a new one)."""
 
     def __init__(
         self,
@@ -208,38 +124,29 @@ class S3GetClient:
         environ: Mapping[str, str] | None = None,
         endpoint_url: str | None = None,
         region: str | None = None,
-        credentials: CredentialSource | None = None,
+        session: Any = None,
     ) -> None:
         env = dict(os.environ if environ is None else environ)
         if endpoint_url is not None:
             env["AWS_ENDPOINT_URL_S3"] = endpoint_url
         self._environ = env
-        self.region = region or region_of(env)
-        self.credentials = credentials if credentials is not None else CredentialSource(env)
+        self.signer = Signer(session)
+        self._region = region
         self._regions: dict[str, str] = {}  # buckets S3 said live in another region
-        self._idle: dict[Endpoint, list[http.client.HTTPConnection]] = {}
+        self._endpoints: dict[tuple[str, str], Endpoint] = {}
+        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._proxied: dict[str, Any] = {}  # proxy URL -> urllib3.ProxyManager
         self._lock = threading.Lock()
-        self._signer = Signer("s3")
-        self._routes: dict[Endpoint, Route] = {}
         self._ssl: Any = None
+        self._agent: str | None = None
         self.connections = 0  # connections opened, for tests and benchmarks
+        self.requests = 0
 
-    @classmethod
-    def from_boto3(cls, client: Any) -> S3GetClient:
-        """A client with a boto3 S3 client's endpoint, region and credentials."""
-        endpoint = str(client.meta.endpoint_url or "")
-        custom = endpoint and not urlsplit(endpoint).netloc.endswith(
-            ("amazonaws.com", "amazonaws.com.cn")
-        )
-        # A private botocore method (BaseClient._get_credentials): without it, the usual chain.
-        get = getattr(client, "_get_credentials", None)
-        found = get() if callable(get) else None
-        source = CredentialSource.of_botocore(found) if found is not None else None
-        return cls(
-            endpoint_url=endpoint if custom else None,
-            region=client.meta.region_name,
-            credentials=source,
-        )
+    @property
+    def region(self) -> str:
+        if self._region is None:
+            self._region = region_of(self._environ, self.signer.session)
+        return self._region
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -253,40 +160,45 @@ class S3GetClient:
         into: Callable[[RangeHead], memoryview],
         version_id: str | None = None,
         if_match: str | None = None,
+        deadline: float | None = None,
     ) -> RangeHead:
         """GET bytes start..end; `into(head)` checks the response's head and gives the buffer
         its body goes to (it may raise to refuse the response). Retries up to ATTEMPTS times
-        whatever broke: an S3 error worth retrying, a connection, a timeout, a short body."""
+        whatever broke: an S3 error worth retrying, a connection, a timeout, a short or slow
+        body. Each attempt must finish by `body_deadline(size)`, and all by `deadline`."""
         headers = {"Range": f"bytes={start}-{end}"}
         if if_match is not None:
             headers["If-Match"] = if_match
-        return self._request("GET", bucket, key, version_id, headers, start, end, into)
+        return self._request("GET", bucket, key, version_id, headers, start, end, into, deadline)
 
     def stat(self, bucket: str, key: str, version_id: str | None = None) -> ObjectStat:
         """Size, ETag and version id, from a 1-byte GET (S3's error codes come with a body;
         a HEAD's do not); an empty object, which has no byte 0, is looked at with a HEAD."""
-        found: list[RangeHead] = []
 
         def keep(head: RangeHead) -> memoryview:
-            found.append(head)
             return memoryview(bytearray(head.last - head.first + 1 if head.ranged else 0))
 
         try:
-            head = self._request("GET", bucket, key, version_id, {"Range": "bytes=0-0"}, 0, 0, keep)
+            found = self._request(
+                "GET", bucket, key, version_id, {"Range": "bytes=0-0"}, 0, 0, keep, None
+            )
         except S3Error as exc:
             if exc.code != "InvalidRange":
                 raise
-            head = self._request("HEAD", bucket, key, version_id, {}, 0, 0, None)
-            return ObjectStat(0, head.etag or None, head.version_id)
-        return ObjectStat(head.total, head.etag or None, head.version_id)
+            found = self._request("HEAD", bucket, key, version_id, {}, 0, 0, None, None)
+            return ObjectStat(0, found.etag or None, found.version_id)
+        return ObjectStat(found.total, found.etag or None, found.version_id)
 
     def close(self) -> None:
         """Close the idle connections."""
         with self._lock:
             idle, self._idle = self._idle, {}
+            proxied, self._proxied = self._proxied, {}
         for connections in idle.values():
             for connection in connections:
                 connection.close()
+        for manager in proxied.values():
+            manager.clear()
 
     def _request(
         self,
@@ -298,33 +210,39 @@ class S3GetClient:
         start: int,
         end: int,
         into: Callable[[RangeHead], memoryview] | None,
+        deadline: float | None,
     ) -> RangeHead:
         attempt = 0
         redirected = refreshed = False
         while True:
             attempt += 1
+            limit = body_deadline(end - start + 1)
+            if deadline is not None:
+                limit = min(limit, deadline)
             try:
-                return self._once(method, bucket, key, version_id, headers, start, end, into)
+                return self._once(method, bucket, key, version_id, headers, start, end, into, limit)
             except S3Error as exc:
                 region = exc.region
-                if region and region != self._region(bucket) and not redirected:
+                if region and region != self._region_of(bucket) and not redirected:
                     with self._lock:
                         self._regions[bucket] = region
                     redirected = True
                     attempt -= 1  # S3 told us where to go: not a failed attempt
                     continue
-                if exc.code in _EXPIRED_CODES and not refreshed:
-                    self.credentials.invalidate()
+                if exc.code in EXPIRED_CODES and not refreshed:
+                    self.signer.invalidate()
                     refreshed = True
                 elif not exc.retryable or attempt >= ATTEMPTS:
                     raise
             except TransferError as exc:
-                if attempt >= ATTEMPTS:
+                if attempt >= ATTEMPTS or (deadline is not None and time.monotonic() >= deadline):
                     exc.detail = f"{exc.detail} ({attempt} attempts)"
                     exc.args = (exc.detail,)
                     raise
-            pause = min(BACKOFF_MAX, BACKOFF * 2 ** (attempt - 1))
-            time.sleep(pause * random.uniform(0.5, 1.0))
+            pause = min(BACKOFF_MAX, BACKOFF * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
 
     def _once(
         self,
@@ -336,40 +254,48 @@ class S3GetClient:
         start: int,
         end: int,
         into: Callable[[RangeHead], memoryview] | None,
+        deadline: float,
     ) -> RangeHead:
-        region = self._region(bucket)
-        endpoint = resolve_endpoint(bucket, region, self._environ)
-        path = endpoint.path(bucket, key)
-        query = f"versionId={quote(version_id, safe='-_.~')}" if version_id is not None else ""
-        headers = self._signer.sign(
-            method, path, query, {"Host": endpoint.netloc, **extra}, self.credentials.get(), region
+        self.requests += 1
+        endpoint = self._endpoint(bucket)
+        query = _version_query(version_id)
+        target = endpoint.path(key) + query
+        url = f"{endpoint.scheme}://{endpoint.netloc}{target}"
+        headers = self.signer.sign(
+            method,
+            url,
+            {"Host": endpoint.netloc, "User-Agent": self._user_agent(), **extra},
+            region=endpoint.signing_region,
+            name=endpoint.signing_name,
         )
-        way = self._route(endpoint)
-        headers.update(way.proxy_headers if not way.tunnel else {})
-        target = way.target_prefix + (f"{path}?{query}" if query else path)
-        connection, reused = self._connection(endpoint, way, start, end)
-        response: http.client.HTTPResponse | None = None
+        proxy = proxy_for(endpoint, self._environ)
+        watch = _WATCHDOG.watch(deadline)
+        response: _Response | None = None
         head: RangeHead | None = None
+        release: Callable[[bool], None] = _nothing
         try:
-            try:
-                connection.request(method, target, headers=headers)
-                response = connection.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                if not reused or isinstance(exc, TimeoutError):
-                    raise
-                # An idle keep-alive connection the server had closed: not a failed attempt.
-                connection.close()
-                connection, reused = self._connection(endpoint, way, start, end)
-                connection.request(method, target, headers=headers)
-                response = connection.getresponse()
+            if proxy is None:
+                response, release = self._direct(endpoint, method, target, headers, watch)
+            else:
+                response, release = self._through(proxy, method, url, headers, watch)
             head = _head(response, version_id)
             if response.status >= 300:
                 body = response.read(_ERROR_BODY_LIMIT) if method != "HEAD" else b""
                 if response.status == 412:
                     raise PreconditionFailed
-                raise _s3_error(response, body, version_id, head.request_id)
+                raise parse_error(
+                    response.status, body, response.getheader, version_id, head.request_id
+                )
             view = into(head) if into is not None else memoryview(b"")
             got = _read_into(response, view)
+            if watch.expired:
+                raise TransferError(
+                    f"the body came slower than {BODY_FLOOR // 1024} KiB/s ({got} of "
+                    f"{len(view)} bytes when its time ran out)",
+                    start=start,
+                    end=end,
+                    answered=head,
+                )
             if got != len(view):
                 raise TransferError(
                     f"the body ended after {got} of {len(view)} bytes",
@@ -378,82 +304,159 @@ class S3GetClient:
                     answered=head,
                 )
             if into is None:
-                response.read()
-            self._release(endpoint, connection, response)
+                response.read(_ERROR_BODY_LIMIT)
+            release(True)
             return head
         except (OSError, http.client.HTTPException) as exc:
-            _discard(connection, response)
-            detail = (
-                f"ReadTimeoutError: {endpoint.netloc} sent nothing for {READ_TIMEOUT:g} s"
-                if isinstance(exc, TimeoutError)
-                else f"{type(exc).__name__}: {exc}"
-            )
+            release(False)
+            if watch.expired:
+                detail = f"{endpoint.netloc} took longer than the time a part may take"
+            elif isinstance(exc, TimeoutError):
+                detail = f"ReadTimeoutError: {endpoint.netloc} sent nothing for {READ_TIMEOUT:g} s"
+            else:
+                detail = f"{type(exc).__name__}: {exc}"
             raise TransferError(detail, start=start, end=end, answered=head) from exc
         except BaseException:
-            # An S3 error, a short body, or `into` refusing the response: its body is unread.
-            _discard(connection, response)
+            # An S3 error, a short or slow body, or `into` refusing the response: its body is
+            # unread, so the connection cannot be reused.
+            release(False)
             raise
+        finally:
+            watch.finish()
 
-    # --- connections --------------------------------------------------------------------------
+    # --- addressing -------------------------------------------------------------------------
 
-    def _route(self, endpoint: Endpoint) -> Route:
-        found = self._routes.get(endpoint)
+    def _endpoint(self, bucket: str) -> Endpoint:
+        region = self._region_of(bucket)
+        found = self._endpoints.get((bucket, region))
         if found is None:
-            found = self._routes[endpoint] = route(endpoint, self._environ)
+            inputs = endpoint_inputs(bucket, region, self._environ, self.signer.session)
+            found = self._endpoints[(bucket, region)] = resolve_endpoint(inputs)
         return found
 
+    def _region_of(self, bucket: str) -> str:
+        return self._regions.get(bucket) or self.region
+
+    def _user_agent(self) -> str:
+        if self._agent is None:
+            self._agent = user_agent()
+        return self._agent
+
+    # --- connections ------------------------------------------------------------------------
+
+    def _direct(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        watch: _Watch,
+    ) -> tuple[_Response, Callable[[bool], None]]:
+        place = (endpoint.scheme, endpoint.host, endpoint.port)
+        connection, reused = self._connection(endpoint, place)
+        watch.arm(lambda: _shut(connection))
+        try:
+            connection.request(method, target, headers=headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            if not reused or isinstance(exc, TimeoutError) or watch.expired:
+                raise
+            # An idle keep-alive connection the server had closed: not a failed attempt.
+            connection, _ = self._connection(endpoint, place)
+            watch.arm(lambda: _shut(connection))
+            connection.request(method, target, headers=headers)
+            response = connection.getresponse()
+
+        def release(reuse: bool) -> None:
+            if reuse and not response.will_close and response.isclosed():
+                with self._lock:
+                    self._idle.setdefault(place, []).append(connection)
+                return
+            # Both: a response the server will close owns the socket once the connection
+            # lets go.
+            response.close()
+            connection.close()
+
+        return response, release
+
     def _connection(
-        self, endpoint: Endpoint, way: Route, start: int, end: int
+        self, endpoint: Endpoint, place: tuple[str, str, int]
     ) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
-            idle = self._idle.get(endpoint)
+            idle = self._idle.get(place)
             if idle:
                 return idle.pop(), True
             self.connections += 1
         connection: http.client.HTTPConnection
         if endpoint.scheme == "https":
             connection = http.client.HTTPSConnection(
-                way.host, way.port, timeout=CONNECT_TIMEOUT, context=self._context()
+                endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT, context=self._context()
             )
         else:
-            connection = http.client.HTTPConnection(way.host, way.port, timeout=CONNECT_TIMEOUT)
-        if way.tunnel:
-            connection.set_tunnel(endpoint.host, endpoint.port, headers=way.proxy_headers)
-        where = (
-            endpoint.netloc
-            if (way.host, way.port) == (endpoint.host, endpoint.port)
-            else (f"{endpoint.netloc} through the proxy {way.host}:{way.port}")
-        )
+            connection = http.client.HTTPConnection(
+                endpoint.host, endpoint.port, timeout=CONNECT_TIMEOUT
+            )
         try:
             connection.connect()
         except TimeoutError as exc:
             connection.close()
-            raise TransferError(
-                f"ConnectTimeoutError: could not connect to {where} within {CONNECT_TIMEOUT:g} s",
-                start=start,
-                end=end,
+            raise _unreachable(
+                f"ConnectTimeoutError: could not connect to {endpoint.netloc} within "
+                f"{CONNECT_TIMEOUT:g} s"
             ) from exc
         except OSError as exc:
             connection.close()
-            raise TransferError(
-                f"{type(exc).__name__}: could not connect to {where}: {exc}", start=start, end=end
+            raise _unreachable(
+                f"{type(exc).__name__}: could not connect to {endpoint.netloc}: {exc}"
             ) from exc
         assert connection.sock is not None
         connection.sock.settimeout(READ_TIMEOUT)
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return connection, False
 
-    def _release(
-        self,
-        endpoint: Endpoint,
-        connection: http.client.HTTPConnection,
-        response: http.client.HTTPResponse,
-    ) -> None:
-        if response.will_close or not response.isclosed():
-            _discard(connection, response)
-            return
+    def _through(
+        self, proxy: Proxy, method: str, url: str, headers: dict[str, str], watch: _Watch
+    ) -> tuple[_Response, Callable[[bool], None]]:
+        import urllib3
+
         with self._lock:
-            self._idle.setdefault(endpoint, []).append(connection)
+            manager = self._proxied.get(proxy.url)
+            if manager is None:
+                auth = {"Proxy-Authorization": proxy.authorization} if proxy.authorization else None
+                manager = self._proxied[proxy.url] = urllib3.ProxyManager(
+                    proxy.url,
+                    proxy_headers=auth,
+                    timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
+                    retries=False,
+                    ssl_context=self._context(),
+                    proxy_ssl_context=self._context() if proxy.scheme == "https" else None,
+                )
+                self.connections += 1
+        try:
+            raw = manager.request(
+                method,
+                url,
+                headers=headers,
+                preload_content=False,
+                decode_content=False,
+                redirect=False,
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            raise _unreachable(
+                f"{type(exc).__name__}: could not reach the endpoint through the proxy "
+                f"{proxy.host}:{proxy.port}"
+            ) from exc
+        response = _Urllib3Response(raw)
+        watch.arm(raw.shutdown)
+
+        def release(reuse: bool) -> None:
+            if reuse:
+                raw.release_conn()
+            else:
+                raw.close()
+
+        return response, release
 
     def _context(self) -> Any:
         if self._ssl is None:
@@ -463,14 +466,59 @@ class S3GetClient:
             self._ssl = ssl.create_default_context(cafile=bundle or None)
         return self._ssl
 
-    def _region(self, bucket: str) -> str:
-        return self._regions.get(bucket, self.region)
+
+class _Urllib3Response:
+    """A urllib3 response with the few methods of http.client's that the client uses."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.status = int(raw.status)
+
+    def getheader(self, name: str) -> str | None:
+        value = self._raw.headers.get(name)
+        return None if value is None else str(value)
+
+    def readinto(self, view: memoryview) -> int:
+        return int(self._raw.readinto(view))
+
+    def read(self, amount: int) -> bytes:
+        return bytes(self._raw.read(amount))
 
 
-def _head(response: http.client.HTTPResponse, version_id: str | None) -> RangeHead:
+def _unreachable(detail: str) -> TransferError:
+    return TransferError(detail, start=0, end=0)
+
+
+def _nothing(reuse: bool) -> None:
+    pass
+
+
+def _shut(connection: http.client.HTTPConnection) -> None:
+    sock = connection.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _version_query(version_id: str | None) -> str:
+    if version_id is None:
+        return ""
+    from urllib.parse import quote
+
+    return f"?versionId={quote(version_id, safe='-_.~')}"
+
+
+def _head(response: _Response, version_id: str | None) -> RangeHead:
+    import re
+
     get = response.getheader
-    length = int(get("Content-Length") or 0)
-    match = _CONTENT_RANGE.fullmatch(get("Content-Range") or "")
+    try:
+        length = int(get("Content-Length") or 0)
+    except ValueError:
+        length = 0
+    match = re.fullmatch(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19})", get("Content-Range") or "")
     if match is not None:
         first, last, total = (int(group) for group in match.groups())
     else:
@@ -489,18 +537,9 @@ def _head(response: http.client.HTTPResponse, version_id: str | None) -> RangeHe
     )
 
 
-def _discard(
-    connection: http.client.HTTPConnection, response: http.client.HTTPResponse | None
-) -> None:
-    # Both: a response the server will close owns the socket once the connection lets go.
-    if response is not None:
-        response.close()
-    connection.close()
-
-
-def _read_into(response: http.client.HTTPResponse, view: memoryview) -> int:
-    """Receive the body straight into `view`: one readinto() that loops in C over recv_into,
-    without the GIL while it waits; no temporary copy of the part."""
+def _read_into(response: _Response, view: memoryview) -> int:
+    """Receive the body straight into `view`: readinto() loops in C over recv_into, without the
+    GIL while it waits; no temporary copy of the part."""
     got = 0
     while got < len(view):
         n = response.readinto(view[got:])
@@ -510,31 +549,84 @@ def _read_into(response: http.client.HTTPResponse, view: memoryview) -> int:
     return got
 
 
-_XML_FIELD = re.compile(r"<(Code|Message|RequestId|Region)>(.*?)</\1>", re.S)
-_ENTITIES = {"&lt;": "<", "&gt;": ">", "&quot;": '"', "&apos;": "'", "&amp;": "&"}
+class _Watch:
+    """One request's deadline; `arm(cancel)` gives the way to interrupt its blocked read from
+    the watchdog's thread."""
+
+    __slots__ = ("_cancel", "_lock", "deadline", "done", "expired", "order")
+
+    def __init__(self, deadline: float, order: int) -> None:
+        self.deadline = deadline
+        self.order = order
+        self.expired = False
+        self.done = False
+        self._cancel: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+
+    def __lt__(self, other: _Watch) -> bool:
+        return (self.deadline, self.order) < (other.deadline, other.order)
+
+    def arm(self, cancel: Callable[[], None]) -> None:
+        with self._lock:
+            self._cancel = cancel
+            late = self.expired
+        if late:  # the deadline passed before the request had a connection to cut
+            cancel()
+
+    def fire(self) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.expired = True
+            cancel = self._cancel
+        if cancel is not None:
+            cancel()
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done = True
+            self._cancel = None
 
 
-def _s3_error(
-    response: http.client.HTTPResponse, body: bytes, version_id: str | None, request_id: str
-) -> S3Error:
-    """S3's XML error body (Code, Message, RequestId), or what the status says without one."""
-    fields = {
-        name: re.sub(r"&\w+;", lambda m: _ENTITIES.get(m.group(), m.group()), value).strip()
-        for name, value in _XML_FIELD.findall(body.decode("utf-8", "replace"))
-    }
-    status = response.status
-    code = fields.get("Code") or {
-        301: "PermanentRedirect",
-        403: "AccessDenied",
-        404: "NoSuchKey",
-        416: "InvalidRange",
-    }.get(status, f"HTTP{status}")
-    return S3Error(
-        status,
-        code,
-        fields.get("Message", ""),
-        fields.get("RequestId") or request_id,
-        version_id=version_id,
-        encryption=response.getheader("x-amz-server-side-encryption"),
-        region=response.getheader("x-amz-bucket-region") or fields.get("Region"),
-    )
+class _Watchdog:
+    """One thread per process that interrupts the reads whose deadline passed. A socket timeout
+    bounds each wait for a byte, not a whole body: a peer sending a byte every few seconds never
+    trips it, so a body's deadline needs a second thread to cut the connection."""
+
+    def __init__(self) -> None:
+        self._heap: list[_Watch] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._counter = itertools.count()
+
+    def watch(self, deadline: float) -> _Watch:
+        watch = _Watch(deadline, next(self._counter))
+        with self._cond:
+            if self._thread is None or self._pid != os.getpid():  # new, or after a fork
+                self._heap = []
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, name="lazyserve-deadlines", daemon=True
+                )
+                self._thread.start()
+            heapq.heappush(self._heap, watch)
+            if self._heap[0] is watch:
+                self._cond.notify()
+        return watch
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                first = self._heap[0]
+                left = first.deadline - time.monotonic()
+                if left > 0 and not first.done:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+            first.fire()  # outside the lock: cutting a socket may take a moment
+
+
+_WATCHDOG = _Watchdog()
