@@ -19,8 +19,6 @@ import pytest
 from benchmarks.common import WeightsFile, weights_file
 from benchmarks.s3endpoint import S3Endpoint
 
-from lazyserve.settings import Settings
-from lazyserve.sources.s3 import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
 from tests.helpers import (
     BUCKET,
     FAKE_CREDENTIALS,
@@ -58,12 +56,6 @@ def process_env(endpoint: str, **overrides: str) -> dict[str, str]:
     )
     env.update(overrides)
     return env
-
-
-def test_the_helper_reads_the_settings_defaults_the_app_reads() -> None:
-    fields = Settings.model_fields
-    assert DEFAULT_CONCURRENCY == fields["s3_concurrency"].default
-    assert DEFAULT_PART_SIZE == fields["s3_part_size"].default
 
 
 # --- under the Lambda runtime client: the GETs overlap `import torch` -------------------------
@@ -157,8 +149,9 @@ def _exited(process: subprocess.Popen[bytes], log: Path) -> str | None:
 LOAD_SCRIPT = """
 import json, os, sys
 from lazyserve import _boot
+from lazyserve.sources import helper as helpers
 
-helper = _boot.helper.pid if _boot.helper is not None else None
+helper = int(os.environ["_LAZYSERVE_HELPER"]) if "_LAZYSERVE_HELPER" in os.environ else None
 action = os.environ.get("BOOT_TEST_ACTION", "")
 if action == "kill-helper":
     os.kill(helper, 9)  # the helper dies before it reports
@@ -189,12 +182,16 @@ def status():
 
 
 settings = load_settings()
+# The S3 client's own imports (botocore signs and resolves) come before the measurement: it
+# compares the weights with what they cost in memory.
+from lazyserve.sources import head
+head(settings.uri)
 before = status()
 layers, width = int(os.environ["LAYERS"]), int(os.environ["WIDTH"])
 loaded = load_model(lambda: build_synthetic(layers, width), settings)
 sums = [float(p.sum()) for p in loaded.module.parameters()]  # reads every weight
 after = status()
-print(json.dumps({"helper": helper, "failure": _boot.failure, "before": before, "after": after,
+print(json.dumps({"helper": helper, "failure": helpers.failure(), "before": before, "after": after,
                   "sha256": loaded.info.sha256, "size": loaded.info.size_bytes}))
 """
 
@@ -213,11 +210,21 @@ def endpoint_64(weights_64: WeightsFile) -> Iterator[S3Endpoint]:
         yield endpoint
 
 
-def run_script(code: str, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, Any], str]:
-    """Runs `code` as a script in a fresh interpreter (the .pth hook included): its last line of
-    output as JSON, and its stderr."""
-    script = tmp_path / "script.py"
+def runtime_script(code: str, env: dict[str, str], tmp_path: Path) -> Path:
+    """`code` written where a managed runtime keeps its bootstrap: the interpreter that runs it is
+    the runtime's own process, as the start-up download recognises it (the .pth hook runs)."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(exist_ok=True)
+    script = runtime / "bootstrap.py"
     script.write_text(code)
+    env["LAMBDA_RUNTIME_DIR"] = str(runtime)
+    return script
+
+
+def run_script(code: str, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """Runs `code` as the runtime's own script in a fresh interpreter: its last line of output
+    as JSON, and its stderr."""
+    script = runtime_script(code, env, tmp_path)
     done = subprocess.run(
         [sys.executable, str(script)],
         cwd=ROOT,
@@ -298,12 +305,11 @@ def test_a_helper_that_fails_is_replaced_by_a_load_in_the_process(
 
 
 LOAD_DIGITS = """
-import json
+import json, os
 from handler.model import DigitsMLP
-from lazyserve import _boot
 from lazyserve.model import load_model
 from lazyserve.settings import load_settings
-helper = _boot.helper.pid if _boot.helper is not None else None
+helper = os.environ.get("_LAZYSERVE_HELPER")
 try:
     info = load_model(DigitsMLP, load_settings()).info
     print(json.dumps({"helper": helper, "sha256": info.sha256}))
@@ -348,37 +354,12 @@ def test_an_answer_no_retry_changes_is_raised_without_a_second_download(
     assert len([r for r in s3.requests if is_weights_get(r)]) == 1
 
 
-PREFETCH_TOO = """
-import json, logging, sys
-from handler.model import DigitsMLP
-from lazyserve import _boot, prefetch
-from lazyserve.model import load_model
-from lazyserve.settings import load_settings
-logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(message)s")
-helper = _boot.helper.pid if _boot.helper is not None else None
-settings = load_settings()
-prefetch(settings)  # an app written for the in-process prefetch, as before the helper
-print(json.dumps({"helper": helper, "sha256": load_model(DigitsMLP, settings).info.sha256}))
-"""
-
-
-def test_an_explicit_prefetch_adopts_the_helpers_download(
-    s3: CountingS3Server, tmp_path: Path
-) -> None:
-    out, log = run_script(PREFETCH_TOO, process_env(s3.endpoint), tmp_path)
-    assert out["helper"] is not None
-    assert HELPER_USED in log
-    gets = [r.range for r in s3.requests if is_weights_get(r)]
-    assert len(gets) == len(set(gets)) == PARTS  # one download, not two
-
-
 # --- the helper writes nothing to the function's output and ends with it -------------------------
 
 
 PARENT_EXITS = """
 import os, sys
-from lazyserve import _boot
-print(f"parent {_boot.helper.pid}", flush=True)
+print(f"parent {os.environ['_LAZYSERVE_HELPER']}", flush=True)
 sys.stdin.readline()  # the test has seen the helper's first GET arrive (and holds it)
 os._exit(0)  # the function dies
 """
@@ -387,12 +368,12 @@ os._exit(0)  # the function dies
 def test_the_helper_ends_when_the_function_dies_and_never_writes_its_output(
     s3: CountingS3Server, gate: Gate, tmp_path: Path
 ) -> None:
-    script = tmp_path / "parent.py"
-    script.write_text(PARENT_EXITS)
+    env = process_env(s3.endpoint)
+    script = runtime_script(PARENT_EXITS, env, tmp_path)
     process = subprocess.Popen(
         [sys.executable, str(script)],
         cwd=ROOT,
-        env=process_env(s3.endpoint),
+        env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -431,14 +412,101 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_no_helper_outside_lambda_or_for_a_lazy_load(s3: CountingS3Server, tmp_path: Path) -> None:
-    probe = "from lazyserve import _boot; print(_boot.helper is None, _boot.failure)"
-    for overrides in ({"LAZYSERVE_LOAD": "lazy"}, {"AWS_LAMBDA_RUNTIME_API": ""}):
-        env = process_env(s3.endpoint, **overrides)
-        if not env["AWS_LAMBDA_RUNTIME_API"]:
-            del env["AWS_LAMBDA_RUNTIME_API"]
-        done = subprocess.run(
-            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
-        )
-        assert done.stdout.split() == ["True", "None"]
+PROBE = """
+import json, os
+from lazyserve.sources import helper
+print(json.dumps({"helper": os.environ.get("_LAZYSERVE_HELPER"), "failure": helper.failure()}))
+"""
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"LAZYSERVE_LOAD": "lazy"},
+        {"LAZYSERVE_PREFETCH": "off"},
+        {"AWS_LAMBDA_RUNTIME_API": ""},
+        {"LAZYSERVE_MODEL_URI": "s3://bkt/prefix/"},
+        {"LAZYSERVE_S3_CONCURRENCY": "0"},  # invalid: the app reports it, nothing starts
+    ],
+    ids=["lazy", "prefetch-off", "not-lambda", "prefix", "bad-setting"],
+)
+def test_no_helper_where_the_settings_do_not_ask_for_one(
+    overrides: dict[str, str], s3: CountingS3Server, tmp_path: Path
+) -> None:
+    env = process_env(s3.endpoint, **overrides)
+    if not env["AWS_LAMBDA_RUNTIME_API"]:
+        del env["AWS_LAMBDA_RUNTIME_API"]
+    out, _ = run_script(PROBE, env, tmp_path)
+    assert out == {"helper": None, "failure": None}
     assert [r for r in s3.requests if is_weights_get(r)] == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-c", PROBE],  # a shell command, an extension written in Python
+        ["-m", "pip", "--version"],
+        ["-S", "-c", "import lazyserve.settings, lazyserve.sources, lazyserve._boot; print('{}')"],
+    ],
+    ids=["python-c", "pip", "no-site-import"],
+)
+def test_other_processes_in_the_environment_start_nothing(
+    command: list[str], s3: CountingS3Server
+) -> None:
+    # The same Lambda environment as the runtime's own process, asking for a background load:
+    # only the runtime's process (python -m awslambdaric, or $LAMBDA_RUNTIME_DIR/bootstrap.py)
+    # may start the download.
+    env = process_env(s3.endpoint)
+    if command[0] == "-S":  # no site-packages: the library from the source tree, stdlib only
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    before = _children()
+    done = subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "_LAZYSERVE_HELPER" not in done.stdout
+    assert [r for r in s3.requests if is_weights_get(r)] == []
+    assert _children() == before
+
+
+def _children() -> set[int]:
+    """This test process's children (a helper that outlived its parent would be re-parented, so
+    the weights GETs are the sure sign; this catches one still starting)."""
+    me = os.getpid()
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me:
+            found.add(int(stat.parent.name))
+    return found
+
+
+UNCLAIMED = """
+import json, os, time
+from lazyserve import Service, Settings
+from handler.model import DigitsMLP
+
+helper = int(os.environ["_LAZYSERVE_HELPER"])
+fds = len(os.listdir("/proc/self/fd"))
+# The app serves another model than the environment named: the helper's download is not for it.
+service = Service(DigitsMLP, settings=Settings(model_uri=os.environ["OTHER_URI"]), autostart=False)
+state = open(f"/proc/{helper}/stat").read().rsplit(")", 1)[1].split()[0] if os.path.exists(f"/proc/{helper}") else "gone"
+print(json.dumps({"helper": helper, "state": state, "fds_freed": fds - len(os.listdir("/proc/self/fd"))}))
+"""
+
+
+def test_an_unclaimed_helper_is_stopped_reaped_and_freed_when_the_app_reads_its_settings(
+    s3: CountingS3Server, gate: Gate, tmp_path: Path
+) -> None:
+    env = process_env(s3.endpoint, OTHER_URI=str(ROOT / "handler/weights/digits.safetensors"))
+    out, _ = run_script(UNCLAIMED, env, tmp_path)
+    assert out["state"] == "gone"  # killed and reaped: not a zombie
+    assert out["fds_freed"] == 2  # the memfd and the report pipe

@@ -25,14 +25,17 @@ __all__ = ["problem", "start", "wanted"]
 _problem: str | None = None
 
 
-def wanted(environ: Mapping[str, str] | None = None) -> Settings | None:
-    """The settings to download for now, or None (see the module docstring)."""
+def wanted(
+    environ: Mapping[str, str] | None = None, *, argv: list[str] | None = None
+) -> Settings | None:
+    """The settings to download for now, or None (see the module docstring); `argv` stands for
+    the command line (sys.orig_argv)."""
     from lazyserve.environment import initialization_type, is_runtime_process
     from lazyserve.errors import SettingsError
     from lazyserve.settings import read_settings
 
     env = os.environ if environ is None else environ
-    if not is_runtime_process(environ=env):
+    if not is_runtime_process(argv, env):
         return None
     try:
         settings = read_settings(env)

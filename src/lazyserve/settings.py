@@ -297,8 +297,11 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]
         if not upper.startswith(PREFIX) or name in known:
             continue
         tail = upper.removeprefix(PREFIX)
-        # Compare what follows the prefix: the shared prefix alone makes every pair "close".
-        close = difflib.get_close_matches(tail, tails, n=1, cutoff=0.6)
+        # A setting's name cut short or extended (LAZYSERVE_REFRESH, LAZYSERVE_LOAD_MODE) first;
+        # then the closest spelling, comparing what follows the prefix (the shared prefix alone
+        # makes every pair "close"); then a name that holds it (LAZYSERVE_URI).
+        close = [t for t in tails if len(tail) >= 3 and (t.startswith(tail) or tail.startswith(t))]
+        close = close[:1] or difflib.get_close_matches(tail, tails, n=1, cutoff=0.6)
         if not close and len(tail) >= 3:
             close = [t for t in tails if tail in t or t in tail][:1]
         found.append((name, tails[close[0]] if close else None))

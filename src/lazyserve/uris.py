@@ -70,17 +70,23 @@ class ModelURI:
         if not self.is_prefix:
             raise ValueError(f"{self.uri} names one weights file, not a prefix (one ends in /)")
         if not _NAME.fullmatch(name):
-            raise ValueError(f"model name {name!r} is not accepted: use {NAME_RULE}")
+            raise ValueError(f"model name {_shown(name)} is not accepted: use {NAME_RULE}")
         file = name + MODEL_SUFFIX
         if self.key is not None:
             key = self.key + file
             if len(key.encode()) > _MAX_KEY_BYTES:
                 raise ValueError(
-                    f"model name {name!r} makes the key longer than S3's {_MAX_KEY_BYTES} bytes"
+                    f"model name {_shown(name)} makes the key longer than S3's {_MAX_KEY_BYTES} bytes"
                 )
             return ModelURI(f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
         assert self.path is not None
         return ModelURI(self.uri + file, path=self.path / file)
+
+
+def _shown(value: str) -> str:
+    """`value` quoted for a message, cut to 80 characters: a message stays small whatever it
+    quotes."""
+    return repr(value if len(value) <= 80 else value[:80] + "...")
 
 
 def parse_model_uri(uri: str) -> ModelURI:
@@ -98,7 +104,7 @@ def parse_model_uri(uri: str) -> ModelURI:
         return _parse_s3(uri, rest)
     if name == "file":
         return _parse_file(uri, rest)
-    raise ValueError(f"scheme {scheme[1]!r} is not supported; accepted: {URI_FORMS}")
+    raise ValueError(f"scheme {_shown(scheme[1])} is not supported; accepted: {URI_FORMS}")
 
 
 def _parse_s3(uri: str, rest: str) -> ModelURI:
@@ -119,7 +125,7 @@ def _parse_s3(uri: str, rest: str) -> ModelURI:
     if not bucket:
         raise ValueError(f"an s3:// URI needs a bucket and a key; accepted: {URI_FORMS}")
     if not _BUCKET.fullmatch(bucket):
-        raise ValueError(f"bucket {bucket!r} is not a valid S3 bucket name: {BUCKET_RULE}")
+        raise ValueError(f"bucket {_shown(bucket)} is not a valid S3 bucket name: {BUCKET_RULE}")
     if not slash:
         raise ValueError(
             f"an s3:// URI needs a key after the bucket (s3://{bucket}/key), or a / for a "
@@ -133,7 +139,7 @@ def _parse_s3(uri: str, rest: str) -> ModelURI:
             raise ValueError("versionId is empty; drop it or give the object's version id")
         if any(c == "?" or c.isspace() or not c.isprintable() for c in version):
             raise ValueError(
-                f"versionId {version!r} is not an S3 version id (no '?', spaces or "
+                f"versionId {_shown(version)} is not an S3 version id (no '?', spaces or "
                 "control characters)"
             )
         if len(version.encode()) > _MAX_KEY_BYTES:
@@ -142,7 +148,7 @@ def _parse_s3(uri: str, rest: str) -> ModelURI:
     if query:
         raise ValueError(
             f"the only query parameter accepted is versionId, once, at the end "
-            f"(s3://bucket/key?versionId=V), got {query[0]!r}"
+            f"(s3://bucket/key?versionId=V), got {_shown(query[0])}"
         )
     try:
         size = len(key.encode())
@@ -170,5 +176,5 @@ def _parse_file(uri: str, rest: str) -> ModelURI:
     elif rest.startswith("/"):
         path = rest
     else:
-        raise ValueError(f"a file: URI names an absolute path (file:///abs/path), got {uri!r}")
+        raise ValueError(f"a file: URI names an absolute path (file:///abs/path), got {_shown(uri)}")
     return ModelURI(uri, path=Path(unquote(path)))
