@@ -43,6 +43,10 @@ FAKE_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "fake/secret/key/that/must/never/be/logged00",
     "AWS_DEFAULT_REGION": REGION,
     "AWS_REGION": REGION,
+    # botocore's chain reads no file of this machine's and never waits for instance metadata.
+    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+    "AWS_EC2_METADATA_DISABLED": "true",
 }
 PART_SIZE = 16384
 WEIGHTS_BYTES = WEIGHTS.read_bytes()
@@ -146,6 +150,28 @@ def stalled_gets(s3: CountingS3Server) -> Iterator[None]:
         yield
     finally:
         release.set()
+
+
+def trickling_app(total: int, every: float = 0.3) -> WSGIApp:
+    """A WSGI app that answers a ranged GET at once with S3's headers, then sends the body one
+    byte every `every` seconds: never silent long enough for a read timeout."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        first, last = map(int, environ["HTTP_RANGE"].removeprefix("bytes=").split("-"))
+        last = min(last, total - 1)
+        start_response(
+            "206 Partial Content",
+            [
+                ("Content-Range", f"bytes {first}-{last}/{total}"),
+                ("Content-Length", str(last - first + 1)),
+                ("ETag", '"trickle"'),
+            ],
+        )
+        for _ in range(last - first + 1):
+            yield b"\0"
+            time.sleep(every)
+
+    return app
 
 
 def failing_gets(status: int, code: str, message: str) -> Fault:

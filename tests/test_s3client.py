@@ -1,8 +1,9 @@
-"""The S3 GET client loads use (sources/s3client.py, sources/credentials.py): SigV4 signatures S3
-accepts (moto checking them, with IAM on) for keys and version ids that need encoding, where
-requests go, credentials from the environment or the container endpoint (refreshed), S3's errors
-in words that name the missing permission, retries counted, kept-alive connections, the too-large
-model refused after one GET, and `head`."""
+"""The S3 GET client loads use (sources/s3client.py over botocore's signer, credential chain and
+endpoint rules): signatures S3 accepts (moto checking them, with IAM on) for keys and version ids
+that need encoding, requests addressed as botocore addresses them, credentials in botocore's order
+(refreshed), S3's errors in words that name the missing permission and never its own text,
+retries counted, deadlines on every body, kept-alive connections, proxies by urllib's rules, the
+too-large model refused after one GET, and `head`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import base64
 import hashlib
 import http.client
 import json
+import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,12 +30,12 @@ from botocore.credentials import Credentials as BotoCredentials
 from moto.core.authorization import enable_iam_authentication
 
 import lazyserve.environment
+import lazyserve.sources.s3
 import lazyserve.sources.s3client
 from lazyserve.errors import ModelFetchError, ModelTooLarge
 from lazyserve.settings import ModelURI, parse_model_uri
 from lazyserve.sources import S3Fetcher, S3GetClient, head
-from lazyserve.sources.credentials import Credentials, CredentialsError, CredentialSource
-from lazyserve.sources.endpoints import Route, resolve_endpoint, route
+from lazyserve.sources.endpoints import Endpoint, endpoint_inputs, proxy_for, resolve_endpoint
 from tests.helpers import (
     FAKE_CREDENTIALS,
     REGION,
@@ -42,6 +45,7 @@ from tests.helpers import (
     moto_client,
     s3_error_app,
     stalled_gets,
+    trickling_app,
 )
 from tests.s3server import CountingS3Server, Request, WSGIApp
 
@@ -83,7 +87,7 @@ def fetch(uri: ModelURI, client: S3GetClient | None = None, **kwargs: Any) -> An
     return S3Fetcher(concurrency=4, part_size=PART, client=client).fetch(uri, **kwargs)
 
 
-# --- moto with IAM on: signatures checked, policies enforced -----------------------------------
+# --- moto with IAM on: signatures checked, policies enforced --------------------------------------
 
 
 _users = iter(range(1_000_000))
@@ -107,7 +111,20 @@ def iam_user(s3: CountingS3Server, actions: list[str], resource: str) -> dict[st
 
 
 def as_user(s3: CountingS3Server, user: dict[str, str]) -> S3GetClient:
-    return S3GetClient(environ={**user, "AWS_REGION": REGION, "AWS_ENDPOINT_URL_S3": s3.endpoint})
+    """A GET client signing as `user` (a botocore session holding its keys)."""
+    import botocore.session
+
+    session = botocore.session.Session()
+    session.set_credentials(user["AWS_ACCESS_KEY_ID"], user["AWS_SECRET_ACCESS_KEY"])
+    environ = {"AWS_REGION": REGION, "AWS_ENDPOINT_URL_S3": s3.endpoint}
+    return S3GetClient(environ=environ, session=session)
+
+
+def version_denied(request: Request) -> WSGIApp | None:
+    """A fault: S3's answer to a role with s3:GetObject but not s3:GetObjectVersion."""
+    if request.method == "GET" and "versionId" in request.query:
+        return s3_error_app("403 Forbidden", "AccessDenied", "Access Denied", request_id="LZV")
+    return None
 
 
 @pytest.mark.parametrize("key", TRICKY_KEYS)
@@ -148,7 +165,7 @@ def test_moto_accepts_the_signature_with_a_version_id(s3: CountingS3Server) -> N
     assert weights.buffer is not None and bytes(weights.buffer) == old
 
 
-# --- AccessDenied names the permission the request needed -----------------------------------
+# --- AccessDenied names the permission the request needed -----------------------------------------
 
 
 def test_access_denied_names_s3_get_object(s3: CountingS3Server) -> None:
@@ -164,16 +181,18 @@ def test_access_denied_names_s3_get_object(s3: CountingS3Server) -> None:
 
 
 def test_access_denied_for_a_version_names_s3_get_object_version(s3: CountingS3Server) -> None:
+    # (moto 5.2 lets s3:GetObject read versions too; S3 does not: the answer is injected.)
     client = make_bucket(s3, VERSIONED, versioned=True)
     key = "denied-version.safetensors"
     version = client.put_object(Bucket=VERSIONED, Key=key, Body=b"x" * 10)["VersionId"]
-    user = iam_user(s3, ["s3:GetObject"], f"arn:aws:s3:::{VERSIONED}/*")
-    with enable_iam_authentication(), pytest.raises(ModelFetchError) as info:
-        fetch(uri_of(VERSIONED, key, version), as_user(s3, user))
-    assert str(info.value).startswith(
+    s3.fault = version_denied
+    with pytest.raises(ModelFetchError) as info:
+        fetch(uri_of(VERSIONED, key, version))
+    assert str(info.value) == (
         f"cannot read s3://{VERSIONED}/{key}: S3 error AccessDenied (access denied: the "
-        "function's role needs s3:GetObjectVersion on this key), request id "
+        "function's role needs s3:GetObjectVersion on this key), request id LZV"
     )
+    assert not info.value.retryable
 
 
 def test_without_get_object_version_a_load_pins_the_etag_instead(
@@ -186,10 +205,9 @@ def test_without_get_object_version_a_load_pins_the_etag_instead(
     key = "etag-pinned.safetensors"
     data = random_bytes(3 * PART, seed=3)
     version = client.put_object(Bucket=VERSIONED, Key=key, Body=data)["VersionId"]
-    user = iam_user(s3, ["s3:GetObject"], f"arn:aws:s3:::{VERSIONED}/*")
     s3.clear()
-    with enable_iam_authentication():
-        weights = fetch(uri_of(VERSIONED, key), as_user(s3, user))
+    s3.fault = version_denied
+    weights = fetch(uri_of(VERSIONED, key))
     assert weights.buffer is not None and bytes(weights.buffer) == data
     assert weights.version_id == version
     gets = s3.object_gets(VERSIONED, key)
@@ -232,7 +250,7 @@ def test_access_denied_on_an_sse_kms_object_names_kms_decrypt(
     assert len(s3.object_gets(BUCKET, "kms.safetensors")) == 1  # not retried
 
 
-# --- signatures, checked against botocore's signer on the raw request -----------------------
+# --- signatures, checked against botocore's signer on the raw request -----------------------------
 
 
 @dataclass
@@ -248,6 +266,7 @@ class RawServer:
 
     body: bytes
     requests: list[Recorded] = field(default_factory=list)
+    etag: str | None = '"fixed"'
 
     def __post_init__(self) -> None:
         outer = self
@@ -263,7 +282,8 @@ class RawServer:
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {first}-{last}/{len(outer.body)}")
                 self.send_header("Content-Length", str(len(chunk)))
-                self.send_header("ETag", '"fixed"')
+                if outer.etag is not None:
+                    self.send_header("ETag", outer.etag)
                 self.end_headers()
                 self.wfile.write(chunk)
 
@@ -332,39 +352,97 @@ def test_the_signature_is_botocores_for_the_path_and_query_as_sent(
         assert request.headers["X-Amz-Security-Token"] == "token/with+chars="
 
 
-# --- where requests go ------------------------------------------------------------------------
+# --- where requests go: as botocore addresses them ------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("bucket", "environ", "expected"),
-    [
-        ("models", {}, ("https", "models.s3.us-east-1.amazonaws.com", "/k/x.bin")),
-        (
-            "my.models",
-            {},
-            ("https", "s3.us-east-1.amazonaws.com", "/my.models/k/x.bin"),
-        ),
-        (
-            "models",
-            {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"},
-            ("http", "127.0.0.1:9000", "/models/k/x.bin"),
-        ),
-        (
-            "models",
-            {"AWS_ENDPOINT_URL": "http://other:1", "AWS_ENDPOINT_URL_S3": "https://minio:9000/"},
-            ("https", "minio:9000", "/models/k/x.bin"),
-        ),
-        (
-            "models",
-            {"AWS_USE_FIPS_ENDPOINT": "true"},
-            ("https", "models.s3-fips.eu-west-1.amazonaws.com", "/k/x.bin"),
-        ),
-    ],
-)
-def test_endpoint(bucket: str, environ: dict[str, str], expected: tuple[str, str, str]) -> None:
-    region = "eu-west-1" if "AWS_USE_FIPS_ENDPOINT" in environ else "us-east-1"
-    endpoint = resolve_endpoint(bucket, region, environ)
-    assert (endpoint.scheme, endpoint.netloc, endpoint.path(bucket, "k/x.bin")) == expected
+def botocore_url(bucket: str, region: str, environ: dict[str, str], config_file: str) -> str:
+    """The URL a boto3 client made with `environ` and the profile file sends a GetObject to."""
+    import boto3
+
+    class Sent(Exception):
+        pass
+
+    def capture(request: Any, **kwargs: Any) -> None:
+        raise Sent(request.url)
+
+    old = dict(os.environ)
+    os.environ.update(environ)
+    os.environ["AWS_CONFIG_FILE"] = config_file
+    try:
+        client = boto3.session.Session(region_name=region).client("s3")
+        client.meta.events.register("before-send.s3.GetObject", capture)
+        with pytest.raises(Sent) as sent:
+            client.get_object(Bucket=bucket, Key="k/x.bin")
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    parts = urlsplit(str(sent.value))
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def our_url(bucket: str, region: str, environ: dict[str, str], config_file: str) -> str:
+    import botocore.session
+
+    session = botocore.session.Session()
+    session.set_config_variable("config_file", config_file)
+    endpoint: Endpoint = resolve_endpoint(endpoint_inputs(bucket, region, environ, session))
+    return f"{endpoint.scheme}://{endpoint.netloc}{endpoint.path('k/x.bin')}"
+
+
+ENDPOINT_CASES = [
+    ("models", "us-east-1", {}, ""),
+    ("my.models", "us-east-1", {}, ""),
+    ("My_Legacy_Bucket", "us-east-1", {}, ""),
+    ("models", "eu-west-1", {"AWS_USE_FIPS_ENDPOINT": "true"}, ""),
+    ("models", "eu-west-1", {"AWS_USE_DUALSTACK_ENDPOINT": "true"}, ""),
+    ("models", "cn-north-1", {}, ""),
+    ("models", "us-gov-west-1", {"AWS_USE_FIPS_ENDPOINT": "true"}, ""),
+    ("models", "us-iso-east-1", {}, ""),
+    ("models", "us-east-1", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}, ""),
+    ("models", "us-east-1", {"AWS_ENDPOINT_URL_S3": "https://minio.internal:9000/"}, ""),
+    (
+        "models",
+        "us-east-1",
+        {"AWS_ENDPOINT_URL": "http://other:1", "AWS_ENDPOINT_URL_S3": "http://minio:9000"},
+        "",
+    ),
+    ("models", "eu-west-1", {}, "[default]\ns3 =\n    addressing_style = path\n"),
+    ("models", "eu-west-1", {}, "[default]\nuse_fips_endpoint = true\n"),
+    (
+        "models",
+        "us-east-1",
+        {"AWS_ENDPOINT_URL_S3": "http://localhost:9000"},
+        "[default]\ns3 =\n    addressing_style = virtual\n",
+    ),
+]
+
+
+@pytest.mark.parametrize(("bucket", "region", "environ", "profile"), ENDPOINT_CASES)
+def test_requests_go_where_botocore_sends_them(
+    bucket: str, region: str, environ: dict[str, str], profile: str, tmp_path: Path
+) -> None:
+    config_file = tmp_path / "config"
+    config_file.write_text(profile)
+    expected = botocore_url(bucket, region, environ, str(config_file))
+    assert our_url(bucket, region, environ, str(config_file)) == expected
+
+
+def test_a_partition_without_fips_is_refused_with_botocores_reason() -> None:
+    inputs = endpoint_inputs("models", "cn-north-1", {"AWS_USE_FIPS_ENDPOINT": "true"})
+    with pytest.raises(ValueError, match=r"S3 has no endpoint for these settings: .*FIPS"):
+        resolve_endpoint(inputs)
+
+
+def test_every_get_names_lazyserve_and_botocore_in_its_user_agent(raw_server: RawServer) -> None:
+    import botocore
+
+    client = S3GetClient(endpoint_url=raw_server.endpoint)
+    fetch(uri_of("b", "ua.safetensors"), client)
+    client.close()
+    from lazyserve import __version__
+
+    agent = f"lazyserve/{__version__} botocore/{botocore.__version__}"
+    assert {r.headers["User-Agent"] for r in raw_server.requests} == {agent}
 
 
 def test_region_comes_from_aws_region_then_aws_default_region() -> None:
@@ -373,7 +451,7 @@ def test_region_comes_from_aws_region_then_aws_default_region() -> None:
     assert S3GetClient(environ={}).region == "us-east-1"
 
 
-# --- credentials ------------------------------------------------------------------------------
+# --- credentials: botocore's chain, in botocore's order -------------------------------------------
 
 
 def test_assumed_role_credentials_from_the_container_endpoint_are_accepted(
@@ -414,94 +492,26 @@ def test_assumed_role_credentials_from_the_container_endpoint_are_accepted(
     assert {g.headers["x-amz-security-token"] for g in gets} == {issued["SessionToken"]}
 
 
-def test_container_credentials_close_to_expiry_are_fetched_again(
+def test_a_profile_wins_over_the_container_endpoint_as_in_botocore(
+    s3: CountingS3Server,
     container: CredentialsEndpoint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    source = CredentialSource()
-    container.document["Expiration"] = expiring_in(3600)
-    assert source.get().access_key == "ASIACONTAINERFAKE"
-    source.get()
-    assert len(container.seen) == 1  # an hour left: kept
-    container.document["Expiration"] = expiring_in(5 * 60)
-    source.invalidate()
-    source.get()
-    source.get()
-    assert len(container.seen) == 3  # five minutes left: fetched on each use until renewed
-
-
-def test_the_token_file_wins_over_the_token_variable(
-    container: CredentialsEndpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    token_file = tmp_path / "token"
-    token_file.write_text("token-from-the-file\n")
-    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", str(token_file))
-    CredentialSource().get()
-    assert container.seen == ["token-from-the-file"]
-
-
-def test_a_relative_uri_goes_to_the_ecs_agent_and_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[str, str, str]] = []
-
-    def fake_get(scheme: str, netloc: str, target: str, headers: dict[str, str]) -> Any:
-        calls.append((scheme, netloc, target))
-        return 200, json.dumps({"AccessKeyId": "A", "SecretAccessKey": "S", "Token": "T"}).encode()
-
-    monkeypatch.setattr(lazyserve.sources.credentials, "_get", fake_get)
-    environ = {
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": "/v2/credentials/abc",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://127.0.0.1:1/ignored",
-    }
-    credentials = CredentialSource(environ).get()
-    assert calls == [("http", "169.254.170.2", "/v2/credentials/abc")]
-    assert (credentials.access_key, credentials.token, credentials.expires) == ("A", "T", None)
-
-
-@pytest.mark.parametrize(
-    ("url", "accepted"),
-    [
-        ("http://127.0.0.1:9/creds", True),
-        ("http://localhost:9/creds", True),
-        ("http://169.254.170.23/v1/credentials", True),
-        ("https://credentials.example.com/creds", True),
-        ("http://credentials.example.com/creds", False),
-        ("http://10.0.0.1/creds", False),
-    ],
-)
-def test_full_uri_hosts_follow_botocores_rule(
-    url: str, accepted: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(lazyserve.sources.credentials, "CONTAINER_PAUSE", 0.0)
-    monkeypatch.setattr(
-        lazyserve.sources.credentials,
-        "_get",
-        lambda *args: (200, b'{"AccessKeyId": "A", "SecretAccessKey": "S"}'),
+    # With AWS_PROFILE and container variables both set, botocore (so `lazyserve push`) uses
+    # the profile: the loads must act as the same identity.
+    files = tmp_path / "credentials"
+    files.write_text(
+        "[fn]\naws_access_key_id = AKIAPROFILEPROFILEPR\naws_secret_access_key = s3cr3t\n"
     )
-    source = CredentialSource({"AWS_CONTAINER_CREDENTIALS_FULL_URI": url})
-    if accepted:
-        assert source.get().access_key == "A"
-        return
-    host = urlsplit(url).hostname
-    with pytest.raises(CredentialsError) as info:
-        source.get()
-    assert str(info.value) == (
-        f"AWS_CONTAINER_CREDENTIALS_FULL_URI names host {host!r}: over plain http only a "
-        "loopback address or 169.254.170.2, 169.254.170.23, fd00:ec2::23, localhost is "
-        "accepted (botocore's rule); use https"
-    )
-
-
-def test_an_endpoint_that_fails_is_tried_three_times_and_named(
-    container: CredentialsEndpoint, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(lazyserve.sources.credentials, "CONTAINER_PAUSE", 0.0)
-    container.status = 500
-    with pytest.raises(CredentialsError) as info:
-        CredentialSource().get()
-    assert len(container.seen) == 3
-    assert str(info.value) == (
-        "the container credentials endpoint (AWS_CONTAINER_CREDENTIALS_FULL_URI, host "
-        "127.0.0.1) gave no credentials after 3 attempts: HTTP 500"
-    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(files))
+    monkeypatch.setenv("AWS_PROFILE", "fn")
+    make_bucket(s3, BUCKET).put_object(Bucket=BUCKET, Key="profile.safetensors", Body=b"p" * 10)
+    s3.clear()
+    fetch(uri_of(BUCKET, "profile.safetensors"))
+    (get,) = s3.object_gets(BUCKET, "profile.safetensors")
+    assert "Credential=AKIAPROFILEPROFILEPR/" in get.headers["authorization"]
+    assert container.seen == []
 
 
 def test_expired_token_answer_fetches_credentials_again(
@@ -525,31 +535,22 @@ def test_expired_token_answer_fetches_credentials_again(
     assert len(container.seen) == 2  # the first credentials, then fresh ones after the 400
 
 
-def test_no_credentials_anywhere_is_a_fetch_error_naming_where_it_looked(
-    s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def test_no_credentials_anywhere_is_a_fetch_error(
+    s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(ModelFetchError) as info:
         fetch(uri_of(BUCKET, "any.safetensors"))
     assert str(info.value) == (
-        f"cannot read s3://{BUCKET}/any.safetensors: no AWS credentials found: looked in "
-        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_CONTAINER_CREDENTIALS_RELATIVE_URI/"
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI and botocore's chain (profiles, SSO, instance "
-        "metadata); run with a role or set those variables"
+        f"cannot read s3://{BUCKET}/any.safetensors: no AWS credentials found (botocore looked "
+        "in the environment, the shared files, the container endpoint and instance metadata); "
+        "run with a role or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
     )
     assert s3.object_gets(BUCKET, "any.safetensors") == []
 
 
-def test_credentials_never_show_in_their_repr() -> None:
-    credentials = Credentials("AKIAVISIBLE", "secret-value", "token-value", 1.0)
-    assert repr(credentials) == str(credentials) == "Credentials(...)"
-
-
-# --- retries and connections --------------------------------------------------------------------
+# --- retries and connections ----------------------------------------------------------------------
 
 
 class FailFirst:
@@ -621,7 +622,7 @@ def test_connections_are_kept_alive_and_reused() -> None:
         client.close()
 
 
-# --- a model that cannot fit ----------------------------------------------------------------
+# --- a model that cannot fit ----------------------------------------------------------------------
 
 
 def test_a_model_that_cannot_fit_is_refused_after_one_get(
@@ -651,7 +652,7 @@ def test_a_model_that_fits_is_loaded(s3: CountingS3Server, monkeypatch: pytest.M
     assert S3Fetcher(concurrency=4, part_size=MIB).fetch(uri_of(BUCKET, key)).size == 8 * MIB
 
 
-# --- head -------------------------------------------------------------------------------------
+# --- head -----------------------------------------------------------------------------------------
 
 
 def test_head_gives_size_etag_and_version_from_one_small_get(s3: CountingS3Server) -> None:
@@ -688,7 +689,7 @@ def test_stalled_answers_are_cut_by_the_read_timeout(
     assert len(s3.object_gets(BUCKET, "stalled.safetensors")) == 3
 
 
-# --- proxies, as boto3 honoured them -------------------------------------------------------------
+# --- proxies, as boto3 honoured them --------------------------------------------------------------
 
 
 @dataclass
@@ -696,6 +697,8 @@ class ForwardProxy:
     """An HTTP proxy on 127.0.0.1:0 that relays absolute-form requests and records them."""
 
     seen: list[tuple[str, str | None]] = field(default_factory=list)  # target, Proxy-Auth
+    tls: tuple[Path, Path] | None = None  # certificate and key: TLS between client and proxy
+    tls_handshakes: int = 0
 
     def __post_init__(self) -> None:
         outer = self
@@ -724,6 +727,20 @@ class ForwardProxy:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if self.tls is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*map(str, self.tls))
+            plain = self.server.get_request
+
+            def get_request() -> Any:
+                sock, address = plain()
+                wrapped = context.wrap_socket(sock, server_side=True)
+                outer.tls_handshakes += 1
+                return wrapped, address
+
+            self.server.get_request = get_request  # type: ignore[method-assign]
         host, port = self.server.server_address[:2]
         self.address = f"{host}:{port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -762,15 +779,194 @@ def test_no_proxy_goes_around_the_proxy(
     assert proxy.seen == []
 
 
-def test_https_goes_through_a_connect_tunnel() -> None:
-    environ = {"HTTPS_PROXY": "http://u:p@proxy.internal:3128", "NO_PROXY": "localhost"}
-    endpoint = resolve_endpoint("models", "eu-west-1", environ)
-    way = route(endpoint, environ)
-    assert (way.host, way.port, way.tunnel, way.target_prefix) == (
-        "proxy.internal",
-        3128,
-        True,
-        "",
+def test_no_proxy_with_a_port_goes_around_the_proxy_for_that_port_only(
+    s3: CountingS3Server, proxy: ForwardProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_bucket(s3, BUCKET).put_object(Bucket=BUCKET, Key="port.safetensors", Body=b"d" * 10)
+    monkeypatch.setenv("HTTP_PROXY", f"http://{proxy.address}")
+    host_port = urlsplit(s3.endpoint).netloc
+    monkeypatch.setenv("NO_PROXY", f"example.com,{host_port}")
+    assert fetch(uri_of(BUCKET, "port.safetensors")).size == 10
+    assert proxy.seen == []  # the signed request, token and all, never reached the proxy
+    monkeypatch.setenv("NO_PROXY", f"{urlsplit(s3.endpoint).hostname}:1")
+    client = S3GetClient()
+    assert fetch(uri_of(BUCKET, "port.safetensors"), client).size == 10
+    client.close()
+    assert len(proxy.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "host", "port", "bypassed"),
+    [
+        ("*", "s3.amazonaws.com", 443, True),
+        ("amazonaws.com", "b.s3.eu-west-1.amazonaws.com", 443, True),
+        (".amazonaws.com", "b.s3.eu-west-1.amazonaws.com", 443, True),
+        ("s3.eu-west-1.amazonaws.com:443", "s3.eu-west-1.amazonaws.com", 443, True),
+        ("s3.eu-west-1.amazonaws.com:80", "s3.eu-west-1.amazonaws.com", 443, False),
+        ("example.com", "s3.eu-west-1.amazonaws.com", 443, False),
+        ("zonaws.com", "s3.amazonaws.com", 443, False),
+    ],
+)
+def test_no_proxy_follows_urllibs_rules(
+    no_proxy: str, host: str, port: int, bypassed: bool
+) -> None:
+    import urllib.request
+
+    environ = {"HTTPS_PROXY": "http://u:p@proxy.internal:3128", "NO_PROXY": no_proxy}
+    endpoint = Endpoint("https", f"{host}:{port}", host, port, "", "eu-west-1")
+    found = proxy_for(endpoint, environ)
+    assert (found is None) == bypassed
+    # urllib's own (not public) matcher agrees.
+    assert (
+        urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
+            f"{host}:{port}", {"no": no_proxy}
+        )
+        == bypassed
     )
-    assert way.proxy_headers == {"Proxy-Authorization": "Basic dTpw"}
-    assert route(endpoint, {}) == Route("models.s3.eu-west-1.amazonaws.com", 443)
+    if found is not None:
+        assert (found.scheme, found.host, found.port) == ("http", "proxy.internal", 3128)
+        assert found.authorization == "Basic dTpw"
+
+
+def test_an_https_proxy_is_spoken_to_over_tls(
+    s3: CountingS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = self_signed(tmp_path)
+    data = random_bytes(2 * PART, seed=12)
+    make_bucket(s3, BUCKET).put_object(Bucket=BUCKET, Key="tls-proxy.safetensors", Body=data)
+    tls_proxy = ForwardProxy(tls=(cert, key))
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"https://{tls_proxy.address}")
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+        client = S3GetClient()
+        weights = fetch(uri_of(BUCKET, "tls-proxy.safetensors"), client)
+        client.close()
+    finally:
+        tls_proxy.stop()
+    assert weights.buffer is not None and bytes(weights.buffer) == data
+    assert len(tls_proxy.seen) == 2  # both GETs, each over TLS (the handshake is the server's)
+    assert tls_proxy.tls_handshakes >= 1
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, in PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "proxy.pem", tmp_path / "proxy.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+# --- every body has a deadline: a trickle ends like a stall ---------------------------------------
+
+
+def test_a_body_that_trickles_is_given_up_on_at_its_deadline(
+    s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One byte every 0.3 s: under the 5 s read timeout forever. Each GET of 4 KiB may take
+    # FIRST_BYTE + 4096 / BODY_FLOOR seconds: here 0.5 + 1.
+    monkeypatch.setattr(lazyserve.sources.s3client, "FIRST_BYTE", 0.5)
+    monkeypatch.setattr(lazyserve.sources.s3client, "BODY_FLOOR", PART)
+    monkeypatch.setattr(lazyserve.sources.s3client, "BACKOFF", 0.001)
+    make_bucket(s3, BUCKET)
+    app = trickling_app(PART)
+    s3.fault = lambda request: app if request.method == "GET" else None
+    started = time.monotonic()
+    with pytest.raises(ModelFetchError) as info:
+        fetch(uri_of(BUCKET, "trickle.safetensors"))
+    assert str(info.value).startswith(
+        f"cannot read s3://{BUCKET}/trickle.safetensors bytes 0-{PART - 1}: the body came slower "
+        "than 4 KiB/s ("
+    )
+    assert str(info.value).endswith("(3 attempts), request id ") or "(3 attempts)" in str(
+        info.value
+    )
+    assert info.value.retryable  # the next request tries again
+    assert len(s3.object_gets(BUCKET, "trickle.safetensors")) == 3
+    assert time.monotonic() - started < 60  # it ends (a bound for a broken deadline, not a goal)
+
+
+def test_a_whole_load_has_a_deadline_too(
+    s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lazyserve.sources.s3, "LOAD_SETUP", 0.5)
+    monkeypatch.setattr(lazyserve.sources.s3client, "FIRST_BYTE", 30.0)
+    monkeypatch.setattr(lazyserve.sources.s3client, "BACKOFF", 0.001)
+    make_bucket(s3, BUCKET)
+    app = trickling_app(PART, every=0.05)
+    s3.fault = lambda request: app if request.method == "GET" else None
+    with pytest.raises(ModelFetchError, match="the body came slower than"):
+        fetch(uri_of(BUCKET, "slow-load.safetensors"))
+    # The load's deadline cut the first GET; no retry starts past it.
+    assert len(s3.object_gets(BUCKET, "slow-load.safetensors")) == 1
+
+
+# --- what an endpoint says is never repeated as it is ---------------------------------------------
+
+
+def test_s3s_message_never_reaches_the_answer_and_reaches_the_log_without_credentials(
+    s3: CountingS3Server, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKENVALUEthatislongenough")
+
+    def echo(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        authorization = environ.get("HTTP_AUTHORIZATION")
+        said = f"you sent {authorization} with {environ.get('HTTP_X_AMZ_SECURITY_TOKEN')}"
+        return s3_error_app("400 Bad Request", "InvalidArgument<x>", said)(environ, start_response)
+
+    s3.fault = lambda request: echo if request.method == "GET" else None
+    with pytest.raises(ModelFetchError) as info:
+        fetch(uri_of(BUCKET, "echo.safetensors"))
+    secrets = (FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"], "FwoGZXIvYXdzEXAMPLETOKEN", "Signature=")
+    logged = caplog.text
+    for secret in secrets:
+        assert secret not in str(info.value)
+        assert secret not in logged
+    # The code is not S3's shape either: the status stands for it.
+    assert "S3 error HTTP400 (HTTP 400)" in str(info.value)
+
+
+def test_without_an_etag_or_a_digest_one_get_carries_the_whole_object(
+    raw_server: RawServer,
+) -> None:
+    raw_server.etag = None
+    client = S3GetClient(endpoint_url=raw_server.endpoint)
+    weights = fetch(uri_of("b", "no-etag.safetensors"), client)
+    client.close()
+    assert weights.buffer is not None and bytes(weights.buffer) == raw_server.body
+    # The first GET learns the size; then one GET of everything, nothing mixed from two.
+    assert [r.headers["Range"] for r in raw_server.requests] == [
+        f"bytes=0-{PART - 1}",
+        f"bytes=0-{2 * PART - 1}",
+    ]

@@ -40,12 +40,12 @@ class Endpoint:
 
 
 def region_of(environ: Mapping[str, str], session: Any = None) -> str:
-    """AWS_REGION (what Lambda sets), else botocore's region (AWS_DEFAULT_REGION, the profile),
-    else us-east-1."""
-    region = environ.get("AWS_REGION")
+    """AWS_REGION (what Lambda sets), else AWS_DEFAULT_REGION, else the profile's region (what
+    botocore reads), else us-east-1."""
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
     if not region and session is not None:
         region = session.get_config_variable("region")
-    return region or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return region or "us-east-1"
 
 
 def endpoint_inputs(
@@ -58,7 +58,8 @@ def endpoint_inputs(
     AWS_USE_FIPS_ENDPOINT / AWS_USE_DUALSTACK_ENDPOINT or the profile (ignored with a custom
     endpoint, as botocore ignores them); the profile's `s3` section (`addressing_style`,
     `use_accelerate_endpoint`, `use_dualstack_endpoint`). A custom endpoint is path style unless
-    the profile says `addressing_style = virtual`, as in botocore."""
+    the profile says `addressing_style = virtual`, as in botocore; us-east-1 uses the global
+    endpoint unless AWS_S3_US_EAST_1_REGIONAL_ENDPOINT (or the profile) says `regional`."""
     scoped: dict[str, Any] = {}
     if session is not None:
         scoped = session.get_scoped_config() or {}
@@ -74,6 +75,11 @@ def endpoint_inputs(
         )
     style = str(s3.get("addressing_style") or "auto").lower()
     accelerate = _truthy(s3.get("use_accelerate_endpoint"))
+    # botocore's `_should_force_s3_global`: us-east-1 goes to the global endpoint unless the
+    # profile or AWS_S3_US_EAST_1_REGIONAL_ENDPOINT asks for the regional one.
+    regional = environ.get("AWS_S3_US_EAST_1_REGIONAL_ENDPOINT") or s3.get(
+        "us_east_1_regional_endpoint", scoped.get("s3_us_east_1_regional_endpoint", "legacy")
+    )
     inputs: dict[str, Any] = {
         "Bucket": bucket,
         "Region": region,
@@ -81,7 +87,7 @@ def endpoint_inputs(
         "UseDualStack": dualstack,
         "Accelerate": accelerate,
         "ForcePathStyle": (style != "virtual") if endpoint is not None else style == "path",
-        "UseGlobalEndpoint": region == "aws-global",
+        "UseGlobalEndpoint": region == "us-east-1" and str(regional).lower() == "legacy",
     }
     if endpoint is not None:
         inputs["Endpoint"] = endpoint

@@ -124,6 +124,7 @@ class _Object:
     buffer: mmap.mmap | None = None
     view: memoryview = field(default_factory=lambda: memoryview(b""))
     pin: _Pin | None = None
+    version: str | None = None  # the version the first response named (kept if pins change)
     single: bool = False  # nothing pins its ranges: read in one GET
     parts: list[tuple[int, int, Future[None]]] = field(default_factory=list)
 
@@ -256,6 +257,7 @@ class S3Fetcher:
             item.buffer = self.allocate(head.total)
             item.view = memoryview(item.buffer)[: head.total]
             version = head.version_id or uri.version_id
+            item.version = version
             item.pin = _Pin(version, head.etag, ours=uri.version_id is None)
             verified = item.expected is not None or head.sha256 is not None
             if not version and not head.etag and not verified:
@@ -309,7 +311,7 @@ class S3Fetcher:
             first.total,
             sha,
             buffer=item.buffer,
-            version_id=item.pin.version,
+            version_id=item.version,
             etag=first.etag or None,
             fetch_seconds=time.perf_counter() - started,
             connections=min(self.concurrency, len(item.parts) + 1),

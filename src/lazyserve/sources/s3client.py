@@ -12,6 +12,7 @@ HTTP library), which speaks TLS to an `https://` proxy where http.client cannot.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import http.client
 import itertools
@@ -354,7 +355,9 @@ class S3GetClient:
     ) -> tuple[_Response, Callable[[bool], None]]:
         place = (endpoint.scheme, endpoint.host, endpoint.port)
         connection, reused = self._connection(endpoint, place)
-        watch.arm(lambda: _shut(connection))
+        # The socket itself, not the connection's attribute: http.client lets go of it (sets
+        # `sock` to None) when a response will close the connection, and reads on through it.
+        watch.arm(functools.partial(_shut, connection.sock))
         try:
             connection.request(method, target, headers=headers)
             response = connection.getresponse()
@@ -364,7 +367,7 @@ class S3GetClient:
                 raise
             # An idle keep-alive connection the server had closed: not a failed attempt.
             connection, _ = self._connection(endpoint, place)
-            watch.arm(lambda: _shut(connection))
+            watch.arm(functools.partial(_shut, connection.sock))
             connection.request(method, target, headers=headers)
             response = connection.getresponse()
 
@@ -493,8 +496,7 @@ def _nothing(reuse: bool) -> None:
     pass
 
 
-def _shut(connection: http.client.HTTPConnection) -> None:
-    sock = connection.sock
+def _shut(sock: socket.socket | None) -> None:
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)

@@ -31,6 +31,7 @@ class Signer:
 
     def __init__(self, session: Any = None) -> None:
         self._session = session
+        self._own_session = session is None
         self._credentials: Any = None
         self._lock = threading.Lock()
 
@@ -56,9 +57,12 @@ class Signer:
         return dict(request.headers.items())
 
     def invalidate(self) -> None:
-        """S3 said the credentials expired: look them up again on the next request."""
+        """S3 said the credentials expired: look them up again on the next request (a session
+        caches what its chain found, so a session of lazyserve's own is made anew)."""
         with self._lock:
             self._credentials = None
+            if self._own_session:
+                self._session = None
 
     def _frozen(self) -> Any:
         session = self.session
