@@ -568,3 +568,27 @@ class CredentialsEndpoint:
 
 def expiring_in(seconds: float) -> str:
     return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- weights as views, and tiny transformers model directories (built offline) ---------------
+
+
+def safetensors_views(state: dict[str, Any]) -> tuple[dict[str, Any], bytearray]:
+    """`state` saved as safetensors bytes and read back as views over one bytearray, as a fetch
+    gives them (the buffer is returned so a test can tell whether a tensor still lies in it)."""
+    from safetensors.torch import save
+
+    from lazyserve.formats import read_state_dict
+    from lazyserve.sources import Weights
+
+    buffer = bytearray(save(state))
+    views = read_state_dict(Weights("memory.safetensors", len(buffer), "0" * 64, buffer=buffer))
+    return views, buffer
+
+
+def in_buffer(tensor: Any, buffer: bytearray) -> bool:
+    """Whether the tensor's data lies inside `buffer` (a view, not a copy)."""
+    import torch
+
+    start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    return bool(start <= tensor.data_ptr() < start + len(buffer))
