@@ -595,8 +595,9 @@ def in_buffer(tensor: Any, buffer: bytearray) -> bool:
 
 
 def directory_views(directory: Path) -> tuple[dict[str, Any], list[bytearray]]:
-    """The weights of a save_pretrained directory (one file or shards) as views over one
-    bytearray per file, merged into one state dict as a fetch of the directory would give."""
+    """The weights of a save_pretrained directory (one file or shards, safetensors or the
+    legacy pytorch_model.bin) as tensors over one bytearray per file, merged into one state
+    dict as a fetch of the directory would give."""
     from lazyserve.checkpoint import merge_shards, pretrained_files, read_shard_index
     from lazyserve.formats import read_state_dict
     from lazyserve.sources import Weights
@@ -609,7 +610,11 @@ def directory_views(directory: Path) -> tuple[dict[str, Any], list[bytearray]]:
         names = index.files
     buffers = [bytearray((directory / name).read_bytes()) for name in names]
     shards = {
-        name: read_state_dict(Weights(name, len(b), "0" * 64, buffer=b))
+        # pytorch_model.bin files are torch.save state dicts, read through weights_only.
+        name: read_state_dict(
+            Weights(name, len(b), "0" * 64, buffer=b),
+            format="pt" if name.endswith(".bin") else "safetensors",
+        )
         for name, b in zip(names, buffers, strict=True)
     }
     return merge_shards(shards, str(directory), index), buffers

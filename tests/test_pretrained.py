@@ -153,6 +153,16 @@ def test_a_legacy_position_ids_tensor_is_ignored_as_transformers_ignores_it(
     assert_same_as_from_pretrained(built, AutoModelForSequenceClassification, directory)
 
 
+def test_a_legacy_pytorch_model_bin(tmp_path: Path) -> None:
+    # transformers 5 saves safetensors only; older directories hold a torch.save state dict.
+    directory = tiny_bert_classifier(tmp_path, tokenizer=False)
+    torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
+    (directory / "model.safetensors").unlink()
+    state, _ = directory_views(directory)
+    built = build_pretrained(AutoModelForSequenceClassification, directory, state, URI)
+    assert_same_as_from_pretrained(built, AutoModelForSequenceClassification, directory)
+
+
 def test_a_float32_file_built_in_bfloat16(bert: Path) -> None:
     state, _ = directory_views(bert)
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
