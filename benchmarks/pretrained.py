@@ -40,15 +40,16 @@ PEAK_GOAL = 1.10
 TIME_GOAL = 1.2
 
 
-def model_dir(directory: Path) -> Path:
-    """A BertModel with default BertConfig() and random weights, saved once with save_pretrained."""
+def model_dir(directory: Path, config: Any = None) -> Path:
+    """A BertModel with random weights (default BertConfig(), or `config`), saved once with
+    save_pretrained."""
     if (directory / WEIGHTS).is_file() and (directory / "config.json").is_file():
         return directory
     import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    BertModel(BertConfig()).save_pretrained(directory)
+    BertModel(config or BertConfig()).save_pretrained(directory)
     return directory
 
 
