@@ -66,11 +66,13 @@ def assert_same_as_from_pretrained(
     assert not built.module.training
     assert (outputs(built.module, tokens()) - outputs(ref, tokens())).abs().max().item() == 0
     assert built.config.to_dict() == ref.config.to_dict()
-    ref_state, state = ref.state_dict(), built.module.state_dict()
-    assert state.keys() == ref_state.keys()
-    for name, tensor in state.items():
-        assert tensor.dtype == ref_state[name].dtype, name
-        assert torch.equal(tensor, ref_state[name]), name  # buffers too
+    # Parameters and every buffer, the non-persistent ones (position_ids) included.
+    ref_tensors = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+    tensors = {**dict(built.module.named_parameters()), **dict(built.module.named_buffers())}
+    assert tensors.keys() == ref_tensors.keys()
+    for name, tensor in tensors.items():
+        assert tensor.dtype == ref_tensors[name].dtype, name
+        assert torch.equal(tensor, ref_tensors[name]), name
     if ref.can_generate():
         assert built.module.generation_config.to_dict() == ref.generation_config.to_dict()
 
@@ -151,6 +153,27 @@ def test_a_legacy_position_ids_tensor_is_ignored_as_transformers_ignores_it(
     state, _ = directory_views(directory)
     built = build_pretrained(AutoModelForSequenceClassification, directory, state, URI)
     assert_same_as_from_pretrained(built, AutoModelForSequenceClassification, directory)
+
+
+def test_legacy_layer_norm_names_are_renamed_as_transformers_renames_them(tmp_path: Path) -> None:
+    directory = tiny_bert_classifier(tmp_path, tokenizer=False)
+    weights = directory / "model.safetensors"
+    tensors = load_file(weights)
+    renamed = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
+        for k, v in tensors.items()
+    }
+    assert "bert.embeddings.LayerNorm.gamma" in renamed
+    save_file(renamed, weights, metadata={"format": "pt"})
+    state, _ = directory_views(directory)
+    built = build_pretrained(AutoModelForSequenceClassification, directory, state, URI)
+    assert_same_as_from_pretrained(built, AutoModelForSequenceClassification, directory)
+    module: Any = built.module
+    assert torch.equal(
+        module.bert.embeddings.LayerNorm.weight, tensors["bert.embeddings.LayerNorm.weight"]
+    )
 
 
 def test_a_legacy_pytorch_model_bin(tmp_path: Path) -> None:
