@@ -82,6 +82,13 @@ def test_files_a_build_does_not_read_are_other() -> None:
     files = pretrained_files(listed, URI)
     assert files.tokenizer == ("additional_chat_templates/tools.jinja", "vocab.txt")
     assert files.other == ("1_Pooling/config.json", "README.md", "training_args.bin")
+    assert files.has_tokenizer  # an old BERT directory: vocab.txt alone
+
+
+def test_a_chat_template_alone_is_not_a_tokenizer() -> None:
+    files = pretrained_files(["config.json", "model.safetensors", "chat_template.jinja"], URI)
+    assert files.tokenizer == ("chat_template.jinja",)
+    assert not files.has_tokenizer
 
 
 def test_a_directory_without_config() -> None:

@@ -16,6 +16,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "PretrainedFiles",
     "ShardIndex",
+    "has_tokenizer",
     "merge_shards",
     "pretrained_files",
     "read_shard_index",
@@ -33,28 +34,24 @@ _WEIGHTS = (
     ("pytorch_model.bin", None),
     (None, "pytorch_model.bin.index.json"),
 )
+_CHAT_TEMPLATE_FILES = frozenset({"chat_template.jinja", "chat_template.json"})
 # The files tokenizers save (tokenization_utils_base's names and the `vocab_files_names` of
 # transformers' tokenizer classes); AutoTokenizer reads the ones its class needs.
-TOKENIZER_FILES = frozenset(
-    {
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "chat_template.jinja",
-        "chat_template.json",
-        "vocab.txt",
-        "vocab.json",
-        "merges.txt",
-        "tokenizer.model",
-        "spiece.model",
-        "sentencepiece.bpe.model",
-        "sentencepiece.model",
-        "spm.model",
-    }
-)
+TOKENIZER_FILES = _CHAT_TEMPLATE_FILES | {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "sentencepiece.model",
+    "spm.model",
+}
 _CHAT_TEMPLATES = "additional_chat_templates/"
-_TOKENIZER_SIGNS = ("tokenizer.json", "tokenizer_config.json")  # without one, no tokenizer
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,12 @@ class PretrainedFiles:
 
     @property
     def has_tokenizer(self) -> bool:
-        return any(name in self.tokenizer for name in _TOKENIZER_SIGNS)
+        return has_tokenizer(self.tokenizer)
+
+
+def has_tokenizer(names: Iterable[str]) -> bool:
+    """Whether the files hold a tokenizer (a chat template alone is not one)."""
+    return any(n in TOKENIZER_FILES and n not in _CHAT_TEMPLATE_FILES for n in names)
 
 
 def pretrained_files(names: Iterable[str], uri: str) -> PretrainedFiles:

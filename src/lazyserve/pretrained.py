@@ -16,15 +16,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lazyserve.build import FLOAT_DTYPES
-from lazyserve.checkpoint import CONFIG, GENERATION_CONFIG, TOKENIZER_FILES
+from lazyserve.checkpoint import CONFIG, GENERATION_CONFIG, has_tokenizer
 from lazyserve.errors import ModelFormatError, few
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
-__all__ = ["Pretrained", "build_pretrained"]
+__all__ = ["AfterLoad", "Pretrained", "build_pretrained"]
 
 log = logging.getLogger("lazyserve")
+# A hook run once on the built model (torch.compile, quantisation): None keeps the model.
 AfterLoad = Callable[[torch.nn.Module], "torch.nn.Module | None"]
 
 
@@ -221,7 +222,7 @@ def _check_loading(name: str, info: dict[str, Any], uri: str) -> None:
 
 def _tokenizer(folder: Path, uri: str) -> Any:
     """AutoTokenizer from the directory when it holds a tokenizer, else None."""
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(p.name for p in folder.iterdir() if p.is_file()):
         return None
     from transformers import AutoTokenizer
 
