@@ -594,3 +594,133 @@ class CredentialsEndpoint:
 
 def expiring_in(seconds: float) -> str:
     return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- weights as views, and tiny transformers model directories (built offline) ---------------
+
+
+def safetensors_views(state: dict[str, Any]) -> tuple[dict[str, Any], bytearray]:
+    """`state` saved as safetensors bytes and read back as views over one bytearray, as a fetch
+    gives them (the buffer is returned so a test can tell whether a tensor still lies in it)."""
+    from safetensors.torch import save
+
+    from lazyserve.formats import read_state_dict
+    from lazyserve.sources import Weights
+
+    buffer = bytearray(save(state))
+    views = read_state_dict(Weights("memory.safetensors", len(buffer), "0" * 64, buffer=buffer))
+    return views, buffer
+
+
+def in_buffer(tensor: Any, buffer: bytearray) -> bool:
+    """Whether the tensor's data lies inside `buffer` (a view, not a copy)."""
+    import torch
+
+    start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    return bool(start <= tensor.data_ptr() < start + len(buffer))
+
+
+def directory_views(directory: Path) -> tuple[dict[str, Any], list[bytearray]]:
+    """The weights of a save_pretrained directory (one file or shards, safetensors or the
+    legacy pytorch_model.bin) as tensors over one bytearray per file, merged into one state
+    dict as a fetch of the directory would give."""
+    from lazyserve.checkpoint import merge_shards, pretrained_files, read_shard_index
+    from lazyserve.formats import read_state_dict
+    from lazyserve.sources import Weights
+
+    files = pretrained_files((p.name for p in directory.iterdir()), str(directory))
+    index = None
+    names = files.weights
+    if files.index is not None:
+        index = read_shard_index((directory / files.index).read_bytes(), files.index)
+        names = index.files
+    buffers = [bytearray((directory / name).read_bytes()) for name in names]
+    shards = {
+        # pytorch_model.bin files are torch.save state dicts, read through weights_only.
+        name: read_state_dict(
+            Weights(name, len(b), "0" * 64, buffer=b),
+            format="pt" if name.endswith(".bin") else "safetensors",
+        )
+        for name, b in zip(names, buffers, strict=True)
+    }
+    return merge_shards(shards, str(directory), index), buffers
+
+
+TINY_VOCAB = 96
+TINY_TEXTS = ["the quick brown fox jumps over the lazy dog", "a lazy server serves models", "hello"]
+
+
+def tiny_tokenizer(directory: Path) -> Any:
+    """A WordPiece tokenizer trained offline on a few sentences (the `tokenizers` library), saved
+    into `directory` with the transformers tokenizer's save_pretrained; returns it."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=TINY_VOCAB, special_tokens=specials)
+    tokenizer.train_from_iterator(TINY_TEXTS * 10, trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+def tiny_bert_classifier(directory: Path, *, tokenizer: bool = True, seed: int = 0) -> Path:
+    """A 2-layer BertForSequenceClassification (hidden 32, 3 labels) with random weights, saved
+    with save_pretrained (and a tokenizer) into `directory`."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    BertForSequenceClassification(config).save_pretrained(directory)
+    if tokenizer:
+        tiny_tokenizer(directory)
+    return directory
+
+
+def tiny_gpt2(directory: Path, *, max_shard_size: str | None = None, seed: int = 0) -> Path:
+    """A 2-layer GPT2LMHeadModel (n_embd 32) with tied embeddings, saved with save_pretrained
+    (lm_head.weight is left out of the file), sharded when `max_shard_size` is given."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=TINY_VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(config)
+    if max_shard_size is None:
+        model.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
+    return directory

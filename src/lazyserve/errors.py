@@ -24,6 +24,8 @@ LazyserveWarning (a UserWarning)   a LAZYSERVE_* variable that is not a setting 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "InvalidInput",
     "LambdaEventError",
@@ -42,6 +44,7 @@ __all__ = [
     "PredictFailed",
     "SettingsError",
     "UnsupportedEvent",
+    "few",
 ]
 
 
@@ -140,3 +143,12 @@ class UnsupportedEvent(LambdaEventError):
 class LazyserveWarning(UserWarning):
     """Something lazyserve can run with but that is likely a mistake, such as an unknown
     LAZYSERVE_* variable (`-W error::lazyserve.errors.LazyserveWarning` makes it fatal)."""
+
+
+def few(items: Sequence[str], *, quote: bool = True, shown: int = 5) -> str:
+    """`'a', 'b', 'c', 'd', 'e', and 12 more`: how a message lists names that may number in
+    the hundreds (a message stays a few hundred bytes)."""
+    listed = [repr(item) if quote else item for item in items[:shown]]
+    if len(items) > shown:
+        listed.append(f"and {len(items) - shown} more")
+    return ", ".join(listed)
