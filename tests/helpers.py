@@ -353,6 +353,15 @@ INVOKE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
+class Dist:
+    """What `python -m build` made: the sdist, the wheel built from it, and what build printed."""
+
+    sdist: Path
+    wheel: Path
+    log: str
+
+
+@dataclass(frozen=True)
 class TaskImage:
     """What the container image holds: a Python whose site-packages has lazyserve installed
     from its wheel (its .pth start-up hook included), and the task root."""
