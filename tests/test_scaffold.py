@@ -155,7 +155,7 @@ def test_the_requirements_pin_this_lazyserve_and_its_torch(project: Project) -> 
     assert f"torch=={torch}" in text(project, "constraints.txt").splitlines()
     dev = text(project, "requirements-dev.txt").splitlines()
     assert "-r requirements.txt" in dev
-    for tool in ("pytest", "httpx", "moto[server]", "awslambdaric"):
+    for tool in ("pytest", "httpx2", "moto[server]", "awslambdaric", "numpy"):
         assert any(line.startswith(f"{tool}>=") for line in dev), tool
 
 
