@@ -129,7 +129,7 @@ def context(names: ProjectNames) -> dict[str, str]:
         "package": names.package,
         "stack": names.stack,
         "lazyserve_requirement": f"lazyserve=={lazyserve}" if lazyserve else "lazyserve",
-        "torch_version": torch or "",
+        "torch_requirement": f"torch=={torch}" if torch else "torch",
     }
 
 
