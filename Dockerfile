@@ -19,7 +19,11 @@ COPY src/ /tmp/lazyserve/src/
 RUN pip install --no-cache-dir -c /tmp/lazyserve/constraints.txt /tmp/lazyserve \
     && rm -rf /tmp/lazyserve
 
-# The reference function (and its weights, for a local-file LAZYSERVE_MODEL_URI).
+# The reference function (and its weights, for a local-file LAZYSERVE_MODEL_URI). The function
+# runs as a non-root user: a file written under a restrictive umask (0600, as safetensors'
+# save_file leaves it under umask 077) keeps that mode through COPY and could not be read, so
+# everything in the task root is made world-readable.
 COPY handler/ ${LAMBDA_TASK_ROOT}/handler/
+RUN chmod -R a+rX ${LAMBDA_TASK_ROOT}
 
 CMD ["handler.app.handler"]

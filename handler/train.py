@@ -76,7 +76,8 @@ def train(seed: int = 0) -> tuple[DigitsMLP, float]:
 
 
 def save(model: DigitsMLP, out: Path, accuracy: float, seed: int = 0) -> str:
-    """Write the state dict as contiguous float32 safetensors; return the file's sha256."""
+    """Write the state dict as contiguous float32 safetensors (mode 0644); return the file's
+    sha256."""
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "model": "DigitsMLP",
@@ -87,6 +88,9 @@ def save(model: DigitsMLP, out: Path, accuracy: float, seed: int = 0) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata=metadata)
     canonicalize_header(out)
+    # save_file creates the file under the process's umask (0600 under umask 077); the
+    # Dockerfile copies it into the image, where the function's non-root user must read it.
+    out.chmod(0o644)
     return hashlib.sha256(out.read_bytes()).hexdigest()
 
 

@@ -21,6 +21,7 @@ from tests.helpers import (
     ROOT,
     WEIGHTS,
     CredentialsEndpoint,
+    Dist,
     Gate,
     LambdaFunction,
     StartFunction,
@@ -119,6 +120,19 @@ def gate(s3: CountingS3Server) -> Iterator[Gate]:
     finally:
         gate.open()
         s3.fault = None
+
+
+@pytest.fixture(scope="session")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Dist:
+    """`python -m build` of this checkout, as `make dist` runs it: the sdist, then the wheel built
+    from the unpacked sdist (so the sdist alone must make a working wheel). Build isolation
+    fetches the build backend from the package index."""
+    out = tmp_path_factory.mktemp("dist")
+    done = run_command([str(PYTHON), "-m", "build", "--outdir", str(out), str(ROOT)], 600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    (sdist,) = out.glob("lazyserve-*.tar.gz")
+    (wheel,) = out.glob("lazyserve-*.whl")
+    return Dist(sdist, wheel, done.stdout + done.stderr)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ import json
 import math
 import os
 import pathlib
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -377,6 +379,15 @@ INVOKE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
+class Dist:
+    """What `python -m build` made: the sdist, the wheel built from it, and what build printed."""
+
+    sdist: Path
+    wheel: Path
+    log: str
+
+
+@dataclass(frozen=True)
 class TaskImage:
     """What the container image holds: a Python whose site-packages has lazyserve installed
     from its wheel (its .pth start-up hook included), and the task root."""
@@ -724,3 +735,460 @@ def tiny_gpt2(directory: Path, *, max_shard_size: str | None = None, seed: int =
     else:
         model.save_pretrained(directory, max_shard_size=max_shard_size)
     return directory
+
+
+# -- template.yaml: the stack CloudFormation would create, and its safe defaults -------------
+# tests/test_template.py holds the reference template to these; tests/test_scaffold.py and
+# tests/test_init.py hold the template `lazyserve init` writes to the same.
+
+FUNCTION = "LazyserveFunction"
+REQUIRED = {"ModelBucket": "models-bucket", "ModelKey": "digits/digits.safetensors"}
+PSEUDO = {
+    "AWS::StackName": "digits-prod",
+    "AWS::Region": "eu-west-1",
+    "AWS::Partition": "aws",
+    "AWS::AccountId": "123456789012",
+    "AWS::URLSuffix": "amazonaws.com",
+}
+KMS_KEY = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+TOPIC = "arn:aws:sns:eu-west-1:123456789012:lazyserve-alarms"
+ISSUER = "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_Example"
+JWT = {"ApiAuth": "jwt", "JwtIssuer": ISSUER, "JwtAudience": "client-a,client-b"}
+
+
+class _NoValue:
+    def __repr__(self) -> str:
+        return "AWS::NoValue"
+
+
+NO_VALUE = _NoValue()
+
+
+class Stack:
+    """template.yaml as CloudFormation would deploy it for these parameter values (given as
+    strings, as CloudFormation receives them; unset ones take their defaults). Resources are
+    not created, so `Ref` to one reads `<Id>` and `Fn::GetAtt` reads `<Id.Attribute>`."""
+
+    def __init__(self, template: dict[str, Any], **overrides: str) -> None:
+        declared = template["Parameters"]
+        assert overrides.keys() <= declared.keys(), overrides.keys() - declared.keys()
+        self.template = template
+        self.params = {name: str(p["Default"]) for name, p in declared.items() if "Default" in p}
+        self.params |= REQUIRED | overrides
+        assert self.params.keys() == declared.keys(), declared.keys() - self.params.keys()
+        for name, value in self.params.items():
+            problem = parameter_problem(declared[name], value)
+            assert problem is None, f"{name}={value!r}: {problem}"
+        self._conditions: dict[str, bool] = {}
+
+    def condition(self, name: str) -> bool:
+        if name not in self._conditions:
+            value = self.resolve(self.template["Conditions"][name])
+            assert isinstance(value, bool), (name, value)
+            self._conditions[name] = value
+        return self._conditions[name]
+
+    def creates(self, logical_id: str) -> bool:
+        resource = self.template["Resources"][logical_id]
+        return "Condition" not in resource or self.condition(resource["Condition"])
+
+    @property
+    def resources(self) -> dict[str, dict[str, Any]]:
+        """The resources this stack creates, their properties resolved."""
+        return {
+            logical_id: {
+                "Type": resource["Type"],
+                "Properties": self.resolve(resource.get("Properties", {})),
+            }
+            for logical_id, resource in self.template["Resources"].items()
+            if self.creates(logical_id)
+        }
+
+    def of_type(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {
+            logical_id: resource["Properties"]
+            for logical_id, resource in self.resources.items()
+            if resource["Type"] == kind
+        }
+
+    @property
+    def function(self) -> dict[str, Any]:
+        return self.resources[FUNCTION]["Properties"]
+
+    @property
+    def environment(self) -> dict[str, str]:
+        variables: dict[str, str] = self.function["Environment"]["Variables"]
+        return variables
+
+    def rule_failures(self) -> list[str]:
+        """The AssertDescription of each rule assertion these parameter values break."""
+        failures = []
+        for rule in self.template.get("Rules", {}).values():
+            if "RuleCondition" in rule and not self.resolve(rule["RuleCondition"]):
+                continue
+            for assertion in rule["Assertions"]:
+                if not self.resolve(assertion["Assert"]):
+                    failures.append(assertion["AssertDescription"])
+        return failures
+
+    def resolve(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [item for item in map(self.resolve, value) if item is not NO_VALUE]
+        if not isinstance(value, dict):
+            return value
+        if len(value) == 1:
+            ((key, arg),) = value.items()
+            if key == "Ref":
+                return self._ref(arg)
+            if key == "Condition":
+                return self.condition(arg)
+            if key.startswith("Fn::"):
+                return self._function(key, arg)
+        resolved = {key: self.resolve(item) for key, item in value.items()}
+        return {key: item for key, item in resolved.items() if item is not NO_VALUE}
+
+    def _ref(self, name: str) -> Any:
+        if name == "AWS::NoValue":
+            return NO_VALUE
+        if name in PSEUDO:
+            return PSEUDO[name]
+        if name in self.params:
+            return self.params[name]
+        assert self.creates(name), f"Ref to {name}, which this stack does not create"
+        return f"<{name}>"
+
+    def _attribute(self, name: str, attribute: str) -> str:
+        assert self.creates(name), f"GetAtt of {name}, which this stack does not create"
+        return f"<{name}.{attribute}>"
+
+    def _sub(self, match: re.Match[str]) -> str:
+        name = match.group(1)
+        if "." in name and not name.startswith("AWS::"):
+            return self._attribute(*name.split(".", 1))
+        return str(self._ref(name))
+
+    def _function(self, key: str, arg: Any) -> Any:
+        if key == "Fn::If":
+            name, then, otherwise = arg
+            return self.resolve(then if self.condition(name) else otherwise)
+        if key == "Fn::Equals":
+            left, right = (str(self.resolve(item)) for item in arg)
+            return left == right
+        if key == "Fn::Not":
+            return not self.resolve(arg[0])
+        if key == "Fn::And":
+            return all(self.resolve(item) for item in arg)
+        if key == "Fn::Or":
+            return any(self.resolve(item) for item in arg)
+        if key == "Fn::Sub":
+            assert isinstance(arg, str), "Fn::Sub with a variable map"
+            return re.sub(r"\$\{([^!}][^}]*)\}", self._sub, arg)
+        if key == "Fn::Join":
+            separator, items = arg
+            return separator.join(self.resolve(items))
+        if key == "Fn::Split":
+            separator, text = arg
+            return str(self.resolve(text)).split(separator)
+        if key == "Fn::Select":
+            index, items = arg
+            return self.resolve(items)[int(self.resolve(index))]
+        if key == "Fn::GetAtt":
+            name, attribute = arg.split(".", 1) if isinstance(arg, str) else arg
+            return self._attribute(name, attribute)
+        raise AssertionError(f"the resolver does not know {key}")
+
+
+def parameter_problem(declared: dict[str, Any], value: str) -> str | None:
+    """What CloudFormation would refuse about a parameter value, or None. (CloudFormation
+    matches AllowedPattern with Java regular expressions; the patterns here use only syntax
+    that Java and Python read alike.)"""
+    if "AllowedValues" in declared and value not in map(str, declared["AllowedValues"]):
+        return f"not one of {declared['AllowedValues']}"
+    if "AllowedPattern" in declared and not re.fullmatch(declared["AllowedPattern"], value):
+        return f"does not match {declared['AllowedPattern']}"
+    if not declared.get("MinLength", 0) <= len(value) <= declared.get("MaxLength", 4096):
+        return "wrong length"
+    if declared["Type"] == "Number":
+        number = float(value)
+        if number < declared.get("MinValue", number) or number > declared.get("MaxValue", number):
+            return "out of range"
+    return None
+
+
+def load_template(path: Path) -> dict[str, Any]:
+    """A SAM template as cfn-lint reads it (short-form tags such as !Ref resolved)."""
+    from cfnlint.decode import decode  # type: ignore[import-untyped]
+
+    decoded, problems = decode(str(path))
+    assert not problems, [str(p) for p in problems]
+    assert isinstance(decoded, dict)
+    return decoded
+
+
+def cfn_lint(path: Path) -> subprocess.CompletedProcess[str]:
+    """cfn-lint (this venv's) run on a template."""
+    command = [str(PYTHON.parent / "cfn-lint"), str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def statements(stack: Stack) -> list[dict[str, Any]]:
+    """Every IAM statement this stack grants to its function."""
+    function = stack.function
+    # SAM's Policies would bring AWSLambdaBasicExecutionRole (logs on "*"); the role is ours.
+    assert "Policies" not in function and function["Role"] == "<FunctionRole.Arn>"
+    found: list[dict[str, Any]] = []
+    for logical_id, role in stack.of_type("AWS::IAM::Role").items():
+        assert "ManagedPolicyArns" not in role, logical_id
+        assert role["AssumeRolePolicyDocument"]["Statement"] == [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": "lambda.amazonaws.com"},
+                "Action": "sts:AssumeRole",
+            }
+        ]
+        for policy in role["Policies"]:
+            found.extend(policy["PolicyDocument"]["Statement"])
+    assert not stack.of_type("AWS::IAM::Policy") and not stack.of_type("AWS::IAM::ManagedPolicy")
+    return found
+
+
+def as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+def grants(stack: Stack) -> dict[str, tuple[list[str], list[str]]]:
+    """Sid -> (actions, resources), after checking nothing is granted on `*` or by negation."""
+    found = {}
+    for statement in statements(stack):
+        assert statement["Effect"] == "Allow"
+        assert not {"NotAction", "NotResource", "NotPrincipal"} & statement.keys(), statement
+        actions, resources = as_list(statement["Action"]), as_list(statement["Resource"])
+        for action in actions:
+            assert "*" not in action, f"{statement['Sid']}: wildcard action {action}"
+        for resource in resources:
+            # A trailing * below a fixed prefix (a key prefix, a log group's streams) only.
+            assert "*" not in resource[:-1], resource
+            assert not resource.endswith("*") or resource[-2] in "/:", resource
+            assert resource.startswith("arn:aws:"), resource
+        found[statement["Sid"]] = (sorted(actions), resources)
+    return found
+
+
+def routes(stack: Stack) -> dict[str, dict[str, Any]]:
+    """RouteKey -> route, after checking each one reaches the function through this API."""
+    found = {}
+    for route in stack.of_type("AWS::ApiGatewayV2::Route").values():
+        assert route["ApiId"] == "<HttpApi>"
+        assert route["Target"] == "integrations/<HttpApiIntegration>"
+        found[route["RouteKey"]] = route
+    return found
+
+
+LOGS = (
+    ["logs:CreateLogStream", "logs:PutLogEvents"],
+    ["arn:aws:logs:eu-west-1:123456789012:log-group:<FunctionLogGroup>:*"],
+)
+S3_READ = ["s3:GetObject", "s3:GetObjectVersion"]
+
+
+def alarms(stack: Stack) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (alarm["Namespace"], alarm["MetricName"]): alarm
+        for alarm in stack.of_type("AWS::CloudWatch::Alarm").values()
+    }
+
+
+def check_signed_requests_only(template: dict[str, Any]) -> None:
+    """By default every route takes only SigV4-signed (IAM) requests; the Function URL always."""
+    defaults = Stack(template)
+    assert template["Parameters"]["ApiAuth"]["Default"] == "iam"
+    for key, route in routes(defaults).items():
+        assert route["AuthorizationType"] == "AWS_IAM", key
+        assert "AuthorizerId" not in route, key
+    assert not defaults.of_type("AWS::ApiGatewayV2::Authorizer")
+    # The Function URL, the other way in, takes signed requests only too.
+    assert defaults.function["FunctionUrlConfig"] == {"AuthType": "AWS_IAM"}
+
+
+def check_only_none_opens_the_api(template: dict[str, Any]) -> None:
+    """Only ApiAuth=none lets unsigned requests through, and never to the Function URL."""
+    for mode in template["Parameters"]["ApiAuth"]["AllowedValues"]:
+        stack = Stack(template, **(JWT | {"ApiAuth": mode}))
+        types = {route["AuthorizationType"] for route in routes(stack).values()}
+        assert types == {"NONE"} if mode == "none" else "NONE" not in types
+        # Whatever the API does, the Function URL keeps requiring signatures.
+        assert stack.function["FunctionUrlConfig"] == {"AuthType": "AWS_IAM"}
+    stack = Stack(template, ApiAuth="none", JwtIssuer=ISSUER)
+    assert not stack.of_type("AWS::ApiGatewayV2::Authorizer")
+    assert stack.rule_failures() == []
+
+
+def check_bounded_rate_and_concurrency(template: dict[str, Any]) -> None:
+    """The API is throttled (10 per second, bursts of 20) and 10 environments are reserved."""
+    defaults = Stack(template)
+    (stage,) = defaults.of_type("AWS::ApiGatewayV2::Stage").values()
+    # The $default stage, deployed on every change, so the routes are live and throttled.
+    assert (stage["ApiId"], stage["StageName"], stage["AutoDeploy"]) == (
+        "<HttpApi>",
+        "$default",
+        True,
+    )
+    assert stage["DefaultRouteSettings"] == {
+        "ThrottlingRateLimit": "10",
+        "ThrottlingBurstLimit": "20",
+    }
+    assert defaults.function["ReservedConcurrentExecutions"] == "10"
+
+
+def check_json_logs_with_retention(template: dict[str, Any]) -> None:
+    """JSON log lines at ApplicationLogLevel, in a log group of the stack's that expires them."""
+    defaults = Stack(template)
+    assert defaults.function["LoggingConfig"] == {
+        "LogFormat": "JSON",
+        "ApplicationLogLevel": "INFO",
+        "LogGroup": "<FunctionLogGroup>",
+    }
+    assert defaults.of_type("AWS::Logs::LogGroup") == {
+        "FunctionLogGroup": {"RetentionInDays": "30"}
+    }
+    stack = Stack(template, ApplicationLogLevel="DEBUG", LogRetentionDays="365")
+    assert stack.function["LoggingConfig"]["ApplicationLogLevel"] == "DEBUG"
+    assert stack.of_type("AWS::Logs::LogGroup")["FunctionLogGroup"]["RetentionInDays"] == "365"
+
+
+def check_role_reads_only_the_model(template: dict[str, Any]) -> None:
+    """The role may read the model object (any version) and write its own logs, nothing else."""
+    model = f"arn:aws:s3:::{REQUIRED['ModelBucket']}/{REQUIRED['ModelKey']}"
+    assert grants(Stack(template)) == {
+        "WriteOwnLogs": LOGS,
+        "ReadModelWeights": (S3_READ, [model]),
+    }
+
+
+def check_prefix_reads_below_it(template: dict[str, Any]) -> None:
+    """A key prefix (many models) grants reading, and listing, below that prefix only."""
+    stack = Stack(template, ModelKey="models/")
+    assert grants(stack)["ReadModelWeights"] == (S3_READ, ["arn:aws:s3:::models-bucket/models/*"])
+    # Listing under the prefix only: a missing model is then NoSuchKey (a 404), not
+    # AccessDenied.
+    (listing,) = [s for s in statements(stack) if s.get("Sid") == "ListModelPrefix"]
+    assert as_list(listing["Action"]) == ["s3:ListBucket"]
+    assert as_list(listing["Resource"]) == ["arn:aws:s3:::models-bucket"]
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": "models/*"}}
+
+
+def check_no_kms_without_a_key(template: dict[str, Any]) -> None:
+    """No KMS permission unless ModelKmsKeyArn names a key."""
+    assert not [s for s in statements(Stack(template)) if "kms" in json.dumps(s).lower()]
+
+
+def check_kms_key_adds_decrypt_through_s3(template: dict[str, Any]) -> None:
+    """ModelKmsKeyArn adds kms:Decrypt on that key, through S3 in the stack's region only."""
+    stack = Stack(template, ModelKmsKeyArn=KMS_KEY)
+    (kms,) = [s for s in statements(stack) if "kms" in json.dumps(s).lower()]
+    assert as_list(kms["Action"]) == ["kms:Decrypt"]
+    assert as_list(kms["Resource"]) == [KMS_KEY]
+    assert kms["Condition"] == {"StringEquals": {"kms:ViaService": "s3.eu-west-1.amazonaws.com"}}
+    assert grants(stack)["ReadModelWeights"] == grants(Stack(template))["ReadModelWeights"]
+    # An alias is not a key: IAM would not match it against the key S3 uses.
+    alias = "arn:aws:kms:eu-west-1:123456789012:alias/models"
+    assert parameter_problem(template["Parameters"]["ModelKmsKeyArn"], alias) is not None
+
+
+def check_alarms(template: dict[str, Any]) -> None:
+    """Alarms on the function's errors and throttles and on lazyserve's model load time."""
+    from lazyserve.metrics import NAMESPACE
+
+    defaults = Stack(template)
+    found = alarms(defaults)
+    assert set(found) == {
+        ("AWS/Lambda", "Errors"),
+        ("AWS/Lambda", "Throttles"),
+        (NAMESPACE, "ModelLoadSeconds"),
+    }
+    function = [{"Name": "FunctionName", "Value": f"<{FUNCTION}>"}]
+    assert found["AWS/Lambda", "Errors"]["Dimensions"] == function
+    assert found["AWS/Lambda", "Throttles"]["Dimensions"] == function
+    load = found[NAMESPACE, "ModelLoadSeconds"]
+    # lazyserve's metrics carry one dimension, service, valued POWERTOOLS_SERVICE_NAME.
+    service = defaults.environment["POWERTOOLS_SERVICE_NAME"]
+    assert service == PSEUDO["AWS::StackName"]
+    assert load["Dimensions"] == [{"Name": "service", "Value": service}]
+    assert (load["Statistic"], load["Threshold"], load["ComparisonOperator"]) == (
+        "Maximum",
+        "20",
+        "GreaterThanThreshold",
+    )
+    for alarm in found.values():
+        # Quiet periods (no invocation, no load) are not alarms; no topic, no notifications.
+        assert alarm["TreatMissingData"] == "notBreaching"
+        assert "AlarmActions" not in alarm and "OKActions" not in alarm
+
+
+def check_alarms_notify_a_topic_or_none(template: dict[str, Any]) -> None:
+    """AlarmTopicArn makes every alarm notify it; Alarms=disabled removes them all."""
+    for alarm in alarms(Stack(template, AlarmTopicArn=TOPIC)).values():
+        assert (alarm["AlarmActions"], alarm["OKActions"]) == ([TOPIC], [TOPIC])
+    assert alarms(Stack(template, Alarms="disabled", AlarmTopicArn=TOPIC)) == {}
+
+
+SAFE_DEFAULTS = (
+    check_signed_requests_only,
+    check_only_none_opens_the_api,
+    check_bounded_rate_and_concurrency,
+    check_json_logs_with_retention,
+    check_role_reads_only_the_model,
+    check_prefix_reads_below_it,
+    check_no_kms_without_a_key,
+    check_kms_key_adds_decrypt_through_s3,
+    check_alarms,
+    check_alarms_notify_a_topic_or_none,
+)
+"""Every safe-default check, each taking the decoded template."""
+
+
+# -- Dockerfile ---------------------------------------------------------------------------
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """A Dockerfile's (INSTRUCTION, arguments) pairs, continuation lines joined, comments
+    dropped."""
+    found: list[tuple[str, str]] = []
+    pending = ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).partition(" ")
+        found.append((keyword.upper(), " ".join(args.split())))
+        pending = ""
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return found
+
+
+def copies(dockerfile: Path) -> list[tuple[list[str], str]]:
+    """Each COPY or ADD of a Dockerfile: (sources, destination)."""
+    found = []
+    for keyword, args in instructions(dockerfile):
+        if keyword in ("COPY", "ADD"):
+            *sources, destination = [w for w in shlex.split(args) if not w.startswith("--")]
+            found.append((sources, destination))
+    return found
+
+
+def check_task_root_readable(dockerfile: Path) -> None:
+    """After the last COPY into the task root, a RUN makes all of it world-readable: Lambda runs
+    the function as a non-root user, and COPY keeps a file's mode (0600 under umask 077)."""
+    steps = instructions(dockerfile)
+    copied = [
+        i
+        for i, (keyword, args) in enumerate(steps)
+        if keyword in ("COPY", "ADD") and "${LAMBDA_TASK_ROOT}" in args
+    ]
+    chmods = [
+        i for i, step in enumerate(steps) if step == ("RUN", "chmod -R a+rX ${LAMBDA_TASK_ROOT}")
+    ]
+    assert copied and chmods and chmods[-1] > copied[-1], steps

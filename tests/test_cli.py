@@ -124,7 +124,7 @@ def test_invoke_reports_an_invalid_setting_like_an_init_error() -> None:
 def test_help_lists_the_commands() -> None:
     done = lazyserve("--help")
     assert done.returncode == 0, done.stderr
-    for command in ("demo", "serve", "invoke"):
+    for command in ("demo", "serve", "invoke", "push", "convert", "init"):
         assert re.search(rf"^\s+{command}\s", done.stdout, re.MULTILINE), done.stdout
 
 
@@ -228,7 +228,7 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
         (
             ["nothere"],
             "lazyserve: error: argument COMMAND: invalid choice: 'nothere' (choose from 'demo', "
-            "'serve', 'invoke', 'push', 'convert') (see lazyserve --help)",
+            "'serve', 'invoke', 'push', 'convert', 'init') (see lazyserve --help)",
             2,
         ),
     ],

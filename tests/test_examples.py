@@ -80,6 +80,17 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_the_weights_are_readable_by_anyone_whatever_the_umask(tmp_path: Path) -> None:
+    from examples.own_model.make_weights import make_weights
+
+    previous = os.umask(0o077)
+    try:
+        path = make_weights(tmp_path / "mynet.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 # --- in process -----------------------------------------------------------------------------------
 
 

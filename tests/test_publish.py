@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,44 @@ def lazyserve(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def lazyserve_on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """Run `lazyserve ARGS` with its stderr on a terminal (a pty) and its stdout in a pipe:
+    (exit code, stdout, what the terminal showed)."""
+    primary, secondary = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [str(LAZYSERVE), *args],
+            cwd=ROOT,
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            text=True,
+        )
+    finally:
+        os.close(secondary)
+    shown = bytearray()
+
+    def drain() -> None:  # concurrently: a full pty buffer would block the writer
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the last writer closed its end
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        stdout, _ = process.communicate(timeout=120)
+    finally:
+        reader.join(timeout=30)
+        os.close(primary)
+    # The terminal ends lines with \r\n (its onlcr setting); the program wrote \n.
+    return process.returncode, stdout, shown.decode(errors="replace").replace("\r\n", "\n")
+
+
 def pushed(done: subprocess.CompletedProcess[str]) -> dict[str, str]:
     assert done.returncode == 0, done.stderr
     match = PUSHED.fullmatch(done.stdout)
@@ -143,7 +182,7 @@ def test_push_of_a_large_file_is_multipart_and_the_load_verifies_it(
         assert result["version_id"] == "-"
     assert head["Metadata"] == {"sha256": result["sha256"]}
     assert head["ContentLength"] == len(data)
-    assert "100.0%" in done.stderr  # the progress bar reached the end
+    assert done.stderr == ""  # no progress bar into a pipe
 
     # Multipart: CreateMultipartUpload, one UploadPart per 8 MiB, CompleteMultipartUpload.
     requests = uploads(s3, bucket, key)
@@ -163,6 +202,20 @@ def test_push_of_a_large_file_is_multipart_and_the_load_verifies_it(
     x = torch.randn(3, 1024)
     with torch.inference_mode():
         assert torch.equal(loaded.module(x), net(x))
+
+
+def test_push_draws_its_progress_bar_on_a_terminal(
+    s3: CountingS3Server, client: Any, key: str, wide_weights: tuple[Path, WideNet]
+) -> None:
+    path, _ = wide_weights
+    code, stdout, shown = lazyserve_on_a_terminal("push", str(path), f"s3://{PLAIN}/{key}")
+    assert code == 0, shown
+    assert pushed(subprocess.CompletedProcess([], code, stdout, ""))["sha256"]
+    # One line redrawn in place (carriage returns), ending full with a newline.
+    assert "\r[" in shown
+    assert shown.rstrip().endswith(
+        f"100.0% {path.stat().st_size / 1e6:.1f}/{path.stat().st_size / 1e6:.1f} MB"
+    )
 
 
 def test_push_then_the_reference_function_serves_it(
@@ -427,13 +480,14 @@ def test_a_refused_upload_draws_no_progress(
 ) -> None:
     for path in (WEIGHTS, wide_weights[0]):  # one PutObject; multipart
         s3.fault = denied_uploads(PLAIN, key)
-        done = lazyserve("push", str(path), f"s3://{PLAIN}/{key}")
-        line = one_line_error(done)
+        # On a terminal, where a bar would be drawn.
+        code, stdout, shown = lazyserve_on_a_terminal("push", str(path), f"s3://{PLAIN}/{key}")
+        line = one_line_error(subprocess.CompletedProcess([], code, stdout, shown))
         assert line.startswith(
             f"lazyserve push: error: argument URI: cannot upload to s3://{PLAIN}/{key}: "
         )
         assert "AccessDenied" in line
-        assert "%" not in done.stderr  # no progress bar at all
+        assert "%" not in shown  # no progress bar at all
 
 
 def test_a_bucket_that_hides_itself_from_head_bucket_still_takes_the_upload(
@@ -465,6 +519,39 @@ def test_convert_a_state_dict_gives_the_same_model(tmp_path: Path) -> None:
     x = torch.tensor([DIGIT_8, [0.0] * 64, [16.0] * 64])
     with torch.inference_mode():
         assert torch.equal(loaded.module(x), net(x))
+
+
+def test_convert_writes_weights_anyone_can_read_whatever_the_umask(tmp_path: Path) -> None:
+    # Under umask 077 safetensors' writer leaves 0600, which Lambda's non-root user could not
+    # read once the file is copied into an image.
+    source, target = tmp_path / "digits.pt", tmp_path / "digits.safetensors"
+    torch.save(DigitsMLP().state_dict(), source)
+    done = subprocess.run(
+        [str(LAZYSERVE), "convert", str(source), str(target)],
+        cwd=ROOT,
+        preexec_fn=lambda: os.umask(0o077),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert target.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("name", ["digits.pt", "digits.pth", "digits", "digits.SAFETENSORS"])
+def test_convert_insists_on_a_safetensors_name(tmp_path: Path, name: str) -> None:
+    # Served or pushed, a .pt name is read as torch.save: safetensors bytes under it would be
+    # refused there as a broken file.
+    source, target = tmp_path / "in.pt", tmp_path / name
+    torch.save(DigitsMLP().state_dict(), source)
+    done = lazyserve("convert", str(source), str(target))
+    assert one_line_error(done) == (
+        f"lazyserve convert: error: argument OUT.safetensors: {target}: the output is a "
+        "safetensors file, so its name must end in .safetensors (serving and push read a "
+        f"name's suffix as its format); e.g. {tmp_path / 'digits.safetensors'}"
+    )
+    assert not target.exists()
 
 
 def test_convert_keeps_tied_weights(tmp_path: Path) -> None:

@@ -22,6 +22,9 @@ def make_weights(path: Path) -> Path:
         net.linear.weight.copy_(torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]))
         net.linear.bias.zero_()
     save_file(net.state_dict(), str(path))
+    # save_file creates the file under the process's umask (0600 under umask 077), which a
+    # non-root reader, such as a Lambda function's user, could not open.
+    path.chmod(0o644)
     return path
 
 

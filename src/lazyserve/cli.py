@@ -325,6 +325,18 @@ def convert(source: str, target: str) -> int:
     return 0
 
 
+def init(directory: str, name: str | None, force: bool) -> int:
+    from lazyserve.errors import InitError
+    from lazyserve.scaffold import init_project
+
+    try:
+        project = init_project(Path(directory), name=name, force=force)
+    except InitError as exc:
+        raise CommandError("--name" if exc.field == "name" else "DIR", str(exc)) from None
+    print(project.summary())
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, naming the argument; `--help` has the usage.
@@ -351,6 +363,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="a .pt state dict (weights_only=True) to safetensors")
     p.add_argument("source", metavar="IN.pt")
     p.add_argument("target", metavar="OUT.safetensors")
+    p = sub.add_parser("init", help="write a new function project (model, app, tests, deployment)")
+    p.add_argument(
+        "directory", metavar="DIR", help="created if missing; its name names the project"
+    )
+    p.add_argument("--name", help="the project's name, if not DIR's (e.g. my-model)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty DIR")
     return top
 
 
@@ -365,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return push(args.file, args.uri)
         if args.command == "convert":
             return convert(args.source, args.target)
+        if args.command == "init":
+            return init(args.directory, args.name, args.force)
         return invoke(args.events, args.handler, args.repeat)
     except CommandError as exc:
         print(f"lazyserve {args.command}: error: {exc}", file=sys.stderr)

@@ -15,9 +15,10 @@ LazyserveError
 │       └── ModelFormatError     the bytes are not a safe, valid weights file for   no
 │                                the model
 ├── PredictFailed          the predict function raised (HTTP 500 with a request id)
-└── LambdaEventError       a direct Lambda invocation that cannot be served
-    ├── InvalidInput       the payload breaks the input rules
-    └── UnsupportedEvent   the event has none of the accepted shapes
+├── LambdaEventError       a direct Lambda invocation that cannot be served
+│   ├── InvalidInput       the payload breaks the input rules
+│   └── UnsupportedEvent   the event has none of the accepted shapes
+└── InitError              `lazyserve init` cannot write the project (its name, its directory)
 
 LazyserveWarning (a UserWarning)   a LAZYSERVE_* variable that is not a setting (a typo?)
 """
@@ -25,8 +26,10 @@ LazyserveWarning (a UserWarning)   a LAZYSERVE_* variable that is not a setting 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 __all__ = [
+    "InitError",
     "InvalidInput",
     "LambdaEventError",
     "LazyserveError",
@@ -138,6 +141,15 @@ class InvalidInput(LambdaEventError):
 
 class UnsupportedEvent(LambdaEventError):
     """The Lambda event has none of the shapes the function accepts."""
+
+
+class InitError(LazyserveError):
+    """`lazyserve init` cannot write the project; `field` names what to change: `name` (the
+    project name) or `directory` (the target directory)."""
+
+    def __init__(self, message: str, *, field: Literal["name", "directory"]) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class LazyserveWarning(UserWarning):

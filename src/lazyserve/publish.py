@@ -125,8 +125,9 @@ def push(
     object metadata (`x-amz-meta-sha256`), which loads then verify without configuration.
 
     The file is checked first (a weights file of the format its key names), then the bucket;
-    only an upload that is under way draws progress. A URI ending in `/` is a prefix of many
-    models: the file lands at `<prefix><file name>`."""
+    only a multipart upload that is under way draws progress, on `progress` (by default stderr,
+    when it is a terminal). A URI ending in `/` is a prefix of many models: the file lands at
+    `<prefix><file name>`."""
     from boto3.exceptions import S3UploadFailedError
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
@@ -160,8 +161,10 @@ def push(
     config = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
     # Below the multipart threshold the upload is one PutObject: its bytes are "sent" before S3
     # answers, so a bar would fill up and then the upload fail. Multipart parts only start once
-    # CreateMultipartUpload succeeded, so their progress is real.
-    bar = _Progress(size, progress if progress is not None else sys.stderr)
+    # CreateMultipartUpload succeeded, so their progress is real. By default the bar goes to a
+    # terminal only: in a pipe or a log file its carriage returns are one line of clutter.
+    out = progress if progress is not None else (sys.stderr if sys.stderr.isatty() else None)
+    bar = _Progress(size, out) if out is not None and size > PART_SIZE else None
     try:
         s3.upload_file(
             str(path),
@@ -169,13 +172,14 @@ def push(
             key,
             ExtraArgs={"Metadata": {"sha256": digest}},
             Config=config,
-            Callback=bar if size > PART_SIZE else None,
+            Callback=bar,
         )
         head = s3.head_object(Bucket=bucket, Key=key)
     # upload_file wraps the ClientError of a failed PutObject or multipart upload in boto3's
     # S3UploadFailedError, which is neither a ClientError nor a BotoCoreError.
     except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
-        bar.abandon()
+        if bar is not None:
+            bar.abandon()
         raise ModelFetchError(f"cannot upload to {target.uri}: {exc}") from exc
     if head.get("Metadata", {}).get("sha256") != digest:
         raise ModelFetchError(f"{target.uri}: the stored sha256 does not match the file's {digest}")
@@ -205,7 +209,7 @@ def _check_bucket(s3: S3Client, bucket: str) -> None:
 
 def convert(source: Path, target: Path) -> int:
     """Turn a torch.save state dict (read with weights_only=True, whatever its name) into a
-    safetensors file; return the number of tensors written."""
+    safetensors file named `*.safetensors`, mode 0644; return the number of tensors written."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -216,6 +220,14 @@ def convert(source: Path, target: Path) -> int:
     _existing_file(source)
     if target.exists() and target.resolve() == source.resolve():
         raise ValueError(f"{target} is the input file; give another output path")
+    if target.suffix != MODEL_SUFFIX:
+        # The format follows the name when the file is served or pushed: safetensors bytes
+        # under a .pt name would be refused there as a broken torch.save file.
+        raise ValueError(
+            f"{target}: the output is a safetensors file, so its name must end in "
+            f"{MODEL_SUFFIX} (serving and push read a name's suffix as its format); "
+            f"e.g. {target.with_suffix(MODEL_SUFFIX)}"
+        )
     with open(source, "rb") as file:
         head = file.read(16)
     if sniff_format(head) == "safetensors":
@@ -239,4 +251,7 @@ def convert(source: Path, target: Path) -> int:
         save_file(tensors, str(target), metadata={"converted_from": source.name})
     except SafetensorError as exc:  # the Rust writer's I/O errors arrive as this
         raise OSError(f"{target}: cannot write it: {exc}") from exc
+    # save_file creates the file under the process's umask (0600 under umask 077): a file
+    # copied into a Lambda image that way is unreadable to the function's non-root user.
+    target.chmod(0o644)
     return len(tensors)
