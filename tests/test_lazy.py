@@ -24,6 +24,7 @@ from lazyserve.errors import (
     ModelUnavailable,
 )
 from lazyserve.lazy import LazyModel
+from lazyserve.slots import LoadSlots
 
 WAIT = 10.0  # upper bound for any wait in these tests; never reached when the code is right
 
@@ -737,3 +738,58 @@ def test_a_retryable_failure_is_not_remembered() -> None:
     assert holder.status == "failed"
     assert holder.get() is loader.values[0]
     assert loader.calls == 2
+
+
+# -- load slots shared by many holders ---------------------------------------------------------
+
+
+def test_a_load_queued_for_a_slot_starts_no_thread_and_is_withdrawn_when_nobody_waits() -> None:
+    slots = LoadSlots(1)
+    busy_loader = Loader(gated=True)
+    busy: LazyModel[object] = LazyModel(busy_loader, slots=slots, name="busy model")
+    queued_loader = Loader()
+    queued: LazyModel[object] = LazyModel(queued_loader, slots=slots, name="queued model")
+    busy.start()
+    assert busy_loader.entered.wait(WAIT)
+    threads = threading.active_count()
+
+    with pytest.raises(ModelLoadTimeout) as info:
+        queued.get(timeout=0.05)
+    assert str(info.value) == (
+        "the queued model did not start loading within 0.05s: other models are loading (at "
+        "most 1 at once); retry shortly"
+    )
+    assert threading.active_count() == threads  # it waited without a thread
+    assert (queued.status, queued.loads_started) == ("not_loaded", 0)
+
+    busy_loader.gate.set()
+    assert busy.get() is busy_loader.values[0]
+    assert queued_loader.calls == 0  # withdrawn: the freed slot did not start it
+    assert queued.get() is queued_loader.values[0]  # a later request loads it
+
+
+def test_a_queued_load_one_waiter_gave_up_on_runs_for_the_one_still_waiting() -> None:
+    slots = LoadSlots(1)
+    busy_loader = Loader(gated=True)
+    busy: LazyModel[object] = LazyModel(busy_loader, slots=slots)
+    queued_loader = Loader()
+    queued: LazyModel[object] = LazyModel(queued_loader, slots=slots)
+    busy.start()
+    assert busy_loader.entered.wait(WAIT)
+    arrivals = Arrivals()
+    got: list[object] = []
+
+    def patient() -> None:
+        arrivals.arrive()
+        got.append(queued.get())
+
+    thread = threading.Thread(target=patient)
+    thread.start()
+    assert arrivals.wait_for(1)
+    anyio.run(wait_until, lambda: queued.status == "loading")  # queued, for the patient one
+    with pytest.raises(ModelLoadTimeout):
+        queued.get(timeout=0.05)
+    busy_loader.gate.set()
+    thread.join(WAIT)
+    assert got == queued_loader.values
+    assert queued_loader.calls == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
+import functools
 import logging
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from lazyserve import timing
 from lazyserve.errors import LazyserveError, ModelLoadError, ModelLoadTimeout, ModelUnavailable
+from lazyserve.slots import LoadSlots, Ticket
 
 __all__ = ["RECHECK_SECONDS", "LazyModel", "Recheck", "Status"]
 
@@ -38,7 +40,8 @@ class LazyModel(Generic[T]):
 
     Usable from async code (`await holder.aget()`, or `Depends(holder)` in FastAPI), from
     threads (`holder.get()`) and from any number of event loops. A failure no retry changes is
-    remembered (see RECHECK_SECONDS).
+    remembered (see RECHECK_SECONDS); `slots`, shared by many holders, bounds how many of them
+    load at once.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class LazyModel(Generic[T]):
         source: str | None = None,
         recheck: Recheck | None = None,
         recheck_every: float = RECHECK_SECONDS,
+        slots: LoadSlots | None = None,
     ) -> None:
         self._load = load
         self.wait = wait
@@ -57,6 +61,7 @@ class LazyModel(Generic[T]):
         self.source = source
         self._recheck = recheck
         self.recheck_every = recheck_every
+        self._slots = slots
         # A threading.Lock, held only for a few instructions, never across an await: unlike an
         # asyncio.Lock it belongs to no event loop, and threads can share it.
         self._lock = threading.Lock()
@@ -71,6 +76,8 @@ class LazyModel(Generic[T]):
         self._looked_at = 0.0  # time.monotonic() of the failure, then of the last recheck
         self._rechecking = False
         self.rechecks = 0
+        self._waiting = 0  # callers inside get()/aget() now
+        self._ticket: Ticket | None = None  # the current load's place in `slots`
 
     @property
     def status(self) -> Status:
@@ -113,7 +120,13 @@ class LazyModel(Generic[T]):
     def start(self) -> Future[T]:
         """Start a load unless one is running or has succeeded, or a failure is remembered;
         return its future."""
+        return self._begin(waiting=False)
+
+    def _begin(self, *, waiting: bool) -> Future[T]:
         with self._lock:
+            # Counted under the lock that hands out the future: a load queued for a slot is
+            # withdrawn when its last waiter leaves, never while another one is arriving.
+            self._waiting += waiting
             future = self._future
             failure = self._failure
             if future is not None and (not future.done() or future.exception() is None):
@@ -138,7 +151,12 @@ class LazyModel(Generic[T]):
         future.set_running_or_notify_cancel()
         self._future = future
         self.loads_started += 1
-        self._spawn(self._run, future, role="load")
+        if self._slots is not None:
+            # The caller's context goes along, so the load's log lines carry its request id.
+            job = functools.partial(contextvars.copy_context().run, self._run, future)
+            self._ticket = self._slots.run(job, name=f"load-{self.name}")
+        else:
+            self._spawn(self._run, future, role="load")
         return future
 
     def _spawn(self, target: Callable[[Any], None], arg: Any, *, role: str) -> None:
@@ -190,6 +208,7 @@ class LazyModel(Generic[T]):
             _drop_frames(error)
             with self._lock:
                 self.last_error = error
+                self._ticket = None
                 # Before the future is done: a waiter woken by it must find it remembered.
                 if not error.retryable and self._future is future:
                     self._failure = error
@@ -201,6 +220,7 @@ class LazyModel(Generic[T]):
             with self._lock:
                 self.loads_succeeded += 1
                 self.last_error = None
+                self._ticket = None
             future.set_result(value)
             self._value = value
 
@@ -231,13 +251,14 @@ class LazyModel(Generic[T]):
         # before this thread looks again was still waited for (the GIL), and the caller that
         # started it must show it (Server-Timing `load`).
         started = time.perf_counter()
-        future = self.start()
+        future = self._begin(waiting=True)
         limit = self.wait if timeout is None else timeout
         try:
             if not _wait(future, limit):
                 raise self._timeout(limit)
             return _outcome(future)
         finally:
+            self._leave(future)
             timing.record("load", time.perf_counter() - started)
 
     async def aget(self, timeout: float | None = None) -> T:
@@ -250,7 +271,7 @@ class LazyModel(Generic[T]):
         if loaded is not None:
             return loaded.result()
         started = time.perf_counter()  # see get()
-        future = self.start()
+        future = self._begin(waiting=True)
         try:
             if not future.done():
                 loop = asyncio.get_running_loop()
@@ -270,13 +291,41 @@ class LazyModel(Generic[T]):
                     raise self._timeout(limit) from None
             return _outcome(future)
         finally:
+            self._leave(future)
             timing.record("load", time.perf_counter() - started)
 
     async def __call__(self) -> T:
         """FastAPI dependency: `model: Annotated[T, Depends(holder)]`."""
         return await self.aget()
 
+    def _leave(self, future: Future[T]) -> None:
+        """A caller stops waiting (answered, timed out or cancelled). When the last one leaves a
+        load still queued for a slot, the load is withdrawn: nobody is left to want it, and it
+        would take a slot, a download and memory from models that are wanted."""
+        with self._lock:
+            self._waiting -= 1
+            ticket = self._ticket
+            if (
+                self._waiting
+                or ticket is None
+                or future is not self._future
+                or self._slots is None
+                or not self._slots.cancel(ticket)
+            ):
+                return
+            self._future = None
+            self._ticket = None
+            self.loads_started -= 1
+        # Nobody waits on it; resolved all the same, so nothing can hang on it.
+        future.set_exception(ModelLoadTimeout(f"the {self.name} load was withdrawn unstarted"))
+
     def _timeout(self, limit: float) -> ModelLoadTimeout:
+        ticket, slots = self._ticket, self._slots
+        if ticket is not None and slots is not None and not ticket.started:
+            return ModelLoadTimeout(
+                f"the {self.name} did not start loading within {limit:g}s: other models are "
+                f"loading (at most {slots.limit} at once); retry shortly"
+            )
         return ModelLoadTimeout(
             f"the {self.name} is still loading after {limit:g}s; the load carries on, retry shortly"
         )
