@@ -1,9 +1,11 @@
 """Many models from one prefix, each loaded on first use (single-flight, as one model is), held
-under a memory budget: a load reserves its size before it downloads, idle models are evicted
-least recently used first, and a model in use by a request is never freed under it."""
+under a memory budget: a load reserves the size it reads before it downloads, idle models are
+evicted least recently used first, a model in use by a request is never freed under it, a few
+models load at once, and the pool keeps a bounded number of names."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -15,10 +17,11 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from lazyserve.errors import ModelMissing, ModelNotFound, ModelTooLarge, ModelUnavailable
-from lazyserve.lazy import LazyModel, Status
+from lazyserve.lazy import RECHECK_SECONDS, LazyModel, Status
 from lazyserve.model import Loaded
+from lazyserve.slots import LoadSlots
 
-__all__ = ["ModelPool", "PoolEntry"]
+__all__ = ["FORGET_FAILED_AFTER", "LOADS_AT_ONCE", "MAX_MODELS", "ModelPool", "PoolEntry"]
 
 T = TypeVar("T", bound=Loaded[Any])
 log = logging.getLogger("lazyserve")
@@ -26,6 +29,21 @@ log = logging.getLogger("lazyserve")
 # A load of `name` that reserves bytes through `reserve(size)` before it reads them.
 Load = Callable[[str, Callable[[int], None]], T]
 Check = Callable[[str], None]  # raises ModelNotFound for a name that cannot exist
+# recheck(name, error): may the object behind model `name`'s failed load have changed?
+PoolRecheck = Callable[[str, ModelUnavailable], bool]
+
+MAX_MODELS = 256
+"""Names the pool holds at once, loaded, loading or failed: a flood of names cannot grow it. A
+new name past the limit takes the place of the failed or idle model used least recently; when
+every one is in use or loading, its request gets the retryable 503."""
+LOADS_AT_ONCE = 4
+"""Loads a pool runs at once, each a thread with its connections and its buffer. A load beyond
+the limit queues without a thread; its request waits for a slot within LAZYSERVE_LOAD_WAIT or
+gets the retryable 503, and a queued load nobody waits for any more is dropped."""
+FORGET_FAILED_AFTER = 300.0
+"""Seconds a failed model (neither loaded nor loading, not in use) stays in the pool after its
+last request. A remembered failure goes with it: a name still asked for keeps its memory, a
+name nobody asks for costs nothing."""
 
 
 @dataclass
@@ -34,7 +52,9 @@ class PoolEntry(Generic[T]):
 
     name: str
     holder: LazyModel[T]
-    size: int = 0  # bytes reserved for its weights; 0 until the load knows them
+    size: int = 0  # bytes reserved for the version it serves (or is loading)
+    pending: int = 0  # bytes reserved for a new version a refresh loads beside it
+    refreshing: bool = False  # a refresh holds it: not evicted until it ends
     in_use: int = 0  # requests holding it now
     hits: int = 0
     last_used: float = field(default_factory=time.time)
@@ -42,6 +62,7 @@ class PoolEntry(Generic[T]):
 
     def describe(self) -> dict[str, Any]:
         loaded = self.holder.peek()
+        error = self.holder.last_error
         return {
             "name": self.name,
             "status": self.holder.status,
@@ -52,12 +73,13 @@ class PoolEntry(Generic[T]):
             "last_used": datetime.fromtimestamp(self.last_used, UTC).isoformat(
                 timespec="milliseconds"
             ),
+            "last_error": str(error) if error is not None and loaded is None else None,
         }
 
 
 class ModelPool(Generic[T]):
     """Models by name; `lease(name)` / `alease(name)` give one loaded model for the duration of
-    a request."""
+    a request. `recheck(name, error)` is each model's recheck hook (see lazy.RECHECK_SECONDS)."""
 
     def __init__(
         self,
@@ -66,11 +88,21 @@ class ModelPool(Generic[T]):
         check: Check,
         budget: int | None,
         wait: float = 25.0,
+        recheck: PoolRecheck | None = None,
+        recheck_every: float = RECHECK_SECONDS,
+        max_models: int = MAX_MODELS,
+        loads_at_once: int = LOADS_AT_ONCE,
+        forget_failed_after: float = FORGET_FAILED_AFTER,
     ) -> None:
         self._load = load
         self._check = check
         self.budget = budget
         self.wait = wait
+        self._recheck = recheck
+        self.recheck_every = recheck_every
+        self.max_models = max_models
+        self.forget_failed_after = forget_failed_after
+        self._slots = LoadSlots(loads_at_once)
         self._entries: dict[str, PoolEntry[T]] = {}
         self.reserved = 0  # bytes of the weights resident or being read
         self.peak_reserved = 0
@@ -105,20 +137,28 @@ class ModelPool(Generic[T]):
             self._give_back(entry)
 
     def status(self) -> Status:
-        """`loaded` once any model is resident, else `not_loaded` (for `GET /health`)."""
+        """For `GET /health`: `loaded` once any model is resident, else `failed` while a failure
+        is remembered, else `not_loaded`."""
         with self._cond:
             entries = list(self._entries.values())
-        return "loaded" if any(e.holder.status == "loaded" for e in entries) else "not_loaded"
+        if any(e.holder.status == "loaded" for e in entries):
+            return "loaded"
+        if any(e.holder.failure is not None for e in entries):
+            return "failed"
+        return "not_loaded"
 
     def describe(self) -> dict[str, Any]:
         """What `GET /models` shows: the budget and every model the pool holds."""
         with self._cond:
+            self._sweep()
             entries = [e.describe() for e in self._entries.values()]
             return {
                 "budget_bytes": self.budget,
                 "resident_bytes": self.reserved,
                 "peak_resident_bytes": self.peak_reserved,
                 "evictions": self.evictions,
+                "loads_running": self._slots.running,
+                "loads_queued": self._slots.queued,
                 "models": sorted(entries, key=lambda e: e["name"]),
             }
 
@@ -154,11 +194,26 @@ class ModelPool(Generic[T]):
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
+    def _book(
+        self, entry: PoolEntry[T], *, size: int | None = None, pending: int | None = None
+    ) -> None:
+        """The one place `reserved` changes: by the difference between what `entry` held and
+        what it holds now. With the lock held."""
+        if size is not None:
+            self.reserved += size - entry.size
+            entry.size = size
+        if pending is not None:
+            self.reserved += pending - entry.pending
+            entry.pending = pending
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
     def _take(self, name: str) -> PoolEntry[T]:
         self._check(name)  # a name that cannot exist is a 404 without an S3 call
         with self._cond:
             entry = self._entries.get(name)
             if entry is None:
+                self._sweep()
+                self._make_space(name)
                 entry = self._entries[name] = self._new_entry(name)
             entry.in_use += 1
             entry.hits += 1
@@ -177,9 +232,39 @@ class ModelPool(Generic[T]):
                 raise ModelUnavailable(f"model {name!r} was evicted; retry")
             return self._run(entry)
 
-        entry = PoolEntry(name, LazyModel(load, wait=self.wait, name=f"model {name!r}"))
+        recheck = functools.partial(self._recheck, name) if self._recheck is not None else None
+        holder = LazyModel(
+            load,
+            wait=self.wait,
+            name=f"model {name!r}",
+            recheck=recheck,
+            recheck_every=self.recheck_every,
+            slots=self._slots,
+        )
+        entry = PoolEntry(name, holder)
         entry_ref = weakref.ref(entry)
         return entry
+
+    def _sweep(self) -> None:
+        """Drop failed models nobody asked for in `forget_failed_after` seconds. Lock held."""
+        expired = time.time() - self.forget_failed_after
+        for entry in list(self._entries.values()):
+            if entry.in_use == 0 and entry.last_used <= expired and _failed(entry):
+                self._drop(entry)
+
+    def _make_space(self, name: str) -> None:
+        """Room for one more name under `max_models`: drop the failed or never-loaded idle
+        model used least recently, else evict the least recently used idle loaded one."""
+        while len(self._entries) >= self.max_models:
+            idle = [e for e in self._entries.values() if e.in_use == 0 and not e.refreshing]
+            unloaded = [e for e in idle if e.holder.status in ("failed", "not_loaded")]
+            if unloaded:
+                self._drop(min(unloaded, key=lambda e: e.last_used))
+            elif not self._evict_one(exclude=None):
+                raise ModelUnavailable(
+                    f"model {name!r} cannot be taken on now: the {len(self._entries)} models the "
+                    f"pool holds at most are all in use or loading; retry shortly"
+                )
 
     def _outcome(self, entry: PoolEntry[T], get: Callable[[], T]) -> T:
         try:
@@ -195,9 +280,16 @@ class ModelPool(Generic[T]):
             self._cond.notify_all()
 
     def _forget(self, entry: PoolEntry[T]) -> None:
+        # A missing object: nothing is kept for a name that has no model (a flood of made-up
+        # names leaves no entries behind); the next request for it asks S3 again.
         with self._cond:
-            if self._entries.get(entry.name) is entry and entry.holder.status != "loaded":
-                del self._entries[entry.name]
+            if self._entries.get(entry.name) is entry and _failed(entry):
+                self._drop(entry)
+
+    def _drop(self, entry: PoolEntry[T]) -> None:
+        del self._entries[entry.name]
+        self._book(entry, size=0, pending=0)
+        self._cond.notify_all()
 
     def _run(self, entry: PoolEntry[T]) -> T:
         """The load of one entry, in its holder's thread."""
@@ -216,7 +308,9 @@ class ModelPool(Generic[T]):
     def _reserve(self, entry: PoolEntry[T], size: int) -> None:
         budget = self.budget
         with self._cond:
-            self._release(entry)  # a retried load reserves afresh
+            if self._entries.get(entry.name) is not entry:
+                raise ModelUnavailable(f"model {entry.name!r} was dropped from the pool; retry")
+            self._book(entry, size=0)  # a retried load reserves afresh
             if budget is not None and size > budget:
                 raise ModelTooLarge(
                     f"model {entry.name!r} is {size} bytes, more than the whole memory budget "
@@ -229,42 +323,52 @@ class ModelPool(Generic[T]):
                     continue
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._cond.wait(left):
-                    in_use = sorted(e.name for e in self._entries.values() if e.in_use)
+                    in_use = sorted(
+                        e.name for e in self._entries.values() if e.in_use and e is not entry
+                    )
                     raise ModelTooLarge(
                         f"model {entry.name!r} ({size} bytes) does not fit in the memory budget "
                         f"of {budget} bytes while models in use hold {self.reserved} bytes "
-                        f"({', '.join(in_use) or 'loads under way'}); retry shortly"
+                        f"({', '.join(in_use[:5]) or 'loads under way'}"
+                        f"{f' and {len(in_use) - 5} more' if len(in_use) > 5 else ''}); "
+                        "retry shortly",
+                        retryable=True,  # the models in use are let go of: a retry may fit
                     )
-            entry.size = size
-            self.reserved += size
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
+            self._book(entry, size=size)
 
-    def _evict_one(self, *, exclude: PoolEntry[T]) -> bool:
-        """Free the least recently used idle resident model; False when none is idle."""
-        idle = [
+    def _idle(self, *, exclude: PoolEntry[T] | None) -> list[PoolEntry[T]]:
+        """Loaded models nobody uses or refreshes: what may be evicted. Lock held."""
+        return [
             e
             for e in self._entries.values()
-            if e is not exclude and e.in_use == 0 and e.size and e.holder.status == "loaded"
+            if e is not exclude
+            and e.in_use == 0
+            and not e.refreshing
+            and e.holder.status == "loaded"
         ]
+
+    def _evict_one(self, *, exclude: PoolEntry[T] | None) -> bool:
+        """Free the least recently used idle resident model; False when none is idle."""
+        idle = self._idle(exclude=exclude)
         if not idle:
             return False
         victim = min(idle, key=lambda e: e.last_used)
-        del self._entries[victim.name]
-        self._release(victim)
+        size = victim.size
+        self._drop(victim)
         self.evictions += 1
         log.info(
             "evicted model %r (%d bytes) to make room",
             victim.name,
-            victim.size,
-            extra={"model": victim.name, "bytes": victim.size},
+            size,
+            extra={"model": victim.name, "bytes": size},
         )
         return True
 
-    def _release(self, entry: PoolEntry[T]) -> None:
-        self.reserved -= entry.size
-        entry.size = 0
-
     def _unreserve(self, entry: PoolEntry[T]) -> None:
         with self._cond:
-            self._release(entry)
+            self._book(entry, size=0)
             self._cond.notify_all()
+
+
+def _failed(entry: PoolEntry[Any]) -> bool:
+    return entry.holder.status == "failed"
