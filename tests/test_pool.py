@@ -202,21 +202,6 @@ async def test_async_leases_release_the_model_when_the_request_ends() -> None:
             pass
 
 
-def test_refresh_reservations_count_against_the_budget() -> None:
-    models = pool(Loads(), budget=3 * SIZE)
-    with models.lease("a"), models.lease("b"):
-        pass
-    assert models.reserve_extra(SIZE)  # a new copy of "a" beside the old: 300 of 300
-    assert not models.reserve_extra(1)
-    (entry,) = [e for e in models.entries() if e.name == "a"]
-    models.swapped(entry, SIZE)  # the new version serves; the old one's bytes go back
-    assert models.describe()["resident_bytes"] == 2 * SIZE
-    assert models.reserve_extra(SIZE)  # a refresh that then fails gives its bytes back
-    models.release_extra(SIZE)
-    assert models.describe()["resident_bytes"] == 2 * SIZE
-    assert models.describe()["peak_resident_bytes"] == 3 * SIZE
-
-
 def test_an_evicted_model_is_freed_at_once_not_by_the_cycle_collector() -> None:
     class Weights:  # stands in for a loaded model: something that can be weakly referenced
         def __init__(self, name: str) -> None:

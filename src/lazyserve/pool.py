@@ -104,7 +104,9 @@ class ModelPool(Generic[T]):
         self.forget_failed_after = forget_failed_after
         self._slots = LoadSlots(loads_at_once)
         self._entries: dict[str, PoolEntry[T]] = {}
-        self.reserved = 0  # bytes of the weights resident or being read
+        # Bytes of the weights resident or being read: the sum of every entry's size and
+        # pending, changed only by _book, so it cannot drift from what the entries hold.
+        self.reserved = 0
         self.peak_reserved = 0
         self.evictions = 0
         # One lock for the entries and the budget (a Condition: a load waiting for room wakes
@@ -166,30 +168,54 @@ class ModelPool(Generic[T]):
         with self._cond:
             return list(self._entries.values())
 
-    def reserve_extra(self, size: int) -> bool:
-        """Reserve `size` more bytes if they fit now, evicting nothing (a refresh's new copy)."""
-        with self._cond:
-            if self.budget is not None and self.reserved + size > self.budget:
-                return False
-            self.reserved += size
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
-            return True
+    # -- what a refresh uses ---------------------------------------------------------------------
 
-    def release_extra(self, size: int) -> None:
+    def reserve_beside(self, entry: PoolEntry[T], size: int) -> None:
+        """Hold `size` bytes for a new version of `entry` loaded beside the current one,
+        evicting idle models (never one in use, never `entry`), or raise ModelTooLarge. Called
+        again with the size the reload reads, it books that instead; `swapped` or `abandoned`
+        ends the refresh, which keeps `entry` from being evicted until then."""
+        budget = self.budget
         with self._cond:
-            self.reserved -= size
-            self._cond.notify_all()
+            if self._entries.get(entry.name) is not entry or entry.holder.status != "loaded":
+                raise ModelUnavailable(f"model {entry.name!r} is no longer loaded; not refreshed")
+            entry.refreshing = True
+            self._book(entry, pending=0)
+            if budget is None:
+                self._book(entry, pending=size)
+                return
+            if entry.size + size > budget:
+                raise ModelTooLarge(
+                    f"model {entry.name!r}: {entry.size} + {size} bytes (current and new version) "
+                    f"exceed the memory budget of {budget} bytes"
+                )
+            idle = self._idle(exclude=entry)
+            if self.reserved - sum(e.size for e in idle) + size > budget:
+                # Evicting every idle model would not make room: evict none of them for nothing.
+                raise ModelTooLarge(
+                    f"model {entry.name!r}: {size} more bytes do not fit in the memory budget of "
+                    f"{budget} bytes while models in use hold {self.reserved} bytes",
+                    retryable=True,
+                )
+            while self.reserved + size > budget and self._evict_one(exclude=entry):
+                pass
+            self._book(entry, pending=size)
 
     def swapped(self, entry: PoolEntry[T], size: int) -> None:
-        """`entry` now serves a new version of `size` bytes, reserved with reserve_extra; the
-        old version's bytes go back to the budget (requests still holding it finish first, but
-        they hold it outside any new reservation for at most one request's time)."""
+        """`entry` serves a new version of `size` bytes: it is booked at that size and its old
+        version's bytes go back (requests still holding the old version finish first, outside
+        any reservation, for at most one request's time)."""
         with self._cond:
-            self.reserved -= entry.size
-            if self._entries.get(entry.name) is entry:
-                entry.size = size
-            else:  # evicted meanwhile: nothing holds the new version either
-                self.reserved -= size
+            entry.refreshing = False
+            kept = self._entries.get(entry.name) is entry
+            self._book(entry, size=size if kept else 0, pending=0)
+            self._cond.notify_all()
+
+    def abandoned(self, entry: PoolEntry[T]) -> None:
+        """The refresh of `entry` ended without a swap: its new version's bytes go back."""
+        with self._cond:
+            entry.refreshing = False
+            self._book(entry, pending=0)
             self._cond.notify_all()
 
     # -- bookkeeping -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from lazyserve.metrics import ModelMetrics, metrics_enabled
 from lazyserve.middleware import MetricsMiddleware
 from lazyserve.model import Loaded, load_model
 from lazyserve.pool import ModelPool, PoolEntry
-from lazyserve.refresh import Refresher, Target
+from lazyserve.refresh import Refresher, Target, beside
 from lazyserve.routes import model_router, pool_router
 from lazyserve.schemas import NOT_FOUND, TOO_LARGE, UNAVAILABLE
 from lazyserve.settings import Settings, load_settings
@@ -293,16 +293,19 @@ class Service(Generic[M]):
 
     def _refresh_targets(self) -> list[Target]:
         if self._holder is not None:
-            budget = self.budget
             return [
                 Target(
                     name=self.settings.model_uri,
                     holder=self._holder,
                     stat=lambda: head(self.uri),
-                    reload=lambda: load_model(
-                        self._build, self.settings, uri=self.uri, s3_client=self._s3_client
+                    reload=lambda reserve: load_model(
+                        self._build,
+                        self.settings,
+                        uri=self.uri,
+                        reserve=reserve,
+                        s3_client=self._s3_client,
                     ),
-                    reserve=lambda old, new: budget is None or old + new <= budget,
+                    reserve=beside(self.budget),
                 )
             ]
         assert self.pool is not None
@@ -314,12 +317,12 @@ class Service(Generic[M]):
             name=uri.uri,
             holder=entry.holder,
             stat=lambda: head(uri),
-            reload=lambda: load_model(
-                self._build, self.settings, uri=uri, s3_client=self._s3_client
+            reload=lambda reserve: load_model(
+                self._build, self.settings, uri=uri, reserve=reserve, s3_client=self._s3_client
             ),
-            reserve=lambda old, new: pool.reserve_extra(new),
+            reserve=lambda old, new: pool.reserve_beside(entry, new),
             swapped=lambda old, new: pool.swapped(entry, new.info.size_bytes),
-            abandoned=pool.release_extra,
+            abandoned=lambda: pool.abandoned(entry),
         )
 
 
