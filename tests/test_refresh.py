@@ -9,9 +9,11 @@ are not downloaded again."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import math
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from types import ModuleType, SimpleNamespace
@@ -326,8 +328,19 @@ def test_a_refresh_in_a_full_pool_evicts_an_idle_model_to_make_room() -> None:
     use(models, "alpha", "beta")
     prefix.put("alpha", "v2", 69_000)
 
+    prefix.put("beta", "v2", 69_000)
     refresh = refresher()
-    assert refresh.check(target_of(models, "alpha", prefix))
+    alpha, beta = target_of(models, "alpha", prefix), target_of(models, "beta", prefix)
+    with models.lease("beta") as loaded:
+        beta_weights = weakref.ref(loaded)
+    del loaded
+    gc.disable()  # freed by reference counting alone, not by a later collection
+    try:
+        assert refresh.check(alpha)
+        assert beta_weights() is None  # evicted for alpha; the round's targets keep nothing
+    finally:
+        gc.enable()
+    assert not refresh.check(beta)  # gone: nothing to renew, no failure
     assert refresh.counts() == {"checks": 1, "refreshes": 1, "failures": 0, "refused": 0}
     described = models.describe()
     assert [m["name"] for m in described["models"]] == ["alpha"]

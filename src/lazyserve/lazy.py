@@ -239,6 +239,18 @@ class LazyModel(Generic[T]):
             self.last_error = None
             self._failure = None
 
+    def unload(self) -> None:
+        """Let go of the loaded value or the remembered failure (its pool dropped it): the
+        status is `not_loaded` again. Callers that have the value keep it; a load under way
+        is left alone."""
+        with self._lock:
+            future = self._future
+            if future is not None and not future.done():
+                return
+            self._future = None
+            self._value = None
+            self._failure = None
+
     def get(self, timeout: float | None = None) -> T:
         """Block this thread until the value is loaded (at most `timeout`, default `wait`)."""
         value = self._value

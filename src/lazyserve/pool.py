@@ -313,7 +313,11 @@ class ModelPool(Generic[T]):
                 self._drop(entry)
 
     def _drop(self, entry: PoolEntry[T]) -> None:
+        # Only idle entries are dropped: no request holds the model. The holder lets go of it
+        # too, so whatever still refers to the entry (a refresh round's list of targets) does
+        # not keep the weights alive, nor try to renew a model that is gone.
         del self._entries[entry.name]
+        entry.holder.unload()
         self._book(entry, size=0, pending=0)
         self._cond.notify_all()
 
