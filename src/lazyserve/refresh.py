@@ -207,7 +207,9 @@ class Refresher:
         try:
             now = target.stat()
         except Exception as exc:
-            log.warning("refresh of %s: cannot tell whether it changed: %s", target.name, exc)
+            # DEBUG: the load's own failure was logged as an error already, and a pool may
+            # hold hundreds of failed names, each looked at every round.
+            log.debug("refresh of %s: cannot tell whether it changed: %s", target.name, exc)
             return
         version = (now.etag, now.version_id)
         seen = self._failed.get(target.name)
