@@ -15,11 +15,16 @@ from fastapi import Depends, FastAPI
 
 from lazyserve.errors import (
     ModelFetchError,
+    ModelFormatError,
+    ModelIntegrityError,
     ModelLoadError,
     ModelLoadTimeout,
+    ModelMissing,
+    ModelTooLarge,
     ModelUnavailable,
 )
 from lazyserve.lazy import LazyModel
+from lazyserve.slots import LoadSlots
 
 WAIT = 10.0  # upper bound for any wait in these tests; never reached when the code is right
 
@@ -563,3 +568,228 @@ async def test_async_waiters_of_a_failed_load_get_their_own_error() -> None:
     assert len({id(e) for e in seen}) == 5  # five errors, not one shared and growing
     assert all(str(e) == "cannot read s3://b/k" for e in seen)
     assert holder.last_error is not None and holder.last_error.__traceback__ is None
+
+
+# -- failures no retry changes (a bad file, a failed digest, no fit, no object) ----------------
+
+
+class Recheck:
+    """A recheck hook: answers `changed`, counts its calls, can be held at a gate."""
+
+    def __init__(self, *, changed: bool = False, gated: bool = False) -> None:
+        self.changed = changed
+        self.calls: list[BaseException] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+
+    def __call__(self, error: ModelUnavailable) -> bool:
+        self.calls.append(error)
+        self.entered.set()
+        assert self.gate.wait(WAIT)
+        return self.changed
+
+
+def fails_first(error: BaseException) -> Loader:
+    return Loader(fail_on=lambda n: error if n == 1 else None)
+
+
+PERMANENT = [
+    ModelFormatError("s3://b/k: the weights do not fit the model (3 shapes differ)"),
+    ModelIntegrityError("s3://b/k: sha256 is 9f86d0 but LAZYSERVE_MODEL_SHA256 says 2c26b4"),
+    ModelTooLarge("s3://b/k is 9 GB; the function's memory is 3 GB"),
+    ModelMissing("s3://b/k: S3 error NoSuchKey"),
+    ModelFetchError("s3://b/k: S3 error AccessDenied (grant s3:GetObject)", retryable=False),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("error", PERMANENT, ids=lambda e: type(e).__name__)
+async def test_a_failure_no_retry_changes_is_loaded_once_then_answered_from_memory(
+    error: ModelUnavailable,
+) -> None:
+    loader = fails_first(error)
+    recheck = Recheck(changed=True)
+    holder: LazyModel[object] = LazyModel(loader, recheck=recheck, recheck_every=3600)
+
+    seen: list[BaseException] = []
+    for ask in (holder.get, holder.aget, holder.get, holder.aget):
+        with pytest.raises(type(error)) as info:
+            result = ask()
+            if asyncio.iscoroutine(result):
+                await result
+        seen.append(info.value)
+
+    assert loader.calls == 1  # one download, not one per request
+    assert [str(e) for e in seen] == [str(error)] * 4
+    assert len({id(e) for e in seen}) == 4  # each request its own copy
+    assert holder.status == "failed"
+    assert holder.failure is error
+    assert (holder.loads_started, holder.loads_succeeded) == (1, 0)
+    assert recheck.calls == []  # not due within the interval
+
+
+@pytest.mark.anyio
+async def test_the_recheck_runs_off_the_request_path_and_a_changed_object_loads_again() -> None:
+    error = ModelFormatError("s3://b/k: not a safetensors file")
+    loader = fails_first(error)
+    recheck = Recheck(changed=True, gated=True)
+    holder: LazyModel[object] = LazyModel(loader, recheck=recheck, recheck_every=0)
+
+    with pytest.raises(ModelFormatError):
+        await holder.aget()
+    # Due at once (interval 0): this request starts the recheck and is answered without it.
+    with pytest.raises(ModelFormatError):
+        await holder.aget()
+    assert await anyio.to_thread.run_sync(recheck.entered.wait, WAIT)
+    with pytest.raises(ModelFormatError):  # one recheck at a time; still no load
+        await holder.aget()
+    assert len(recheck.calls) == 1 and recheck.calls[0] is error
+    assert loader.calls == 1
+    assert holder.status == "failed"
+
+    recheck.gate.set()
+    await wait_until(lambda: holder.failure is None)
+    assert holder.rechecks == 1
+    assert await holder.aget() is loader.values[0]
+    assert loader.calls == 2
+    assert holder.status == "loaded"
+
+
+def test_an_unchanged_object_stays_remembered_through_its_rechecks() -> None:
+    loader = fails_first(ModelIntegrityError("s3://b/k: sha256 differs"))
+    recheck = Recheck(changed=False)
+    holder: LazyModel[object] = LazyModel(loader, recheck=recheck, recheck_every=0)
+    for done in range(1, 4):
+        with pytest.raises(ModelIntegrityError):
+            holder.get()
+        assert anyio.run(wait_for_rechecks, holder, done - 1)
+    assert loader.calls == 1
+    assert holder.status == "failed"
+    assert holder.failure is not None
+
+
+async def wait_for_rechecks(holder: LazyModel[object], count: int) -> bool:
+    await wait_until(lambda: holder.rechecks >= count)
+    return True
+
+
+def test_a_recheck_that_raises_keeps_the_failure_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loader = fails_first(ModelFormatError("s3://b/k: not a safetensors file"))
+
+    def recheck(error: ModelUnavailable) -> bool:
+        raise ModelFetchError("s3://b/k: S3 error SlowDown")
+
+    holder: LazyModel[object] = LazyModel(
+        loader, name="digits model", recheck=recheck, recheck_every=0
+    )
+    for _ in range(2):
+        with pytest.raises(ModelFormatError):
+            holder.get()
+    assert anyio.run(wait_for_rechecks, holder, 1)
+    assert loader.calls == 1
+    assert holder.failure is not None
+    assert (
+        "digits model: cannot tell whether the object behind the failed load changed: "
+        "s3://b/k: S3 error SlowDown"
+    ) in caplog.text
+
+
+def test_without_a_recheck_a_remembered_failure_is_loaded_again_once_per_interval() -> None:
+    loader = fails_first(ModelFormatError("s3://b/k: not a safetensors file"))
+    holder: LazyModel[object] = LazyModel(loader, recheck_every=3600)
+    for _ in range(3):
+        with pytest.raises(ModelFormatError):
+            holder.get()
+    assert loader.calls == 1
+    holder.recheck_every = 0  # the interval has passed
+    assert holder.get() is loader.values[0]
+    assert loader.calls == 2
+
+
+def test_forget_lets_the_next_request_load_and_swap_clears_the_failure() -> None:
+    error = ModelFormatError("s3://b/k: not a safetensors file")
+    loader = Loader(fail_on=lambda n: error if n in (1, 2) else None)
+    holder: LazyModel[object] = LazyModel(loader, recheck_every=3600)
+    with pytest.raises(ModelFormatError):
+        holder.get()
+    assert not holder.forget(ModelFormatError("another error"))  # only the one remembered
+    assert holder.forget(error)
+    with pytest.raises(ModelFormatError):
+        holder.get()  # loaded again (and failed again)
+    assert loader.calls == 2
+
+    fresh = object()
+    holder.swap(fresh)  # a refresh's new version
+    assert holder.failure is None
+    assert holder.get() is fresh
+    assert loader.calls == 2
+
+
+def test_a_retryable_failure_is_not_remembered() -> None:
+    loader = fails_first(ModelFetchError("s3://b/k: S3 error SlowDown", retryable=True))
+    holder: LazyModel[object] = LazyModel(loader, recheck_every=3600)
+    with pytest.raises(ModelFetchError):
+        holder.get()
+    assert holder.failure is None
+    assert holder.status == "failed"
+    assert holder.get() is loader.values[0]
+    assert loader.calls == 2
+
+
+# -- load slots shared by many holders ---------------------------------------------------------
+
+
+def test_a_load_queued_for_a_slot_starts_no_thread_and_is_withdrawn_when_nobody_waits() -> None:
+    slots = LoadSlots(1)
+    busy_loader = Loader(gated=True)
+    busy: LazyModel[object] = LazyModel(busy_loader, slots=slots, name="busy model")
+    queued_loader = Loader()
+    queued: LazyModel[object] = LazyModel(queued_loader, slots=slots, name="queued model")
+    busy.start()
+    assert busy_loader.entered.wait(WAIT)
+
+    with pytest.raises(ModelLoadTimeout) as info:
+        queued.get(timeout=0.05)
+    assert str(info.value) == (
+        "the queued model did not start loading within 0.05s: other models are loading (at "
+        "most 1 at once); retry shortly"
+    )
+    assert queued_loader.calls == 0
+    assert not any(t.name == "lazyserve-load-queued model" for t in threading.enumerate())
+    assert (queued.status, queued.loads_started) == ("not_loaded", 0)
+
+    busy_loader.gate.set()
+    assert busy.get() is busy_loader.values[0]
+    assert queued_loader.calls == 0  # withdrawn: the freed slot did not start it
+    assert queued.get() is queued_loader.values[0]  # a later request loads it
+
+
+def test_a_queued_load_one_waiter_gave_up_on_runs_for_the_one_still_waiting() -> None:
+    slots = LoadSlots(1)
+    busy_loader = Loader(gated=True)
+    busy: LazyModel[object] = LazyModel(busy_loader, slots=slots)
+    queued_loader = Loader()
+    queued: LazyModel[object] = LazyModel(queued_loader, slots=slots)
+    busy.start()
+    assert busy_loader.entered.wait(WAIT)
+    arrivals = Arrivals()
+    got: list[object] = []
+
+    def patient() -> None:
+        arrivals.arrive()
+        got.append(queued.get())
+
+    thread = threading.Thread(target=patient)
+    thread.start()
+    assert arrivals.wait_for(1)
+    anyio.run(wait_until, lambda: queued.status == "loading")  # queued, for the patient one
+    with pytest.raises(ModelLoadTimeout):
+        queued.get(timeout=0.05)
+    busy_loader.gate.set()
+    thread.join(WAIT)
+    assert got == queued_loader.values
+    assert queued_loader.calls == 1

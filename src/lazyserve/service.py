@@ -25,7 +25,7 @@ from lazyserve.metrics import ModelMetrics, metrics_enabled
 from lazyserve.middleware import MetricsMiddleware
 from lazyserve.model import Loaded, load_model
 from lazyserve.pool import ModelPool, PoolEntry
-from lazyserve.refresh import Refresher, Target
+from lazyserve.refresh import Refresher, Target, beside
 from lazyserve.routes import model_router, pool_router, prefix_router
 from lazyserve.schemas import FAILED, NOT_FOUND, TOO_LARGE, UNAVAILABLE
 from lazyserve.settings import Settings, load_settings
@@ -331,16 +331,19 @@ class Service(Generic[M]):
 
     def _refresh_targets(self) -> list[Target]:
         if self._holder is not None:
-            budget = self.budget
             return [
                 Target(
                     name=self.settings.model_uri,
                     holder=self._holder,
                     stat=lambda: self._stat(self.uri),
-                    reload=lambda: load_model(
-                        self._build, self.settings, uri=self.uri, client=self._client
+                    reload=lambda reserve: load_model(
+                        self._build,
+                        self.settings,
+                        uri=self.uri,
+                        reserve=reserve,
+                        client=self._client,
                     ),
-                    reserve=lambda old, new: budget is None or old + new <= budget,
+                    reserve=beside(self.budget),
                     swapped=lambda old, new: self._loaded(new),
                 )
             ]
@@ -353,10 +356,12 @@ class Service(Generic[M]):
             name=uri.uri,
             holder=entry.holder,
             stat=lambda: self._stat(uri),
-            reload=lambda: load_model(self._build, self.settings, uri=uri, client=self._client),
-            reserve=lambda old, new: pool.reserve_extra(new),
+            reload=lambda reserve: load_model(
+                self._build, self.settings, uri=uri, reserve=reserve, client=self._client
+            ),
+            reserve=lambda old, new: pool.reserve_beside(entry, new),
             swapped=lambda old, new: pool.swapped(entry, new.info.size_bytes),
-            abandoned=pool.release_extra,
+            abandoned=lambda: pool.abandoned(entry),
         )
 
 

@@ -76,7 +76,8 @@ class ModelURI:
             key = self.key + file
             if len(key.encode()) > _MAX_KEY_BYTES:
                 raise ValueError(
-                    f"model name {_shown(name)} makes the key longer than S3's {_MAX_KEY_BYTES} bytes"
+                    f"model name {_shown(name)} makes the key longer than S3's "
+                    f"{_MAX_KEY_BYTES} bytes"
                 )
             return ModelURI(f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
         assert self.path is not None
@@ -176,5 +177,7 @@ def _parse_file(uri: str, rest: str) -> ModelURI:
     elif rest.startswith("/"):
         path = rest
     else:
-        raise ValueError(f"a file: URI names an absolute path (file:///abs/path), got {_shown(uri)}")
+        raise ValueError(
+            f"a file: URI names an absolute path (file:///abs/path), got {_shown(uri)}"
+        )
     return ModelURI(uri, path=Path(unquote(path)))
