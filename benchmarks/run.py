@@ -234,10 +234,9 @@ def _mib(size: int) -> str:
 
 
 def lazyserve_default_connections() -> int:
-    from lazyserve.settings import Settings
+    from lazyserve.settings import DEFAULT_CONCURRENCY
 
-    default = Settings.model_fields["s3_concurrency"].default
-    return int(default)
+    return DEFAULT_CONCURRENCY
 
 
 def fetch_goals(results: peers.PeersResults | None) -> list[Goal]:

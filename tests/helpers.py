@@ -183,6 +183,7 @@ def failing_gets(status: int, code: str, message: str) -> Fault:
 
 
 ACCESS_DENIED = (403, "AccessDenied", "Access Denied")
+SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate.")
 
 
 def weights_gets(s3: CountingS3Server) -> int:
@@ -219,6 +220,41 @@ def assert_unavailable(
     assert 'File "' not in text
     assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in text
     assert FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"] not in text
+
+
+def assert_unloadable(status: int, headers: Any, body: Any, *must_name: str) -> None:
+    """A model that cannot load until its object (or the settings) change: 500 without
+    Retry-After, the cause in words, no traceback, no credentials."""
+    assert status == 500, body
+    assert "retry-after" not in {k.lower() for k in headers}
+    assert set(body) == {"detail"}
+    assert set(body["detail"]) == {"error", "message"}
+    assert body["detail"]["error"] == "model_unloadable"
+    message = body["detail"]["message"]
+    for word in must_name:
+        assert word in message, (word, message)
+    text = json.dumps(body)
+    assert "Traceback" not in text
+    assert 'File "' not in text
+    assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in text
+    assert FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"] not in text
+
+
+def recheck_now(holder: Any, timeout: float = 30.0) -> None:
+    """Make a holder that remembers a failure look again at once (its recheck runs off the
+    request path), and wait until it has looked: the next request then loads if the object
+    changed."""
+    holder.recheck_every = 0.0
+    before = holder.rechecks
+    holder.start()  # what a request does: finds the failure, starts the recheck
+    deadline = time.monotonic() + timeout
+    while holder.rechecks == before or (holder.failure is not None and _rechecking(holder)):
+        assert time.monotonic() < deadline, "the recheck did not finish"
+        time.sleep(0.01)
+
+
+def _rechecking(holder: Any) -> bool:
+    return bool(getattr(holder, "_rechecking", False))
 
 
 def asgi_client(mod: ModuleType) -> httpx.AsyncClient:
@@ -583,7 +619,8 @@ class CredentialsEndpoint:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 outer.seen.append(self.headers.get("Authorization"))
-                body = json.dumps(outer.document).encode()
+                answer = outer.document if outer.status == 200 else {"message": "unavailable"}
+                body = json.dumps(answer).encode()
                 self.send_response(outer.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -29,8 +29,10 @@ from tests.helpers import (
     asgi_client,
     assert_prediction_shape,
     assert_unavailable,
+    assert_unloadable,
     failing_gets,
     held_out_digits,
+    recheck_now,
     s3_uri,
     weights_gets,
 )
@@ -184,17 +186,24 @@ async def test_ready_starts_the_load_and_answers_200(
 
 
 @pytest.mark.anyio
-async def test_ready_is_503_while_the_model_cannot_load_then_recovers(
-    s3: CountingS3Server, s3_client: httpx.AsyncClient
+async def test_ready_is_500_while_the_model_cannot_load_then_recovers(
+    s3: CountingS3Server, s3_client: httpx.AsyncClient, s3_app: ModuleType
 ) -> None:
     s3.fault = failing_gets(*ACCESS_DENIED)
     response = await s3_client.get("/ready")
-    assert_unavailable(
+    assert_unloadable(
         response.status_code, response.headers, response.json(), BUCKET, KEY, "AccessDenied"
     )
     assert (await s3_client.get("/health")).json() == {"status": "ok", "model": "failed"}
+    # Denied access is not retried by every request: it is answered until a look at the
+    # object shows something else (here, once the role may read it).
+    s3.clear()
+    response = await s3_client.get("/ready")
+    assert response.status_code == 500
+    assert weights_gets(s3) == 0
 
     s3.fault = None
+    recheck_now(s3_app.service.model)
     response = await s3_client.get("/ready")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "model": "loaded"}
@@ -379,9 +388,9 @@ async def test_body_of_exactly_6_mib_is_served(local_client: httpx.AsyncClient) 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("status", "code", "message"),
-    [ACCESS_DENIED, (503, "SlowDown", "Please reduce your request rate."),
+    [(503, "SlowDown", "Please reduce your request rate."),
      (500, "InternalError", "We encountered an internal error. Please try again.")],
-    ids=["403-AccessDenied", "503-SlowDown", "500-InternalError"],
+    ids=["503-SlowDown", "500-InternalError"],
 )  # fmt: skip
 async def test_s3_failure_is_503_then_the_next_request_retries(
     s3: CountingS3Server,
@@ -413,51 +422,56 @@ async def test_s3_failure_is_503_then_the_next_request_retries(
 
 
 @pytest.mark.anyio
-async def test_missing_object_is_503_naming_no_such_key(
+async def test_missing_object_is_500_naming_no_such_key(
     s3: CountingS3Server, import_handler: ImportHandler
 ) -> None:
     missing = "digits/missing.safetensors"
     mod = import_handler(LAZYSERVE_MODEL_URI=f"s3://{BUCKET}/{missing}")
     async with asgi_client(mod) as client:
         response = await client.post("/predict", json={"inputs": [DIGIT_8]})
-    assert_unavailable(
+    assert_unloadable(
         response.status_code, response.headers, response.json(), BUCKET, missing, "NoSuchKey"
     )
 
 
 @pytest.mark.anyio
-async def test_missing_bucket_is_503_naming_no_such_bucket(
+async def test_missing_bucket_is_500_naming_no_such_bucket(
     s3: CountingS3Server, import_handler: ImportHandler
 ) -> None:
     mod = import_handler(LAZYSERVE_MODEL_URI="s3://no-such-bucket-here/digits.safetensors")
     async with asgi_client(mod) as client:
         response = await client.post("/predict", json={"inputs": [DIGIT_8]})
-    assert_unavailable(
+    assert_unloadable(
         response.status_code, response.headers, response.json(), "no-such-bucket-here",
         "NoSuchBucket",
     )  # fmt: skip
 
 
 @pytest.mark.anyio
-async def test_sha256_mismatch_is_503_naming_both_digests(
+async def test_sha256_mismatch_is_500_naming_both_digests(
     s3: CountingS3Server, import_handler: ImportHandler
 ) -> None:
     expected = "ab" * 32
     mod = import_handler(LAZYSERVE_MODEL_URI=s3_uri(), LAZYSERVE_MODEL_SHA256=expected)
     async with asgi_client(mod) as client:
         response = await client.post("/predict", json={"inputs": [DIGIT_8]})
-        assert_unavailable(
+        assert_unloadable(
             response.status_code, response.headers, response.json(), expected, WEIGHTS_SHA256
         )
         assert (await client.get("/health")).json()["model"] == "failed"
 
 
 @pytest.mark.anyio
-async def test_missing_local_file_is_503_naming_the_path(
+async def test_missing_local_file_is_500_naming_the_path(
     tmp_path: Any, import_handler: ImportHandler
 ) -> None:
     path = tmp_path / "nowhere.safetensors"
     mod = import_handler(LAZYSERVE_MODEL_URI=str(path))
     async with asgi_client(mod) as client:
         response = await client.post("/predict", json={"inputs": [DIGIT_8]})
-    assert_unavailable(response.status_code, response.headers, response.json(), str(path))
+        assert_unloadable(response.status_code, response.headers, response.json(), str(path))
+        # The file appears: the next look sees it, and the next request loads it.
+        path.write_bytes(WEIGHTS_BYTES)
+        recheck_now(mod.service.model)
+        response = await client.post("/predict", json={"inputs": [DIGIT_8]})
+        assert response.status_code == 200, response.text

@@ -21,6 +21,7 @@ from tests.helpers import (
     KEY,
     PART_SIZE,
     PARTS,
+    SLOW_DOWN,
     WEIGHTS_BYTES,
     WEIGHTS_SHA256,
     ImportHandler,
@@ -258,11 +259,11 @@ def test_http_event_with_plain_text_body_answers(mod: ModuleType) -> None:
 def test_failed_s3_read_raises_on_warmup_answers_503_over_http_then_recovers(
     s3: CountingS3Server, mod: ModuleType
 ) -> None:
-    s3.fault = failing_gets(*ACCESS_DENIED)
+    s3.fault = failing_gets(*SLOW_DOWN)
     with pytest.raises(ModelUnavailable) as info:
         mod.handler(load_event("warmup"), None)
     assert type(info.value).__name__ == "ModelFetchError"
-    assert "AccessDenied" in str(info.value)
+    assert "SlowDown" in str(info.value)
     assert f"s3://{BUCKET}/{KEY}" in str(info.value)
 
     response = mod.handler(load_event("http-api-predict"), None)
@@ -273,7 +274,7 @@ def test_failed_s3_read_raises_on_warmup_answers_503_over_http_then_recovers(
         body_of(response),
         BUCKET,
         KEY,
-        "AccessDenied",
+        "SlowDown",
     )
     with pytest.raises(ModelUnavailable):
         mod.handler(load_event("direct-predict"), None)
@@ -290,11 +291,24 @@ def test_failed_s3_read_raises_on_warmup_answers_503_over_http_then_recovers(
 
 
 def test_rest_event_503_carries_retry_after(s3: CountingS3Server, mod: ModuleType) -> None:
-    s3.fault = failing_gets(*ACCESS_DENIED)
+    s3.fault = failing_gets(*SLOW_DOWN)
     response = mod.handler(load_event("rest-predict"), None)
     assert response["statusCode"] == 503
     assert header(response, "retry-after") == "5"
     assert body_of(response)["detail"]["error"] == "model_unavailable"
+
+
+def test_rest_event_for_a_model_that_cannot_load_is_a_500_without_retry_after(
+    s3: CountingS3Server, mod: ModuleType
+) -> None:
+    s3.fault = failing_gets(*ACCESS_DENIED)
+    response = mod.handler(load_event("rest-predict"), None)
+    assert response["statusCode"] == 500
+    assert header(response, "retry-after") is None
+    assert body_of(response)["detail"]["error"] == "model_unloadable"
+    s3.clear()
+    assert mod.handler(load_event("rest-predict"), None)["statusCode"] == 500
+    assert weights_gets(s3) == 0  # remembered: not tried again by each request
 
 
 # --- LAZYSERVE_LOAD at INIT -----------------------------------------------------------------------
@@ -344,7 +358,7 @@ def test_background_load_starts_during_init(
 def test_eager_load_that_fails_does_not_fail_init_and_is_retried(
     s3: CountingS3Server, import_handler: ImportHandler
 ) -> None:
-    s3.fault = failing_gets(*ACCESS_DENIED)
+    s3.fault = failing_gets(*SLOW_DOWN)
     mod = import_handler(
         LAZYSERVE_MODEL_URI=s3_uri(), LAZYSERVE_S3_PART_SIZE=str(PART_SIZE), LAZYSERVE_LOAD="eager"
     )

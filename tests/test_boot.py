@@ -497,8 +497,12 @@ from handler.model import DigitsMLP
 helper = int(os.environ["_LAZYSERVE_HELPER"])
 fds = len(os.listdir("/proc/self/fd"))
 # The app serves another model than the environment named: the helper's download is not for it.
-service = Service(DigitsMLP, settings=Settings(model_uri=os.environ["OTHER_URI"]), autostart=False)
-state = open(f"/proc/{helper}/stat").read().rsplit(")", 1)[1].split()[0] if os.path.exists(f"/proc/{helper}") else "gone"
+settings = Settings(model_uri=os.environ["OTHER_URI"])
+service = Service(DigitsMLP, settings=settings, autostart=False)
+if os.path.exists(f"/proc/{helper}"):
+    state = open(f"/proc/{helper}/stat").read().rsplit(")", 1)[1].split()[0]
+else:
+    state = "gone"
 print(json.dumps({"helper": helper, "state": state, "fds_freed": fds - len(os.listdir("/proc/self/fd"))}))
 """
 

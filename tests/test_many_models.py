@@ -150,7 +150,7 @@ async def test_a_model_bigger_than_the_budget_is_refused_after_one_ranged_get(
     async with asgi_client(mod) as client:
         response = await client.post("/models/huge/predict", json=BODY)
         good = await client.post("/models/m02/predict", json=BODY)
-    assert response.status_code == 503
+    assert response.status_code == 500  # it never fits: answered until the object changes
     assert response.json()["detail"]["message"] == (
         f"model 'huge' is {BUDGET + 1} bytes, more than the whole memory budget of {BUDGET} "
         "bytes (LAZYSERVE_MEMORY_BUDGET, or what the function's memory leaves after the "

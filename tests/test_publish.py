@@ -36,7 +36,7 @@ from tests.helpers import (
     WEIGHTS_SHA256,
     ImportHandler,
     asgi_client,
-    assert_unavailable,
+    assert_unloadable,
     body_of,
     load_event,
     s3_error_app,
@@ -271,7 +271,7 @@ def test_an_object_replaced_behind_the_stored_digest_fails_the_load(
 
 
 @pytest.mark.anyio
-async def test_the_reference_function_answers_503_for_a_replaced_object(
+async def test_the_reference_function_answers_500_for_a_replaced_object(
     s3: CountingS3Server, client: Any, key: str, import_handler: ImportHandler
 ) -> None:
     uri = f"s3://{PLAIN}/{key}"
@@ -280,7 +280,7 @@ async def test_the_reference_function_answers_503_for_a_replaced_object(
     mod = import_handler(LAZYSERVE_MODEL_URI=uri)
     async with asgi_client(mod) as http:
         response = await http.post("/predict", json={"inputs": [DIGIT_8]})
-    assert_unavailable(
+    assert_unloadable(
         response.status_code,
         response.headers,
         response.json(),

@@ -11,6 +11,7 @@ from typing import Any
 
 import boto3
 import pytest
+import torch
 
 import lazyserve.sources.s3client
 from lazyserve.errors import (
@@ -543,9 +544,15 @@ def test_an_endpoint_that_ignores_range_is_refused(s3: CountingS3Server) -> None
     assert len(ranged_gets(s3, key)) == 1
 
 
-def test_a_boto3_client_given_to_the_load_lends_its_endpoint_and_credentials(
+def test_a_boto3_client_given_to_the_service_makes_every_get_and_every_look(
     s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Everything the client holds applies: its endpoint, its credentials, its configuration
+    # (here a user agent of its own, which lazyserve's GET client would not send).
+    from botocore.config import Config
+
+    from lazyserve import Service, Settings
+
     key = "http/given-client.safetensors"
     data = random_bytes(2 * PART, seed=21)
     seed(s3, key, data)
@@ -555,12 +562,17 @@ def test_a_boto3_client_given_to_the_load_lends_its_endpoint_and_credentials(
         endpoint_url=s3.endpoint,
         aws_access_key_id="AKIAGIVENCLIENT00000",
         aws_secret_access_key="given/secret",
+        config=Config(user_agent_extra="given-client/1"),
     )
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # only the given client knows where S3 is
-    settings = load_settings(
-        {"LAZYSERVE_MODEL_URI": f"s3://{BUCKET}/{key}", "LAZYSERVE_S3_PART_SIZE": str(PART)}
-    )
-    assert content(fetch_weights(settings, s3_client=given)) == data
-    gets = ranged_gets(s3, key)
+    settings = Settings(model_uri=f"s3://{BUCKET}/{key}", s3_part_size=PART, refresh_seconds=3600)
+    service = Service(lambda: torch.nn.Identity(), settings=settings, s3_client=given)
+    weights = fetch_weights(settings, client=service._client)
+    assert content(weights) == data
+    (target,) = service._refresh_targets()
+    assert target.stat().etag == weights.etag  # a refresh looks through the same client
+    gets = s3.object_gets(BUCKET, key)
     assert len(gets) == 2
     assert all("Credential=AKIAGIVENCLIENT00000/" in g.headers["authorization"] for g in gets)
+    assert all("given-client/1" in g.headers["user-agent"] for g in gets)
+    service.close()

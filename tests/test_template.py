@@ -14,7 +14,7 @@ import fnmatch
 import json
 import re
 import tomllib
-from typing import Any, get_args
+from typing import Any, get_args, get_type_hints
 
 import pytest
 
@@ -119,7 +119,7 @@ def test_every_parameter_and_its_default(template: dict[str, Any]) -> None:
     assert (params["MemorySize"]["MinValue"], params["MemorySize"]["MaxValue"]) == (128, 10240)
     assert sorted(params["Architecture"]["AllowedValues"]) == ["arm64", "x86_64"]
     # Every load mode the template offers is one the settings accept, and vice versa.
-    load_modes = get_args(Settings.model_fields["load"].annotation)
+    load_modes = get_args(get_type_hints(Settings)["load"])
     assert sorted(params["LoadMode"]["AllowedValues"]) == sorted(load_modes)
 
 
@@ -127,7 +127,7 @@ def test_the_timeout_leaves_room_for_the_load_wait(defaults: Stack) -> None:
     # A request waits LAZYSERVE_LOAD_WAIT for a load and then answers 503 itself; the function
     # must outlive that wait (API Gateway's own limit is 29-30 s).
     assert defaults.function["Timeout"] == 30
-    assert Settings.model_fields["load_wait"].default < 30
+    assert Settings.__dataclass_fields__["load_wait"].default < 30
 
 
 def test_outputs_name_the_endpoints_and_the_function(template: dict[str, Any]) -> None:

@@ -19,10 +19,10 @@ from lazyserve import timing
 from lazyserve.cli import FakeContext
 from lazyserve.lazy import LazyModel
 from tests.helpers import (
-    ACCESS_DENIED,
     DIGIT_8,
     MAX_BODY,
     PART_SIZE,
+    SLOW_DOWN,
     WEIGHTS,
     Gate,
     ImportHandler,
@@ -186,7 +186,7 @@ async def test_413_shows_only_app(client: httpx.AsyncClient, declared: bool) -> 
 async def test_503_of_a_failed_load_shows_the_wait(
     s3: CountingS3Server, s3_mod: ModuleType
 ) -> None:
-    s3.fault = failing_gets(*ACCESS_DENIED)
+    s3.fault = failing_gets(*SLOW_DOWN)
     async with asgi_client(s3_mod) as client:
         response = await client.post("/predict", json={"inputs": [DIGIT_8]})
     assert response.status_code == 503

@@ -71,6 +71,9 @@ class ModelUnavailable(LazyserveError):
     function's configuration can, and HTTP answers 500 without Retry-After."""
 
     retryable: bool = True
+    identity: str | None = None
+    """The object version a failed load read (its ETag and version id, or a local file's size,
+    mtime and inode), when it read one: a failure that is not retryable holds until it changes."""
 
     def __init__(self, message: str = "", *, retryable: bool | None = None) -> None:
         super().__init__(message)

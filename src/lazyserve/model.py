@@ -12,7 +12,9 @@ from typing import Generic, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from lazyserve.formats import build_model, format_of, read_state_dict
+from lazyserve.build import build_module
+from lazyserve.errors import ModelUnavailable
+from lazyserve.formats import format_of, read_state_dict
 from lazyserve.settings import Settings
 from lazyserve.sources import RangeClient, load_weights
 from lazyserve.uris import ModelURI
@@ -49,6 +51,11 @@ class Loaded(Generic[M]):
     info: ModelInfo
 
 
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """LAZYSERVE_DTYPE as a torch dtype (None: as stored)."""
+    return None if name is None else getattr(torch, name)
+
+
 def load_model(
     build: Callable[[], M],
     settings: Settings,
@@ -63,7 +70,13 @@ def load_model(
     makes the S3 GETs (default: the process's own)."""
     weights = load_weights(settings, uri=uri, reserve=reserve, client=client)
     fetched = time.perf_counter()
-    module = build_model(build, read_state_dict(weights), weights.uri)
+    try:
+        module = build_module(
+            build, read_state_dict(weights), weights.uri, dtype=torch_dtype(settings.dtype)
+        )
+    except ModelUnavailable as exc:
+        exc.identity = weights.identity  # these bytes cannot serve until the object changes
+        raise
     done = time.perf_counter()
     info = ModelInfo(
         uri=weights.uri,

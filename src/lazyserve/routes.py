@@ -13,7 +13,7 @@ from lazyserve.lazy import LazyModel
 from lazyserve.model import Loaded
 from lazyserve.pool import ModelPool
 from lazyserve.refresh import Refresher
-from lazyserve.schemas import UNAVAILABLE, Health, ModelMetadata, ModelStatus
+from lazyserve.schemas import FAILED, UNAVAILABLE, Health, ModelMetadata, ModelStatus
 
 __all__ = ["model_metadata", "model_router", "pool_router", "prefix_router"]
 
@@ -26,7 +26,7 @@ def model_router(holder: LazyModel[Loaded[Any]], refresher: Refresher | None = N
     async def health() -> Health:
         return Health(model=holder.status)
 
-    @router.get("/ready", response_model=Health, responses=UNAVAILABLE)
+    @router.get("/ready", response_model=Health, responses={**UNAVAILABLE, **FAILED})
     async def ready() -> Health:
         await holder.aget()
         return Health(model=holder.status)

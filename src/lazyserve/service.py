@@ -18,7 +18,7 @@ from lazyserve.app import setup_app
 from lazyserve.aws import LambdaHandler, invalid_input
 from lazyserve.environment import memory_limit, on_lambda, resident_bytes
 from lazyserve.error_handlers import predict_failed
-from lazyserve.errors import InvalidInput, ModelNotFound
+from lazyserve.errors import InvalidInput, ModelNotFound, ModelUnavailable
 from lazyserve.lazy import LazyModel
 from lazyserve.logs import set_global
 from lazyserve.metrics import ModelMetrics, metrics_enabled
@@ -31,8 +31,9 @@ from lazyserve.schemas import FAILED, NOT_FOUND, TOO_LARGE, UNAVAILABLE
 from lazyserve.settings import Settings, load_settings
 from lazyserve.signatures import dumper, in_inference_mode, io_types
 from lazyserve.signatures import rules as signature_rules
-from lazyserve.sources import Boto3Ranges, RangeClient, head, settle_early_download
+from lazyserve.sources import Boto3Ranges, RangeClient, head, identity, settle_early_download
 from lazyserve.types import LambdaContext, LambdaEvent, S3Client
+from lazyserve.uris import ModelURI
 from lazyserve.workers import Inference
 
 __all__ = ["Service"]
@@ -97,10 +98,14 @@ class Service(Generic[M]):
                 check=self._check_name,
                 budget=self.budget,
                 wait=self.settings.load_wait,
+                recheck=lambda name, error: self._changed(self.uri.for_model(name), error),
             )
         else:
             self._holder = LazyModel(
-                self._load, wait=self.settings.load_wait, source=self.settings.model_uri
+                self._load,
+                wait=self.settings.load_wait,
+                source=self.settings.model_uri,
+                recheck=lambda error: self._changed(self.uri, error),
             )
         self._answer: Callable[[Mapping[str, Any]], Any] | None = None
         self._direct_keys: frozenset[str] = frozenset()
@@ -165,6 +170,15 @@ class Service(Generic[M]):
             self.metrics.loaded(loaded.info, name)
         if name is None:  # the process serves this one model: every log line may name it
             set_global(model_sha256=loaded.info.sha256)
+
+    def _changed(self, uri: ModelURI, error: ModelUnavailable) -> bool:
+        """May the object behind a load that failed with `error` (not retryable) have changed?
+        One cheap look: another version there, or a different failure to look at it."""
+        try:
+            now = identity(uri, self._client)
+        except ModelUnavailable as exc:
+            return type(exc) is not type(error)  # still missing, still denied: the same
+        return error.identity is None or now != error.identity
 
     def _check_name(self, name: str) -> None:
         try:

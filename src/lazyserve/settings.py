@@ -185,7 +185,9 @@ def _sha_parse(text: str) -> str:
 
 
 def _sha_check(value: Any) -> str | None:
-    ok = value is None or (isinstance(value, str) and _SHA256.fullmatch(value) and value.islower())
+    ok = value is None or (
+        isinstance(value, str) and _SHA256.fullmatch(value) and value == value.lower()
+    )
     return None if ok else "accepted: 64 lower-case hexadecimal characters (a sha256 digest)"
 
 

@@ -85,9 +85,15 @@ def start_loading(
         log.warning("model load goes on after init (%.1fs budget); requests will await it", budget)
     except ModelUnavailable as exc:
         # Failing INIT would only make Lambda re-run it inside the first invocation; the
-        # first request that needs the model retries the load instead.
-        retry = "the before-snapshot hook retries" if mode == "snap-start" else "the next request"
-        log.error("model load failed during init; %s tries again: %s", retry, exc)
+        # first request that needs the model retries the load instead (when a retry can
+        # change it; otherwise the failure is answered until the object changes).
+        if not exc.retryable:
+            after = "it is answered until the object changes"
+        elif mode == "snap-start":
+            after = "the before-snapshot hook tries again"
+        else:
+            after = "the next request tries again"
+        log.error("model load failed during init; %s: %s", after, exc)
     return mode
 
 

@@ -5,17 +5,19 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol
 
+from lazyserve.errors import ModelFetchError, ModelMissing
 from lazyserve.sources import helper as _helper
 from lazyserve.sources import registry as _registry
 from lazyserve.sources.boto import Boto3Ranges, s3_client
 from lazyserve.sources.local import fetch_local
 from lazyserve.sources.s3 import S3Fetcher, head, reset_s3_clients, s3_get_client
 from lazyserve.sources.s3client import ObjectStat, RangeClient, S3GetClient
-from lazyserve.sources.weights import Weights, verify
+from lazyserve.sources.weights import Weights, file_identity, identity_of, verify
 
 if TYPE_CHECKING:
     from lazyserve.settings import Settings
@@ -32,6 +34,7 @@ __all__ = [
     "fetch_local",
     "fetch_weights",
     "head",
+    "identity",
     "load_weights",
     "prefetch",
     "reset_prefetches",
@@ -99,6 +102,22 @@ def prefetch(settings: Settings, *, client: RangeClient | None = None) -> Future
     if started is not None:
         return _registry.start(settings.model_uri, lambda: _settle(started, settings, client))
     return _registry.start(settings.model_uri, lambda: fetch_weights(settings, client=client))
+
+
+def identity(uri: ModelURI, client: RangeClient | None = None) -> str | None:
+    """Which version of the object `uri` names is there now (`Weights.identity`), by one cheap
+    look (a 1-byte GET, a stat of the file); raises the error a load would meet."""
+    if uri.is_s3:
+        stat = head(uri, client=client)
+        return identity_of(stat.etag, stat.version_id)
+    assert uri.path is not None
+    try:
+        found = os.stat(uri.path)
+    except FileNotFoundError:
+        raise ModelMissing(f"{uri.uri}: cannot read {uri.path}: no such file") from None
+    except OSError as exc:
+        raise ModelFetchError(f"{uri.uri}: cannot read {uri.path}: {exc.strerror}") from None
+    return file_identity(found.st_size, found.st_mtime_ns, found.st_ino)
 
 
 def settle_early_download(settings: Settings, *, adopt: bool) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lazyserve.errors import ModelFetchError, ModelMissing
-from lazyserve.sources.weights import Weights, verify
+from lazyserve.errors import ModelFetchError, ModelMissing, ModelUnavailable
+from lazyserve.sources.weights import Weights, file_identity, verify
 
 if TYPE_CHECKING:
     from lazyserve.uris import ModelURI
@@ -33,10 +34,12 @@ def fetch_local(
     buffer: bytearray | mmap.mmap | None = None
     try:
         with open(uri.path, "rb") as file:
+            found = os.fstat(file.fileno())
+            identity = file_identity(found.st_size, found.st_mtime_ns, found.st_ino)
             size = file.seek(0, 2)
             file.seek(0)
             if reserve is not None:
-                reserve(size)
+                _identified(reserve, size, identity)
             if uri.format == "pt":
                 # torch.load(mmap=True) maps the file itself; only hash it here.
                 while chunk := file.read(_CHUNK):
@@ -56,8 +59,26 @@ def fetch_local(
         kind = ModelMissing if isinstance(exc, FileNotFoundError) else ModelFetchError
         raise kind(f"{uri.uri}: cannot read {uri.path}: {exc.strerror}") from exc
     sha = digest.hexdigest()
-    verify(uri.uri, sha, expected_sha256, "LAZYSERVE_MODEL_SHA256")
+    _identified(
+        lambda _: verify(uri.uri, sha, expected_sha256, "LAZYSERVE_MODEL_SHA256"), 0, identity
+    )
     elapsed = time.perf_counter() - started
     return Weights(
-        uri.uri, size, sha, buffer=buffer, path=uri.path, fetch_seconds=elapsed, started=started
+        uri.uri,
+        size,
+        sha,
+        buffer=buffer,
+        path=uri.path,
+        fetch_seconds=elapsed,
+        started=started,
+        identity=identity,
     )
+
+
+def _identified(check: Callable[[int], None], size: int, identity: str) -> None:
+    """`check(size)`, its failure marked with the file's identity (see errors.ModelUnavailable)."""
+    try:
+        check(size)
+    except ModelUnavailable as exc:
+        exc.identity = identity
+        raise

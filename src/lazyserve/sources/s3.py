@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lazyserve import environment
-from lazyserve.errors import ModelChangedError, ModelFetchError, ModelTooLarge
+from lazyserve.errors import ModelChangedError, ModelFetchError, ModelTooLarge, ModelUnavailable
 from lazyserve.settings import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
 from lazyserve.sources.s3client import ObjectStat, RangeClient, S3GetClient, body_deadline
 from lazyserve.sources.s3errors import (
@@ -26,7 +26,7 @@ from lazyserve.sources.s3errors import (
     load_error,
 )
 from lazyserve.sources.signing import CredentialsError
-from lazyserve.sources.weights import Weights, verify
+from lazyserve.sources.weights import Weights, identity_of, verify
 
 if TYPE_CHECKING:
     from lazyserve.uris import ModelURI
@@ -251,9 +251,13 @@ class S3Fetcher:
                 load.total += head.total
                 load.deadline += head.total / LOAD_FLOOR
                 total = load.total
-            _check_fits(item.where, total)
-            if reserve is not None:
-                reserve(total)
+            try:
+                _check_fits(item.where, total)
+                if reserve is not None:
+                    reserve(total)
+            except ModelUnavailable as exc:
+                exc.identity = identity_of(head.etag, head.version_id or uri.version_id)
+                raise
             item.buffer = self.allocate(head.total)
             item.view = memoryview(item.buffer)[: head.total]
             version = head.version_id or uri.version_id
@@ -301,10 +305,15 @@ class S3Fetcher:
             future.result()
             digest.update(item.view[start : end + 1])
         sha = digest.hexdigest()
-        if item.expected is not None:
-            verify(item.where, sha, item.expected, "LAZYSERVE_MODEL_SHA256")
-        else:
-            verify(item.where, sha, first.sha256, "the sha256 stored with the object")
+        identity = identity_of(first.etag, item.version)
+        try:
+            if item.expected is not None:
+                verify(item.where, sha, item.expected, "LAZYSERVE_MODEL_SHA256")
+            else:
+                verify(item.where, sha, first.sha256, "the sha256 stored with the object")
+        except ModelUnavailable as exc:
+            exc.identity = identity
+            raise
         assert item.buffer is not None and item.pin is not None
         return Weights(
             item.uri.uri,
@@ -316,6 +325,7 @@ class S3Fetcher:
             fetch_seconds=time.perf_counter() - started,
             connections=min(self.concurrency, len(item.parts) + 1),
             started=started,
+            identity=identity,
         )
 
     def split(self, start: int, total: int) -> list[tuple[int, int]]:

@@ -6,12 +6,37 @@ lazyserve is imported."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 from lazyserve import __version__
 
 __all__ = ["CredentialsError", "Signer", "user_agent"]
+
+
+class _OwnSignatures(logging.Filter):
+    """botocore's signer logs every canonical request at DEBUG, the session token in it: the
+    records of lazyserve's own signatures (tens per load) are dropped; an app's own boto3 calls
+    log exactly as the app set logging up. Installed once, on botocore.auth's logger."""
+
+    active = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.active, "signing", False)
+
+
+_filter: _OwnSignatures | None = None
+_filter_lock = threading.Lock()
+
+
+def _quiet() -> _OwnSignatures:
+    global _filter
+    with _filter_lock:
+        if _filter is None:
+            _filter = _OwnSignatures()
+            logging.getLogger("botocore.auth").addFilter(_filter)
+        return _filter
 
 
 class CredentialsError(Exception):
@@ -53,7 +78,13 @@ class Signer:
         from botocore.awsrequest import AWSRequest
 
         request = AWSRequest(method=method, url=url, headers=headers)
-        S3SigV4Auth(self._frozen(), name, region).add_auth(request)
+        credentials = self._frozen()
+        quiet = _quiet()
+        quiet.active.signing = True
+        try:
+            S3SigV4Auth(credentials, name, region).add_auth(request)
+        finally:
+            quiet.active.signing = False
         return dict(request.headers.items())
 
     def invalidate(self) -> None:
@@ -72,7 +103,7 @@ class Signer:
                     found = session.get_credentials()
                 except Exception as exc:  # botocore's providers raise their own kinds
                     raise CredentialsError(
-                        f"botocore could not get credentials ({type(exc).__name__})"
+                        f"botocore could not get credentials ({_which(exc)})"
                     ) from exc
                 if found is None:
                     raise CredentialsError(
@@ -87,5 +118,12 @@ class Signer:
             return credentials.get_frozen_credentials()
         except Exception as exc:
             raise CredentialsError(
-                f"botocore could not refresh the credentials ({type(exc).__name__})"
+                f"botocore could not refresh the credentials ({_which(exc)})"
             ) from exc
+
+
+def _which(exc: Exception) -> str:
+    """The error's class and, for botocore's own, the provider that raised it (its message may
+    quote what an endpoint answered, so it goes no further than the log)."""
+    provider = (getattr(exc, "kwargs", None) or {}).get("provider")
+    return f"{type(exc).__name__} from {provider}" if provider else type(exc).__name__

@@ -11,7 +11,7 @@ from lazyserve.errors import ModelIntegrityError
 if TYPE_CHECKING:  # pathlib is not needed to download, and the download helper imports this
     from pathlib import Path
 
-__all__ = ["Weights", "verify"]
+__all__ = ["Weights", "file_identity", "identity_of", "verify"]
 
 
 @dataclass
@@ -28,6 +28,17 @@ class Weights:
     fetch_seconds: float = 0.0
     connections: int = 1
     started: float = 0.0  # time.perf_counter() when the fetch began
+    identity: str | None = None  # which version of the object this is (see `identity_of`)
+
+
+def identity_of(etag: str | None, version_id: str | None) -> str | None:
+    """An S3 object version's identity: its ETag and version id, or None when it shows neither."""
+    return f"s3:{etag}|{version_id}" if etag or version_id else None
+
+
+def file_identity(size: int, mtime_ns: int, inode: int) -> str:
+    """A local file's identity: what changes when it is replaced or rewritten."""
+    return f"file:{size}|{mtime_ns}|{inode}"
 
 
 def verify(uri: str, actual: str, expected: str | None, origin: str) -> None:
