@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
-import math
 import mmap
 import re
 import struct
@@ -15,31 +13,14 @@ from typing import Literal, TypeVar
 import torch
 
 from lazyserve.errors import ModelFormatError
+from lazyserve.headroom import Headroom, available_memory
+from lazyserve.safetensors_header import read_header
 from lazyserve.sources import Weights
 from lazyserve.uris import ModelURI, parse_model_uri
 
 __all__ = ["build_model", "format_of", "read_state_dict", "sniff_format"]
 
 M = TypeVar("M", bound=torch.nn.Module)
-
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 def format_of(weights: Weights) -> str:
@@ -52,60 +33,51 @@ def format_of(weights: Weights) -> str:
 
 
 def read_state_dict(
-    weights: Weights, format: Literal["pt", "safetensors"] | None = None
+    weights: Weights,
+    format: Literal["pt", "safetensors"] | None = None,
+    *,
+    limit: int | Literal["available"] | None = "available",
 ) -> dict[str, torch.Tensor]:
-    """Tensors that share the fetched buffer (safetensors) or a memory map (`.pt` files);
-    `format` overrides the one the URI's name gives (`lazyserve push`/`convert` know it)."""
+    """Tensors that share the fetched buffer (safetensors) or a memory map of `weights.path`
+    (`.pt` zip archives); `format` overrides the one the URI's name gives (`lazyserve push`/
+    `convert` know it). `limit`: the bytes the reading may allocate beyond the weights it is
+    given (None: no limit; default: what the process may still allocate, see
+    `headroom.available_memory`); a file that would need more raises ModelTooLarge first."""
+    if limit == "available":
+        headroom = Headroom(weights.uri, available_memory())
+    else:
+        headroom = Headroom(weights.uri, limit, source="the limit given")
     if (format or format_of(weights)) == "pt":
         return _read_pt(weights)
     if weights.buffer is None:
         raise ModelFormatError(f"{weights.uri}: no bytes were fetched")
-    return _read_safetensors(weights.uri, weights.buffer)
+    return _read_safetensors(weights.uri, weights.buffer, headroom)
 
 
-def _read_safetensors(uri: str, buffer: bytearray | mmap.mmap) -> dict[str, torch.Tensor]:
+def _read_safetensors(
+    uri: str, buffer: bytearray | mmap.mmap, headroom: Headroom
+) -> dict[str, torch.Tensor]:
     # safetensors.torch.load(bytes) copies every tensor out of the buffer; views over the
     # buffer we already hold avoid a second full copy of the weights.
-    def bad(reason: str) -> ModelFormatError:
-        return ModelFormatError(f"{uri}: not a valid safetensors file: {reason}")
-
     if buffer[:2] == b"PK":
-        raise bad("it is a zip archive (a torch.save file?); name it .pt, or convert it")
-    if len(buffer) < 8:
-        raise bad(f"{len(buffer)} bytes is shorter than the 8-byte header length")
-    (length,) = struct.unpack_from("<Q", buffer, 0)
-    if length > min(_MAX_HEADER, len(buffer) - 8):
-        raise bad(f"header length {length} does not fit in {len(buffer)} bytes")
-    try:
-        header = json.loads(bytes(buffer[8 : 8 + length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    header.pop("__metadata__", None)
-    base = 8 + length
-    data_size = len(buffer) - base
+        raise ModelFormatError(
+            f"{uri}: not a valid safetensors file: it is a zip archive (a torch.save file?); "
+            "name it .pt, or convert it"
+        )
+    base, entries = read_header(uri, buffer, headroom)
+    # One view of the whole buffer, sliced for each tensor: a tensor costs no buffer export.
+    data = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) > base else None
     tensors: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            if not isinstance(info["shape"], list):
-                raise TypeError
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError, OverflowError):
-            raise bad(f"tensor {name!r} has a malformed entry {info!r}") from None
-        count = math.prod(shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size:
-            raise bad(f"tensor {name!r} lies outside the data ({begin}..{end} of {data_size})")
-        if end - begin != count * itemsize:
-            raise bad(f"tensor {name!r}: {end - begin} bytes for shape {shape} of {info['dtype']}")
-        if count == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + begin)
-            tensors[name] = flat.view(shape)
+    for entry in entries:
+        if data is None or entry.begin == entry.end:
+            tensors[entry.name] = torch.empty(entry.shape, dtype=entry.dtype)
+            continue
+        piece = data[base + entry.begin : base + entry.end]
+        if (base + entry.begin) % entry.dtype.itemsize:
+            # The reference accepts any offset; torch's kernels expect elements at addresses
+            # that are multiples of their size, so a tensor that is not gets its own copy.
+            piece = piece.clone()
+        tensors[entry.name] = piece.view(entry.dtype).view(entry.shape)
     return tensors
 
 
