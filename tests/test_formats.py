@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -433,26 +432,16 @@ DAMAGED = "cannot read this torch.save file, it is damaged or truncated"
 @pytest.mark.parametrize(
     ("data", "detail"),
     [
-        (
-            torch_save_bytes({"w": torch.ones(200)})[:300],
-            r"RuntimeError: PytorchStreamReader failed reading zip archive: failed finding "
-            "central directory",
-        ),
-        # Where the legacy pickles are cut decides which error the unpickler meets first.
-        (legacy_save_bytes({"w": torch.ones(200)})[:300], "(EOFError|IndexError): .+"),
-        (
-            b"PK\x03\x04" + b"\0" * 60,
-            r"RuntimeError: PytorchStreamReader failed reading zip archive: failed finding "
-            "central directory",
-        ),
+        (torch_save_bytes({"w": torch.ones(200)})[:300], "the zip archive's directory is missing"),
+        (legacy_save_bytes({"w": torch.ones(200)})[:300], "its pickles are cut short or damaged"),
+        (b"PK\x03\x04" + b"\0" * 60, "the zip archive's directory is missing"),
+        (legacy_save_bytes({"w": torch.ones(200)})[:-10], "torch.load raised RuntimeError"),
     ],
-    ids=["truncated-zip", "truncated-legacy", "zip-header-only"],
+    ids=["truncated-zip", "truncated-legacy", "zip-header-only", "legacy-storage-cut-short"],
 )
 def test_a_damaged_pt_says_so(tmp_path: Path, where: str, data: bytes, detail: str) -> None:
     w = from_file(tmp_path, data) if where == "file" else weights(data, uri="s3://models/net.pt")
-    message = format_error(w)
-    assert message.startswith(f"{w.uri}: {DAMAGED}: "), message
-    assert re.fullmatch(detail, message.removeprefix(f"{w.uri}: {DAMAGED}: ")), message
+    assert format_error(w) == f"{w.uri}: {DAMAGED} ({detail})"
 
 
 @pytest.mark.parametrize("where", ["file", "buffer"])

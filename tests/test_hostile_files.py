@@ -6,10 +6,14 @@ review; the fuzz test holds lazyserve's verdicts to those of `safetensors.safe_o
 from __future__ import annotations
 
 import gc
+import io
 import json
+import logging
+import re
 import struct
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +27,11 @@ from safetensors.torch import load as reference_load
 
 from lazyserve.errors import LazyserveError, ModelFormatError, ModelTooLarge
 from lazyserve.formats import read_state_dict
-from lazyserve.sources import Weights
+from lazyserve.sources import Weights, fetch_local
+from lazyserve.uris import parse_model_uri
 
 URI = "s3://models/hostile.safetensors"
+PT_URI = "s3://models/hostile.pt"
 NOT_VALID = f"{URI}: not a valid safetensors file: "
 MIB = 1024 * 1024
 
@@ -585,6 +591,104 @@ def test_a_header_nested_deeper_than_python_recurses_is_a_format_error(depth: in
     )
 
 
+def torch_save_bytes(obj: object, **kwargs: Any) -> bytes:
+    out = io.BytesIO()
+    torch.save(obj, out, **kwargs)
+    return out.getvalue()
+
+
+def test_torch_save_stores_every_record_uncompressed() -> None:
+    # The zip bomb check below refuses any compressed record: torch.save never writes one.
+    data = torch_save_bytes({"w": torch.ones(1000), "b": torch.zeros(3, dtype=torch.int8)})
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos = archive.infolist()
+    assert len(infos) >= 7
+    assert {info.compress_type for info in infos} == {zipfile.ZIP_STORED}
+
+
+def rewritten(data: bytes, change: Any) -> bytes:
+    """A torch.save archive with its records copied by zipfile; `change(info, payload)` may
+    give a record another ZipInfo or payload (None: copied as it was)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            payload = src.read(info)
+            info, payload = change(info, payload) or (info, payload)
+            dst.writestr(info, payload)
+    return out.getvalue()
+
+
+def zip_bomb(inflated: int) -> bytes:
+    """A state dict of one uint8 tensor whose record is deflated: `inflated` bytes of zeros
+    in about a thousandth of the space."""
+    plain = torch_save_bytes({"w": torch.zeros(inflated, dtype=torch.uint8)})
+
+    def deflate(info: zipfile.ZipInfo, payload: bytes) -> tuple[zipfile.ZipInfo, bytes] | None:
+        if not info.filename.endswith("/data/0"):
+            return None
+        info.compress_type = zipfile.ZIP_DEFLATED
+        return info, payload
+
+    return rewritten(plain, deflate)
+
+
+@pytest.mark.parametrize("where", ["buffer", "file"])
+def test_a_zip_bomb_pt_is_refused_before_torch_load(where: str, tmp_path: Path) -> None:
+    data = zip_bomb(64 * MIB)
+    assert len(data) < MIB
+    if where == "buffer":
+        call = lambda: read(data, PT_URI)  # noqa: E731
+        uri = PT_URI
+    else:
+        path = tmp_path / "bomb.pt"
+        path.write_bytes(data)
+        weights = fetch_local(parse_model_uri(str(path)))
+        call = lambda: read_state_dict(weights, limit=None)  # noqa: E731
+        uri = str(path)
+    with pytest.raises(ModelFormatError) as info:
+        call()
+    assert str(info.value) == (
+        f"{uri}: refused: record 'archive/data/0' is compressed (zip method 8); torch.save "
+        "stores every record uncompressed, and a compressed one can inflate to any size"
+    )
+    assert peak_bytes_while(call) < 4 * MIB
+
+
+def test_zip_records_that_share_bytes_are_refused() -> None:
+    # Two storages' records pointing at the same bytes: torch.load reads the first tensor's
+    # values into the second (and a thousand such records would be a thousand copies).
+    data = bytearray(torch_save_bytes({"a": torch.ones(64), "b": torch.full((64,), 2.0)}))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        first = archive.getinfo("archive/data/0")
+    # The central directory's entry for data/1 gets data/0's local header and checksum.
+    at = 0
+    while (at := data.find(b"PK\x01\x02", at + 1)) > 0:
+        (name_length,) = struct.unpack_from("<H", data, at + 28)
+        if data[at + 46 : at + 46 + name_length] == b"archive/data/1":
+            struct.pack_into("<I", data, at + 16, first.CRC)
+            struct.pack_into("<I", data, at + 42, first.header_offset)
+    served = torch.load(io.BytesIO(bytes(data)), weights_only=True)
+    assert torch.equal(served["b"], torch.ones(64))  # torch alone serves a's values as b's
+    message = refusal(data, PT_URI)
+    assert message == f"{PT_URI}: refused: record 'archive/data/1' overlaps the record before it"
+
+
+def test_a_pt_whose_pickle_describes_too_many_tensors_for_the_limit() -> None:
+    data = torch_save_bytes({f"t{i}": torch.zeros(1) for i in range(2_000)})
+    message = refusal(data, PT_URI, limit=4 * MIB, kind=ModelTooLarge)
+    assert message.startswith(f"{PT_URI}: reading it (2,006 records, ")
+    assert len(read(data, PT_URI, limit=None)) == 2_000
+
+
+def test_a_legacy_pt_is_measured_by_its_pickles() -> None:
+    data = torch_save_bytes(
+        {f"t{i}": torch.zeros(1) for i in range(2_000)}, _use_new_zipfile_serialization=False
+    )
+    message = refusal(data, PT_URI, limit=4 * MIB, kind=ModelTooLarge)
+    assert re.match(rf"{re.escape(PT_URI)}: reading it \([\d,]+ bytes of pickle, ", message)
+    assert len(read(data, PT_URI, limit=None)) == 2_000
+
+
 # --- 3. lazyserve's words, never another library's -------------------------------------------
 
 
@@ -630,3 +734,62 @@ def test_messages_quote_a_bad_value_cut_short(header: str, reason: str) -> None:
     message = refusal(st_file(header, ONE))
     assert message.startswith(NOT_VALID + reason), message[:300]
     bounded(message)
+
+
+def evil_global(name: str) -> bytes:
+    """A torch.save archive whose pickle names the global `name` (module `m`)."""
+    plain = torch_save_bytes({"w": torch.ones(1)})
+
+    def rename(info: zipfile.ZipInfo, payload: bytes) -> tuple[zipfile.ZipInfo, bytes] | None:
+        if not info.filename.endswith("data.pkl"):
+            return None
+        return info, b"\x80\x02c" + name.encode() + b"\nf\n)R."
+
+    return rewritten(plain, rename)
+
+
+def test_a_refused_global_is_named_cut_short(caplog: pytest.LogCaptureFixture) -> None:
+    name = "os" + "x" * 900
+    with caplog.at_level(logging.DEBUG, logger="lazyserve"):
+        message = refusal(evil_global(name), PT_URI)
+    assert message == (
+        f"{PT_URI}: refused: not a plain state dict (torch.load weights_only=True: it names "
+        f"GLOBAL {name[:60]}..., which is not allowed)"
+    )
+    # torch's whole message (its advice, the global in full) goes to the log at DEBUG only.
+    ours = [r for r in caplog.records if r.name == "lazyserve"]
+    assert any("torch.load of" in r.getMessage() for r in ours)
+    assert all(r.levelno == logging.DEBUG for r in ours)
+
+
+def test_a_global_too_long_for_torchs_message_is_refused_before_torch_load() -> None:
+    # torch builds its refusal with regular expressions whose time grows with the square of
+    # the global's length: a name of a megabyte kept torch.load busy for hours.
+    data = evil_global("os" + "x" * 1_000_000)
+    assert refusal(data, PT_URI) == (
+        f"{PT_URI}: refused: not a plain state dict (its pickle names a global of 1,000,004 "
+        "characters)"
+    )
+    assert peak_bytes_while(lambda: read(data, PT_URI)) < 16 * MIB
+
+
+def test_torch_load_messages_are_reduced_to_lazyserves_words(tmp_path: Path) -> None:
+    # An archive zipfile accepts and torch's reader does not: the pickle's storage record is
+    # missing. torch's message names the record and its reader; the answer names neither.
+    def rename(info: zipfile.ZipInfo, payload: bytes) -> tuple[zipfile.ZipInfo, bytes] | None:
+        if not info.filename.endswith("/data/0"):
+            return None
+        return zipfile.ZipInfo(info.filename.replace("/data/0", "/data/9")), payload
+
+    path = tmp_path / "broken.pt"
+    path.write_bytes(rewritten(torch_save_bytes({"w": torch.ones(1)}), rename))
+    weights = fetch_local(parse_model_uri(str(path)))
+    with pytest.raises(ModelFormatError) as info:
+        read_state_dict(weights, limit=None)
+    assert str(info.value) == (
+        f"{path}: cannot read this torch.save file, it is damaged or truncated (torch.load "
+        "raised RuntimeError)"
+    )
+    with pytest.raises(ModelFormatError) as info:
+        read(path.read_bytes(), PT_URI)
+    assert str(info.value).startswith(f"{PT_URI}: cannot read this torch.save file")

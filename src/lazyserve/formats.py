@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import mmap
-import re
-import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import IO, Literal, TypeVar, cast
 
 import torch
 
@@ -16,6 +13,7 @@ from lazyserve.errors import ModelFormatError
 from lazyserve.headroom import Headroom, available_memory
 from lazyserve.safetensors_header import read_header
 from lazyserve.sources import Weights
+from lazyserve.torch_save import MemoryReader, Source, check_archive, check_legacy, failure
 from lazyserve.uris import ModelURI, parse_model_uri
 
 __all__ = ["build_model", "format_of", "read_state_dict", "sniff_format"]
@@ -48,7 +46,7 @@ def read_state_dict(
     else:
         headroom = Headroom(weights.uri, limit, source="the limit given")
     if (format or format_of(weights)) == "pt":
-        return _read_pt(weights)
+        return _read_pt(weights, headroom)
     if weights.buffer is None:
         raise ModelFormatError(f"{weights.uri}: no bytes were fetched")
     return _read_safetensors(weights.uri, weights.buffer, headroom)
@@ -95,47 +93,49 @@ def sniff_format(head: bytes) -> Literal["pt", "safetensors"] | None:
     return None
 
 
-def _read_pt(weights: Weights) -> dict[str, torch.Tensor]:
-    import pickle
-
-    source: str | io.BytesIO
-    if weights.path is not None:
-        source = str(weights.path)
+def _read_pt(weights: Weights, headroom: Headroom) -> dict[str, torch.Tensor]:
+    source: Source
+    if weights.buffer is not None:  # from S3, or the private copy of a local file
+        source = MemoryReader(weights.buffer)
+        size = len(weights.buffer)
+    elif weights.path is not None:  # a file of the caller's, mapped in place
         try:
-            with open(weights.path, "rb") as file:
-                head = file.read(16)
+            source = open(weights.path, "rb")  # closed by `with source` below
+            size = source.seek(0, 2)
         except OSError as exc:
             raise ModelFormatError(f"{weights.uri}: cannot read it: {exc.strerror}") from exc
-    elif weights.buffer is not None:
-        source = io.BytesIO(weights.buffer)
-        head = bytes(weights.buffer[:16])
     else:
         raise ModelFormatError(f"{weights.uri}: no bytes were fetched")
-    _check_torch_save(weights.uri, head)
-    # torch can memory-map only its zip format; a legacy file is read into memory instead.
-    mapped = weights.path is not None and head.startswith(_ZIP)
-    try:
-        # weights_only=True: tensors and plain containers only; a pickle that names any other
-        # callable is refused before it runs.
-        state = torch.load(source, map_location="cpu", weights_only=True, mmap=mapped)
-    except pickle.UnpicklingError as exc:
-        reason = _refusal(str(exc))
-        if reason is None:  # not a refusal: the pickle itself is broken
-            raise ModelFormatError(f"{weights.uri}: {_DAMAGED}: {_first_line(exc)}") from None
-        raise ModelFormatError(
-            f"{weights.uri}: refused: not a plain state dict (torch.load weights_only=True: "
-            f"{reason})"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, struct.error) as exc:
-        raise ModelFormatError(f"{weights.uri}: {_DAMAGED}: {_first_line(exc)}") from None
+    with source:
+        source.seek(0)
+        head = source.read(16)
+        _check_torch_save(weights.uri, head)
+        # torch can map only its zip format, and only a file it can open by name (a local
+        # file's sealed copy has one: see sources/local.py); otherwise it copies each record.
+        mapped = weights.path is not None and head.startswith(_ZIP)
+        if head.startswith(_ZIP):
+            check_archive(weights.uri, source, size, copies=not mapped, headroom=headroom)
+        else:
+            check_legacy(weights.uri, source, size, headroom=headroom)
+        source.seek(0)
+        try:
+            # weights_only=True: tensors and plain containers only; a pickle that names any
+            # other callable is refused before it runs.
+            state = torch.load(
+                str(weights.path) if mapped else cast(IO[bytes], source),
+                map_location="cpu",
+                weights_only=True,
+                mmap=mapped,
+            )
+        except Exception as exc:  # any failure of torch.load on these bytes
+            # from None: torch's exception holds its text (logged at DEBUG by failure()) and,
+            # through its frames, the buffer a failed load must not keep.
+            raise failure(weights.uri, exc) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ModelFormatError(f"{weights.uri}: expected a state dict of name -> tensor")
     return state
-
-
-_DAMAGED = "cannot read this torch.save file, it is damaged or truncated"
 
 
 def _check_torch_save(uri: str, head: bytes) -> None:
@@ -151,29 +151,6 @@ def _check_torch_save(uri: str, head: bytes) -> None:
             f"{uri}: not a torch.save file: it starts with {head[:8]!r}, neither a zip archive "
             "(torch.save) nor a pickle (torch.save with _use_new_zipfile_serialization=False)"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    # torch's messages run to paragraphs of advice; the first sentence says what broke.
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    line = text.splitlines()[0] if text else ""
-    line = line.split(". ", 1)[0].rstrip(".")
-    return f"{type(exc).__name__}: {line}" if line else f"{type(exc).__name__}: ran out of data"
-
-
-def _refusal(message: str) -> str | None:
-    """The global or opcode weights_only refused, in plain text; None when the message is
-    about a broken pickle rather than a refusal."""
-    # torch's message opens with advice to retry with weights_only=False (and terminal colour
-    # codes); the line that matters names the global or opcode that was refused.
-    text = re.sub(r"\x1b\[[0-9;]*m", "", message)
-    for line in text.splitlines():
-        line = line.strip().removeprefix("WeightsUnpickler error: ")
-        if "GLOBAL" in line or line.startswith("Unsupported"):
-            return line.split(" Please use ", 1)[0]
-    if "WeightsUnpickler error" in text:
-        return "it holds objects other than tensors and plain containers"
-    return None
 
 
 def build_model(build: Callable[[], M], state: dict[str, torch.Tensor], uri: str) -> M:
