@@ -1,7 +1,7 @@
 """Hostile weights files: safetensors headers the reference reader refuses, files that take far
-more memory than their size, torch's own text in answers. Each case reproduces a fault found by
-review; the fuzz test holds lazyserve's verdicts to those of `safetensors.safe_open` and
-`safetensors.torch.load`."""
+more memory than their size, torch's own text in answers, and a local file changed under a
+served model. Each case reproduces a fault found by review; the fuzz test holds lazyserve's
+verdicts to those of `safetensors.safe_open` and `safetensors.torch.load`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import gc
 import io
 import json
 import logging
+import os
 import re
 import struct
+import subprocess
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -793,3 +796,111 @@ def test_torch_load_messages_are_reduced_to_lazyserves_words(tmp_path: Path) -> 
     with pytest.raises(ModelFormatError) as info:
         read(path.read_bytes(), PT_URI)
     assert str(info.value).startswith(f"{PT_URI}: cannot read this torch.save file")
+
+
+# --- 4. a local file changed under the served model ------------------------------------------
+
+
+def pt_file(tmp_path: Path, state: dict[str, torch.Tensor]) -> Path:
+    path = tmp_path / "net.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_a_local_pt_rewritten_in_place_changes_nothing(tmp_path: Path) -> None:
+    path = pt_file(tmp_path, {"w": torch.arange(4096, dtype=torch.float32)})
+    original = path.read_bytes()
+    weights = fetch_local(parse_model_uri(str(path)))
+    state = read_state_dict(weights, limit=None)
+    # Every byte of the file overwritten in place (the verified sha256 no longer describes it).
+    with open(path, "r+b") as file:
+        file.write(b"\xff" * len(original))
+    assert torch.equal(state["w"], torch.arange(4096, dtype=torch.float32))
+    import hashlib
+
+    assert weights.sha256 == hashlib.sha256(original).hexdigest()
+
+
+def mapped_files(address: int) -> list[str]:
+    """The names of the mappings that hold `address` (Linux /proc/self/maps)."""
+    found = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            found.append(fields[5] if len(fields) > 5 else "")
+    return found
+
+
+def test_a_local_pt_is_mapped_from_a_sealed_private_copy(tmp_path: Path) -> None:
+    path = pt_file(tmp_path, {"w": torch.ones(100_000)})
+    weights = fetch_local(parse_model_uri(str(path)))
+    state = read_state_dict(weights, limit=None)
+    where = mapped_files(state["w"].data_ptr())
+    assert where and where[0].startswith("/memfd:lazyserve-weights")
+    assert str(path) not in where
+    assert weights.path is not None
+    fd = os.open(weights.path, os.O_WRONLY)
+    try:  # sealed: not even this process can write to it or shorten it
+        with pytest.raises(PermissionError):
+            os.write(fd, b"x")
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def test_a_local_pt_without_memfd_is_read_from_a_private_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_memfd(*args: object) -> int:
+        raise OSError(38, "not here")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    path = pt_file(tmp_path, {"w": torch.ones(1000)})
+    weights = fetch_local(parse_model_uri(str(path)))
+    assert weights.path is None and weights.buffer is not None
+    state = read_state_dict(weights, limit=None)
+    path.write_bytes(b"")
+    assert torch.equal(state["w"], torch.ones(1000))
+    assert str(path) not in mapped_files(state["w"].data_ptr())
+
+
+def test_loading_local_pt_files_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    path = pt_file(tmp_path, {"w": torch.ones(10)})
+    open_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        state = read_state_dict(fetch_local(parse_model_uri(str(path))), limit=None)
+        del state
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= open_before
+
+
+TRUNCATE_AFTER_LOAD = """
+import sys, torch
+from pathlib import Path
+from lazyserve.formats import read_state_dict
+from lazyserve.sources import fetch_local
+from lazyserve.uris import parse_model_uri
+
+path = Path(sys.argv[1])
+state = read_state_dict(fetch_local(parse_model_uri(str(path))), limit=None)
+path.write_bytes(b"")  # truncated while the model is served
+print(float(state["w"].sum()))
+"""
+
+
+def test_a_local_pt_truncated_under_the_served_model_keeps_it_alive(tmp_path: Path) -> None:
+    # The tensors were a map of the file: reading them after the truncation was a SIGBUS.
+    path = pt_file(tmp_path, {"w": torch.ones(1 << 20)})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(float(1 << 20))

@@ -242,13 +242,15 @@ def test_local_file_uri(tmp_path: Path) -> None:
     assert content(weights) == b"abc"
 
 
-def test_local_pt_file_is_hashed_not_read_into_memory(tmp_path: Path) -> None:
+def test_local_pt_file_is_copied_into_a_sealed_memfd(tmp_path: Path) -> None:
     data = random_bytes(5_000, seed=9)
     path = tmp_path / "net.pt"
     path.write_bytes(data)
     weights = fetch_local(parse_model_uri(str(path)))
-    assert weights.buffer is None
-    assert weights.path == path
+    # torch.load maps the copy (by its /proc/self/fd name), never the file itself.
+    assert content(weights) == data
+    assert weights.path is not None and weights.path != path
+    assert weights.path.read_bytes() == data
     assert weights.sha256 == sha256(data)
     assert weights.size == 5_000
 
