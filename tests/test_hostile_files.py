@@ -494,7 +494,7 @@ def names_twice(data: bytes) -> bool:
 
 
 @settings(
-    max_examples=400,
+    max_examples=600,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -63,19 +63,25 @@ def _read_safetensors(
             "name it .pt, or convert it"
         )
     base, entries = read_header(uri, buffer, headroom)
-    # One view of the whole buffer, sliced for each tensor: a tensor costs no buffer export.
+    # One view of the whole buffer (per dtype), sliced for each tensor: a tensor costs no
+    # buffer export of its own.
     data = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) > base else None
+    typed: dict[torch.dtype, torch.Tensor] = {}
     tensors: dict[str, torch.Tensor] = {}
     for entry in entries:
         if data is None or entry.begin == entry.end:
             tensors[entry.name] = torch.empty(entry.shape, dtype=entry.dtype)
             continue
-        piece = data[base + entry.begin : base + entry.end]
-        if (base + entry.begin) % entry.dtype.itemsize:
+        start, end, size = base + entry.begin, base + entry.end, entry.dtype.itemsize
+        if start % size:
             # The reference accepts any offset; torch's kernels expect elements at addresses
             # that are multiples of their size, so a tensor that is not gets its own copy.
-            piece = piece.clone()
-        tensors[entry.name] = piece.view(entry.dtype).view(entry.shape)
+            piece = data[start:end].clone().view(entry.dtype)
+        else:
+            if entry.dtype not in typed:
+                typed[entry.dtype] = data[: len(data) - len(data) % size].view(entry.dtype)
+            piece = typed[entry.dtype][start // size : end // size]
+        tensors[entry.name] = piece.view(entry.shape)
     return tensors
 
 

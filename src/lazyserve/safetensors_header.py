@@ -180,12 +180,18 @@ def _constant(name: str) -> object:
     raise _NotJSON(f"{name} is not a JSON value")
 
 
+# Only where the text has "-0" or a run of 21 digits can Python's int() read an integer
+# otherwise than serde_json: elsewhere the faster built-in parsing of integers is exact.
+_INTEGER_RISK = re.compile(r"-0(?![.\deE])|\d{21}")
+
+
 def _parse(text: str, bad: Bad) -> object:
+    integer = _integer if _INTEGER_RISK.search(text) else int
     try:
         return json.loads(
             text,
             object_pairs_hook=_object,
-            parse_int=_integer,
+            parse_int=integer,
             parse_float=_finite,
             parse_constant=_constant,
         )
@@ -262,6 +268,23 @@ def _check_metadata(info: object, strings: _Strings, bad: Bad) -> None:
 
 
 def _tensor(name: str, info: object, strings: _Strings, bad: Bad) -> _Tensor:
+    # The usual entry, exactly the three fields and nothing wrong with them, at little cost a
+    # tensor (a header may hold millions); anything else is looked at field by field below.
+    if type(info) is dict and len(info) == 3:
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if (
+            type(dtype) is str
+            and dtype in _DTYPES
+            and type(shape) is list
+            and type(offsets) is list
+            and len(offsets) == 2
+            and all(type(v) is int and 0 <= v < _U64 for v in (*shape, *offsets))
+        ):
+            return _Tensor(name, dtype, shape, offsets[0], offsets[1])
+    return _any_tensor(name, info, strings, bad)
+
+
+def _any_tensor(name: str, info: object, strings: _Strings, bad: Bad) -> _Tensor:
     def wrong(reason: str) -> ModelFormatError:
         return bad(f"tensor {show(name)}: {reason}")
 
@@ -383,15 +406,16 @@ def _for_torch(t: _Tensor, bad: Bad) -> Entry:
         if shape[-1] % 2:
             raise wrong(f"F4 shape {show(shape)}: the last dimension must be even")
         shape = [*shape[:-1], shape[-1] // 2]
-    # torch holds sizes and strides in int64; the strides of a contiguous tensor are the
-    # products of the sizes after each dimension (an empty one counting as 1).
-    stride = 1
-    for dim in reversed(shape[1:]):
-        stride *= max(dim, 1)
-        if stride > _I64_MAX:
-            break
-    if stride > _I64_MAX or any(d > _I64_MAX for d in shape):
-        raise wrong(f"shape {show(t.shape)} does not fit torch's 64-bit sizes and strides")
+    if t.begin == t.end:  # no element: the sizes are not bounded by the data's
+        # torch holds sizes and strides in int64; the strides of a contiguous tensor are the
+        # products of the sizes after each dimension (one of 0 counting as 1).
+        stride = 1
+        for dim in reversed(shape[1:]):
+            stride *= max(dim, 1)
+            if stride > _I64_MAX:
+                break
+        if stride > _I64_MAX or any(d > _I64_MAX for d in shape):
+            raise wrong(f"shape {show(t.shape)} does not fit torch's 64-bit sizes and strides")
     return Entry(t.name, dtype, shape, t.begin, t.end)
 
 
