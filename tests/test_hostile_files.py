@@ -676,6 +676,23 @@ def test_zip_records_that_share_bytes_are_refused() -> None:
     assert message == f"{PT_URI}: refused: record 'archive/data/1' overlaps the record before it"
 
 
+def test_a_zip_directory_of_many_records_is_refused_before_zipfile_reads_it() -> None:
+    # zipfile makes an object of each record its directory holds (torch's reader, another):
+    # 40,000 empty records in 2.5 MB would take some 40 MB before any could be looked at. The
+    # end record claims one record: zipfile reads as many as the directory's size holds.
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for i in range(40_000):
+            archive.writestr(f"archive/r{i}", b"")
+    data = bytearray(out.getvalue())
+    end = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<HH", data, end + 8, 1, 1)
+    message = refusal(data, PT_URI, limit=8 * MIB, kind=ModelTooLarge)
+    assert re.match(rf"{re.escape(PT_URI)}: reading its zip directory of [\d,]+ bytes ", message)
+    weights = Weights(PT_URI, len(data), "", buffer=bytearray(data))
+    assert peak_bytes_while(lambda: read_state_dict(weights, limit=8 * MIB)) < MIB
+
+
 def test_a_pt_whose_pickle_describes_too_many_tensors_for_the_limit() -> None:
     data = torch_save_bytes({f"t{i}": torch.zeros(1) for i in range(2_000)})
     message = refusal(data, PT_URI, limit=4 * MIB, kind=ModelTooLarge)

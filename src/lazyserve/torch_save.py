@@ -35,6 +35,7 @@ _END64_LOCATOR = b"PK\x06\x07"
 _END64 = b"PK\x06\x06"
 _END_SIZE = 22
 _LOCAL_HEADER = 30  # a record's local header before its name
+_DIRECTORY_RECORD = 46  # a record's entry in the directory before its name
 
 
 class MemoryReader(io.RawIOBase):
@@ -61,20 +62,20 @@ class MemoryReader(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         # RawIOBase.read would allocate `size` bytes first: a pickle can ask for 2**63.
-        end = (
-            len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
-        )
+        end = self._end(size)
         chunk = bytes(self._view[self._pos : end])
         self._pos = max(self._pos, end)
         return chunk
 
     def readline(self, size: int | None = -1) -> bytes:
         # IOBase.readline reads a byte a call: a pickle's line can be a hundred megabytes long.
-        end = (
-            len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
-        )
+        end = self._end(size)
         newline = self._buffer.find(b"\n", self._pos, end)
         return self.read((end if newline < 0 else newline + 1) - self._pos)
+
+    def _end(self, size: int | None) -> int:
+        whole = len(self._view)
+        return whole if size is None or size < 0 else min(self._pos + size, whole)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
@@ -106,10 +107,13 @@ def check_archive(uri: str, source: Source, size: int, *, copies: bool, headroom
     def bad(reason: str) -> ModelFormatError:
         return ModelFormatError(f"{uri}: {reason}")
 
-    listed = _directory_records(source, size)
-    if listed is None:
+    directory = _directory_size(source, size)
+    if directory is None:
         raise bad(f"{DAMAGED} (the zip archive's directory is missing)")
-    headroom.need(_RECORD_BYTES * listed, f"its zip directory of {listed:,} records")
+    headroom.need(
+        _RECORD_BYTES * (directory // _DIRECTORY_RECORD),
+        f"its zip directory of {directory:,} bytes",
+    )
     try:
         archive = zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
@@ -237,18 +241,19 @@ def _show(name: str) -> str:
     return repr(name[:60]) + ("..." if len(name) > 60 else "")
 
 
-def _directory_records(source: Source, size: int) -> int | None:
-    """How many records the zip archive's directory lists, from its end record (None when it
-    has none), read before zipfile makes an object of every record."""
+def _directory_size(source: Source, size: int) -> int | None:
+    """The size of the zip archive's directory, from its end record (None when it has none):
+    zipfile, then torch, make an object of every record it lists, and a record takes 46 bytes
+    of it at least."""
     tail_size = min(size, _END_SIZE + 0xFFFF)  # the end record, and a comment of 64 KiB at most
     source.seek(size - tail_size)
     tail = source.read(tail_size)
     at = tail.rfind(_END)
     if at < 0 or at + _END_SIZE > len(tail):
         return None
-    (records,) = struct.unpack_from("<H", tail, at + 10)
-    if records != 0xFFFF:
-        return int(records)
+    (directory,) = struct.unpack_from("<I", tail, at + 12)
+    if directory != 0xFFFFFFFF:
+        return int(directory)
     # A zip64 archive: its locator, just before the end record, says where its own end is.
     if at < 20 or tail[at - 20 : at - 16] != _END64_LOCATOR:
         return None
@@ -259,5 +264,5 @@ def _directory_records(source: Source, size: int) -> int | None:
     end64 = source.read(56)
     if end64[:4] != _END64:
         return None
-    (records64,) = struct.unpack_from("<Q", end64, 32)
-    return int(records64)
+    (directory64,) = struct.unpack_from("<Q", end64, 40)
+    return int(directory64)
