@@ -36,11 +36,12 @@ def read_state_dict(
     *,
     limit: int | Literal["available"] | None = "available",
 ) -> dict[str, torch.Tensor]:
-    """Tensors that share the fetched buffer (safetensors) or a memory map of `weights.path`
-    (`.pt` zip archives); `format` overrides the one the URI's name gives (`lazyserve push`/
-    `convert` know it). `limit`: the bytes the reading may allocate beyond the weights it is
-    given (None: no limit; default: what the process may still allocate, see
-    `headroom.available_memory`); a file that would need more raises ModelTooLarge first."""
+    """Tensors that share the fetched buffer (safetensors) or that torch.load copied out of it,
+    or out of `weights.path` when nothing was fetched (`.pt`); `format` overrides the one the
+    URI's name gives (`lazyserve push`/`convert` know it). `limit`: the bytes the reading may
+    allocate beyond the weights it is given (None: no limit; default: what the process may
+    still allocate, see `headroom.available_memory`); a file that would need more raises
+    ModelTooLarge first."""
     if limit == "available":
         headroom = Headroom(weights.uri, available_memory())
     else:
@@ -100,11 +101,14 @@ def sniff_format(head: bytes) -> Literal["pt", "safetensors"] | None:
 
 
 def _read_pt(weights: Weights, headroom: Headroom) -> dict[str, torch.Tensor]:
+    # Never torch.load(mmap=True): mapped, torch takes a record at the size the pickle declares
+    # (a tensor can run on over the next records' bytes) where reading a copy it checks the
+    # record's size; one file, one verdict, wherever it comes from.
     source: Source
     if weights.buffer is not None:  # from S3, or the private copy of a local file
         source = MemoryReader(weights.buffer)
         size = len(weights.buffer)
-    elif weights.path is not None:  # a file of the caller's, mapped in place
+    elif weights.path is not None:  # a caller's file, read where it lies
         try:
             source = open(weights.path, "rb")  # closed by `with source` below
             size = source.seek(0, 2)
@@ -116,11 +120,8 @@ def _read_pt(weights: Weights, headroom: Headroom) -> dict[str, torch.Tensor]:
         source.seek(0)
         head = source.read(16)
         _check_torch_save(weights.uri, head)
-        # torch can map only its zip format, and only a file it can open by name (a local
-        # file's sealed copy has one: see sources/local.py); otherwise it copies each record.
-        mapped = weights.path is not None and head.startswith(_ZIP)
         if head.startswith(_ZIP):
-            check_archive(weights.uri, source, size, copies=not mapped, headroom=headroom)
+            check_archive(weights.uri, source, size, headroom=headroom)
         else:
             check_legacy(weights.uri, source, size, headroom=headroom)
         source.seek(0)
@@ -128,10 +129,7 @@ def _read_pt(weights: Weights, headroom: Headroom) -> dict[str, torch.Tensor]:
             # weights_only=True: tensors and plain containers only; a pickle that names any
             # other callable is refused before it runs.
             state = torch.load(
-                str(weights.path) if mapped else cast(IO[bytes], source),
-                map_location="cpu",
-                weights_only=True,
-                mmap=mapped,
+                cast(IO[bytes], source), map_location="cpu", weights_only=True, mmap=False
             )
         except Exception as exc:  # any failure of torch.load on these bytes
             # from None: torch's exception holds its text (logged at DEBUG by failure()) and,

@@ -98,11 +98,11 @@ class MemoryReader(io.RawIOBase):
 Source = MemoryReader | io.BufferedReader
 
 
-def check_archive(uri: str, source: Source, size: int, *, copies: bool, headroom: Headroom) -> None:
+def check_archive(uri: str, source: Source, size: int, *, headroom: Headroom) -> None:
     """Refuse a torch.save zip archive whose records torch.load should not read: a compressed
     record (torch.save stores every record as it is: one that inflates is a zip bomb), a record
-    that overlaps another, or reading that would take more memory than `headroom` (`copies`:
-    torch.load copies every record into memory, rather than mapping the file)."""
+    that overlaps another, or reading that would take more memory than `headroom` (torch.load
+    copies every record it reads)."""
 
     def bad(reason: str) -> ModelFormatError:
         return ModelFormatError(f"{uri}: {reason}")
@@ -121,7 +121,7 @@ def check_archive(uri: str, source: Source, size: int, *, copies: bool, headroom
         raise bad(f"{DAMAGED} (the zip archive's directory is damaged)") from None
     with archive:
         infos = archive.infolist()
-        _check_records(uri, infos, size, copies=copies, headroom=headroom)
+        _check_records(uri, infos, size, headroom=headroom)
         for info in infos:
             if info.filename.rsplit("/", 1)[-1] == "data.pkl":
                 try:
@@ -133,7 +133,7 @@ def check_archive(uri: str, source: Source, size: int, *, copies: bool, headroom
 
 
 def _check_records(
-    uri: str, infos: list[zipfile.ZipInfo], size: int, *, copies: bool, headroom: Headroom
+    uri: str, infos: list[zipfile.ZipInfo], size: int, *, headroom: Headroom
 ) -> None:
     def bad(reason: str) -> ModelFormatError:
         return ModelFormatError(f"{uri}: {reason}")
@@ -158,11 +158,10 @@ def _check_records(
         if end > size:
             raise bad(f"{DAMAGED} (record {_show(info.filename)} runs past the end of the file)")
     pickled = sum(i.file_size for i in infos if i.filename.rsplit("/", 1)[-1] == "data.pkl")
-    copied = sum(i.file_size for i in infos) if copies else 0
+    copied = sum(i.file_size for i in infos)
     headroom.need(
         _RECORD_BYTES * records + _PICKLE_BYTES * pickled + copied,
-        f"it ({len(infos):,} records, {pickled:,} bytes of pickle"
-        + (f", {copied:,} bytes copied into memory)" if copies else ")"),
+        f"it ({records:,} records, {pickled:,} bytes of pickle, {copied:,} bytes of records)",
     )
 
 
