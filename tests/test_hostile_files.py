@@ -6,6 +6,7 @@ verdicts to those of `safetensors.safe_open` and `safetensors.torch.load`."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
 import json
 import logging
@@ -833,8 +834,6 @@ def test_a_local_pt_rewritten_in_place_changes_nothing(tmp_path: Path) -> None:
     with open(path, "r+b") as file:
         file.write(b"\xff" * len(original))
     assert torch.equal(state["w"], torch.arange(4096, dtype=torch.float32))
-    import hashlib
-
     assert weights.sha256 == hashlib.sha256(original).hexdigest()
 
 
