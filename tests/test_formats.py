@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -135,8 +134,17 @@ def test_header_length_larger_than_the_file() -> None:
 
 
 def test_header_is_not_json() -> None:
-    message = format_error(weights(safetensors_bytes(b"\xff{not json", b"\0" * 8)))
-    assert message.startswith(f"{URI}: not a valid safetensors file: header is not JSON")
+    message = format_error(weights(safetensors_bytes(b"{not json", b"\0" * 8)))
+    assert message == (
+        f"{URI}: not a valid safetensors file: the header is not valid JSON (at line 1, column 2)"
+    )
+
+
+def test_header_is_not_utf8() -> None:
+    message = format_error(weights(safetensors_bytes(b"\xff{}")))
+    assert message == (
+        f"{URI}: not a valid safetensors file: the header is not UTF-8 (at byte 8 of the file)"
+    )
 
 
 def test_header_is_not_an_object() -> None:
@@ -144,15 +152,17 @@ def test_header_is_not_an_object() -> None:
 
 
 def test_tensor_offsets_outside_the_data() -> None:
-    header = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}
-    message = format_error(weights(safetensors_bytes(header, b"\0" * 16)))
-    assert "tensor 'w' lies outside the data (8..24 of 16)" in message
+    header = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    message = format_error(weights(safetensors_bytes(header, b"\0" * 8)))
+    assert message.endswith("tensor 'w' lies outside the data (0..16 of 8)")
 
 
 def test_tensor_size_does_not_match_its_shape() -> None:
     header = {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}
     message = format_error(weights(safetensors_bytes(header, b"\0" * 16)))
-    assert "tensor 'w': 16 bytes for shape [3] of F32" in message
+    assert message.endswith(
+        "tensor 'w': shape [3] of F32 is 12 bytes, data_offsets [0, 16] give 16"
+    )
 
 
 @pytest.mark.parametrize(
@@ -162,15 +172,25 @@ def test_tensor_size_does_not_match_its_shape() -> None:
         {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]},
         {"dtype": "F32", "shape": [1], "data_offsets": [0]},
         {"shape": [1], "data_offsets": [0, 4]},
-        {"dtype": "F32", "shape": [float("nan")], "data_offsets": [0, 4]},
-        {"dtype": "F32", "shape": [float("inf")], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]},
     ],
-    ids=["not-an-object", "unknown-dtype", "one-offset", "no-dtype", "nan-dim", "infinite-dim"],
+    ids=["not-an-object", "unknown-dtype", "one-offset", "no-dtype", "negative-dim", "float-dim"],
 )
 def test_malformed_tensor_entries(entry: Any) -> None:
-    # json.dumps writes NaN / Infinity, which Python's json module reads back.
     message = format_error(weights(safetensors_bytes({"w": entry}, b"\0" * 4)))
     assert message.startswith(f"{URI}: not a valid safetensors file: tensor 'w'")
+
+
+@pytest.mark.parametrize("dim", ["NaN", "Infinity"])
+def test_nan_and_infinity_are_not_json(dim: str) -> None:
+    # Python's json module reads them; JSON (and the reference reader) does not.
+    header = b'{"w":{"dtype":"F32","shape":[%s],"data_offsets":[0,4]}}' % dim.encode()
+    message = format_error(weights(safetensors_bytes(header, b"\0" * 4)))
+    assert message == (
+        f"{URI}: not a valid safetensors file: the header is not valid JSON: {dim} is not a "
+        "JSON value"
+    )
 
 
 def test_torch_save_file_named_safetensors_suggests_pt() -> None:
@@ -293,15 +313,15 @@ def mapped_from(path: Path, address: int) -> bool:
     return False
 
 
-def test_pt_from_a_file_is_memory_mapped(tmp_path: Path) -> None:
+def test_pt_from_a_file_is_read_not_mapped(tmp_path: Path) -> None:
     path = tmp_path / "net.pt"
     torch.save(net_state(), path)
     w = Weights(str(path), path.stat().st_size, "0" * 64, path=path)
     state = read_state_dict(w)
     for name, tensor in net_state().items():
         assert torch.equal(state[name], tensor), name
-    # mmap=True: the tensors live in a mapping of the file, not in a private copy.
-    assert all(mapped_from(path, t.data_ptr()) for t in state.values() if t.numel())
+    # Not mmap=True: mapped, torch would not check each record's size against the pickle's.
+    assert not any(mapped_from(path, t.data_ptr()) for t in state.values() if t.numel())
     model = build_model(Net, state, w.uri)
     assert not model.training
 
@@ -379,14 +399,11 @@ def from_file(tmp_path: Path, data: bytes, name: str = "net.pt") -> Weights:
     return Weights(str(path), len(data), "0" * 64, path=path)
 
 
-def test_legacy_pt_from_a_file_loads_without_a_memory_map(tmp_path: Path) -> None:
+def test_legacy_pt_from_a_file_loads(tmp_path: Path) -> None:
     w = from_file(tmp_path, legacy_save_bytes(net_state()))
     state = read_state_dict(w)
     for name, tensor in net_state().items():
         assert torch.equal(state[name], tensor), name
-    assert w.path is not None
-    # torch can map only its zip format: a legacy file's tensors are read into memory.
-    assert not any(mapped_from(w.path, t.data_ptr()) for t in state.values() if t.numel())
     assert not build_model(Net, state, w.uri).training
 
 
@@ -412,26 +429,16 @@ DAMAGED = "cannot read this torch.save file, it is damaged or truncated"
 @pytest.mark.parametrize(
     ("data", "detail"),
     [
-        (
-            torch_save_bytes({"w": torch.ones(200)})[:300],
-            r"RuntimeError: PytorchStreamReader failed reading zip archive: failed finding "
-            "central directory",
-        ),
-        # Where the legacy pickles are cut decides which error the unpickler meets first.
-        (legacy_save_bytes({"w": torch.ones(200)})[:300], "(EOFError|IndexError): .+"),
-        (
-            b"PK\x03\x04" + b"\0" * 60,
-            r"RuntimeError: PytorchStreamReader failed reading zip archive: failed finding "
-            "central directory",
-        ),
+        (torch_save_bytes({"w": torch.ones(200)})[:300], "the zip archive's directory is missing"),
+        (legacy_save_bytes({"w": torch.ones(200)})[:300], "its pickles are cut short or damaged"),
+        (b"PK\x03\x04" + b"\0" * 60, "the zip archive's directory is missing"),
+        (legacy_save_bytes({"w": torch.ones(200)})[:-10], "torch.load raised RuntimeError"),
     ],
-    ids=["truncated-zip", "truncated-legacy", "zip-header-only"],
+    ids=["truncated-zip", "truncated-legacy", "zip-header-only", "legacy-storage-cut-short"],
 )
 def test_a_damaged_pt_says_so(tmp_path: Path, where: str, data: bytes, detail: str) -> None:
     w = from_file(tmp_path, data) if where == "file" else weights(data, uri="s3://models/net.pt")
-    message = format_error(w)
-    assert message.startswith(f"{w.uri}: {DAMAGED}: "), message
-    assert re.fullmatch(detail, message.removeprefix(f"{w.uri}: {DAMAGED}: ")), message
+    assert format_error(w) == f"{w.uri}: {DAMAGED} ({detail})"
 
 
 @pytest.mark.parametrize("where", ["file", "buffer"])

@@ -2,44 +2,23 @@
 
 from __future__ import annotations
 
-import io
-import json
-import math
 import mmap
-import re
-import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import IO, Literal, TypeVar, cast
 
 import torch
 
 from lazyserve.errors import ModelFormatError
+from lazyserve.headroom import Headroom, available_memory
+from lazyserve.safetensors_header import read_header
 from lazyserve.sources import Weights
+from lazyserve.torch_save import MemoryReader, Source, check_archive, check_legacy, failure
 from lazyserve.uris import ModelURI, parse_model_uri
 
 __all__ = ["build_model", "format_of", "read_state_dict", "sniff_format"]
 
 M = TypeVar("M", bound=torch.nn.Module)
-
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 def format_of(weights: Weights) -> str:
@@ -52,60 +31,58 @@ def format_of(weights: Weights) -> str:
 
 
 def read_state_dict(
-    weights: Weights, format: Literal["pt", "safetensors"] | None = None
+    weights: Weights,
+    format: Literal["pt", "safetensors"] | None = None,
+    *,
+    limit: int | Literal["available"] | None = "available",
 ) -> dict[str, torch.Tensor]:
-    """Tensors that share the fetched buffer (safetensors) or a memory map (`.pt` files);
-    `format` overrides the one the URI's name gives (`lazyserve push`/`convert` know it)."""
+    """Tensors that share the fetched buffer (safetensors) or that torch.load copied out of it,
+    or out of `weights.path` when nothing was fetched (`.pt`); `format` overrides the one the
+    URI's name gives (`lazyserve push`/`convert` know it). `limit`: the bytes the reading may
+    allocate beyond the weights it is given (None: no limit; default: what the process may
+    still allocate, see `headroom.available_memory`); a file that would need more raises
+    ModelTooLarge first."""
+    if limit == "available":
+        headroom = Headroom(weights.uri, available_memory())
+    else:
+        headroom = Headroom(weights.uri, limit, source="the limit given")
     if (format or format_of(weights)) == "pt":
-        return _read_pt(weights)
+        return _read_pt(weights, headroom)
     if weights.buffer is None:
         raise ModelFormatError(f"{weights.uri}: no bytes were fetched")
-    return _read_safetensors(weights.uri, weights.buffer)
+    return _read_safetensors(weights.uri, weights.buffer, headroom)
 
 
-def _read_safetensors(uri: str, buffer: bytearray | mmap.mmap) -> dict[str, torch.Tensor]:
+def _read_safetensors(
+    uri: str, buffer: bytearray | mmap.mmap, headroom: Headroom
+) -> dict[str, torch.Tensor]:
     # safetensors.torch.load(bytes) copies every tensor out of the buffer; views over the
     # buffer we already hold avoid a second full copy of the weights.
-    def bad(reason: str) -> ModelFormatError:
-        return ModelFormatError(f"{uri}: not a valid safetensors file: {reason}")
-
     if buffer[:2] == b"PK":
-        raise bad("it is a zip archive (a torch.save file?); name it .pt, or convert it")
-    if len(buffer) < 8:
-        raise bad(f"{len(buffer)} bytes is shorter than the 8-byte header length")
-    (length,) = struct.unpack_from("<Q", buffer, 0)
-    if length > min(_MAX_HEADER, len(buffer) - 8):
-        raise bad(f"header length {length} does not fit in {len(buffer)} bytes")
-    try:
-        header = json.loads(bytes(buffer[8 : 8 + length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    header.pop("__metadata__", None)
-    base = 8 + length
-    data_size = len(buffer) - base
+        raise ModelFormatError(
+            f"{uri}: not a valid safetensors file: it is a zip archive (a torch.save file?); "
+            "name it .pt, or convert it"
+        )
+    base, entries = read_header(uri, buffer, headroom)
+    # One view of the whole buffer (per dtype), sliced for each tensor: a tensor costs no
+    # buffer export of its own.
+    data = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) > base else None
+    typed: dict[torch.dtype, torch.Tensor] = {}
     tensors: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            if not isinstance(info["shape"], list):
-                raise TypeError
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError, OverflowError):
-            raise bad(f"tensor {name!r} has a malformed entry {info!r}") from None
-        count = math.prod(shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size:
-            raise bad(f"tensor {name!r} lies outside the data ({begin}..{end} of {data_size})")
-        if end - begin != count * itemsize:
-            raise bad(f"tensor {name!r}: {end - begin} bytes for shape {shape} of {info['dtype']}")
-        if count == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
+    for entry in entries:
+        if data is None or entry.begin == entry.end:
+            tensors[entry.name] = torch.empty(entry.shape, dtype=entry.dtype)
+            continue
+        start, end, size = base + entry.begin, base + entry.end, entry.dtype.itemsize
+        if start % size:
+            # The reference accepts any offset; torch's kernels expect elements at addresses
+            # that are multiples of their size, so a tensor that is not gets its own copy.
+            piece = data[start:end].clone().view(entry.dtype)
         else:
-            flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + begin)
-            tensors[name] = flat.view(shape)
+            if entry.dtype not in typed:
+                typed[entry.dtype] = data[: len(data) - len(data) % size].view(entry.dtype)
+            piece = typed[entry.dtype][start // size : end // size]
+        tensors[entry.name] = piece.view(entry.shape)
     return tensors
 
 
@@ -123,47 +100,46 @@ def sniff_format(head: bytes) -> Literal["pt", "safetensors"] | None:
     return None
 
 
-def _read_pt(weights: Weights) -> dict[str, torch.Tensor]:
-    import pickle
-
-    source: str | io.BytesIO
-    if weights.path is not None:
-        source = str(weights.path)
+def _read_pt(weights: Weights, headroom: Headroom) -> dict[str, torch.Tensor]:
+    # Never torch.load(mmap=True): mapped, torch takes a record at the size the pickle declares
+    # (a tensor can run on over the next records' bytes) where reading a copy it checks the
+    # record's size; one file, one verdict, wherever it comes from.
+    source: Source
+    if weights.buffer is not None:  # from S3, or the private copy of a local file
+        source = MemoryReader(weights.buffer)
+        size = len(weights.buffer)
+    elif weights.path is not None:  # a caller's file, read where it lies
         try:
-            with open(weights.path, "rb") as file:
-                head = file.read(16)
+            source = open(weights.path, "rb")  # closed by `with source` below
+            size = source.seek(0, 2)
         except OSError as exc:
             raise ModelFormatError(f"{weights.uri}: cannot read it: {exc.strerror}") from exc
-    elif weights.buffer is not None:
-        source = io.BytesIO(weights.buffer)
-        head = bytes(weights.buffer[:16])
     else:
         raise ModelFormatError(f"{weights.uri}: no bytes were fetched")
-    _check_torch_save(weights.uri, head)
-    # torch can memory-map only its zip format; a legacy file is read into memory instead.
-    mapped = weights.path is not None and head.startswith(_ZIP)
-    try:
-        # weights_only=True: tensors and plain containers only; a pickle that names any other
-        # callable is refused before it runs.
-        state = torch.load(source, map_location="cpu", weights_only=True, mmap=mapped)
-    except pickle.UnpicklingError as exc:
-        reason = _refusal(str(exc))
-        if reason is None:  # not a refusal: the pickle itself is broken
-            raise ModelFormatError(f"{weights.uri}: {_DAMAGED}: {_first_line(exc)}") from None
-        raise ModelFormatError(
-            f"{weights.uri}: refused: not a plain state dict (torch.load weights_only=True: "
-            f"{reason})"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, struct.error) as exc:
-        raise ModelFormatError(f"{weights.uri}: {_DAMAGED}: {_first_line(exc)}") from None
+    with source:
+        source.seek(0)
+        head = source.read(16)
+        _check_torch_save(weights.uri, head)
+        if head.startswith(_ZIP):
+            check_archive(weights.uri, source, size, headroom=headroom)
+        else:
+            check_legacy(weights.uri, source, size, headroom=headroom)
+        source.seek(0)
+        try:
+            # weights_only=True: tensors and plain containers only; a pickle that names any
+            # other callable is refused before it runs.
+            state = torch.load(
+                cast(IO[bytes], source), map_location="cpu", weights_only=True, mmap=False
+            )
+        except Exception as exc:  # any failure of torch.load on these bytes
+            # from None: torch's exception holds its text (logged at DEBUG by failure()) and,
+            # through its frames, the buffer a failed load must not keep.
+            raise failure(weights.uri, exc) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ModelFormatError(f"{weights.uri}: expected a state dict of name -> tensor")
     return state
-
-
-_DAMAGED = "cannot read this torch.save file, it is damaged or truncated"
 
 
 def _check_torch_save(uri: str, head: bytes) -> None:
@@ -179,29 +155,6 @@ def _check_torch_save(uri: str, head: bytes) -> None:
             f"{uri}: not a torch.save file: it starts with {head[:8]!r}, neither a zip archive "
             "(torch.save) nor a pickle (torch.save with _use_new_zipfile_serialization=False)"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    # torch's messages run to paragraphs of advice; the first sentence says what broke.
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    line = text.splitlines()[0] if text else ""
-    line = line.split(". ", 1)[0].rstrip(".")
-    return f"{type(exc).__name__}: {line}" if line else f"{type(exc).__name__}: ran out of data"
-
-
-def _refusal(message: str) -> str | None:
-    """The global or opcode weights_only refused, in plain text; None when the message is
-    about a broken pickle rather than a refusal."""
-    # torch's message opens with advice to retry with weights_only=False (and terminal colour
-    # codes); the line that matters names the global or opcode that was refused.
-    text = re.sub(r"\x1b\[[0-9;]*m", "", message)
-    for line in text.splitlines():
-        line = line.strip().removeprefix("WeightsUnpickler error: ")
-        if "GLOBAL" in line or line.startswith("Unsupported"):
-            return line.split(" Please use ", 1)[0]
-    if "WeightsUnpickler error" in text:
-        return "it holds objects other than tensors and plain containers"
-    return None
 
 
 def build_model(build: Callable[[], M], state: dict[str, torch.Tensor], uri: str) -> M:

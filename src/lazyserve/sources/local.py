@@ -1,5 +1,5 @@
-"""Weights from a local file: one private copy, so a file rewritten under us cannot change the
-model being served."""
+"""Weights from a local file: one private copy, hashed as it is read, so a file rewritten or
+truncated under a served model cannot change it (or kill the process)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 
 __all__ = ["fetch_local"]
 
-_CHUNK = 1024 * 1024
-
 
 def fetch_local(
     uri: ModelURI,
@@ -27,11 +25,11 @@ def fetch_local(
     expected_sha256: str | None = None,
     reserve: Callable[[int], None] | None = None,
 ) -> Weights:
-    """Read a local weights file into one buffer (or only hash it, for `.pt` memory maps)."""
+    """Read a local weights file (safetensors or `.pt`) into one private buffer, hashing the
+    bytes read: the sha256 describes exactly what is served."""
     assert uri.path is not None
     started = time.perf_counter()
     digest = hashlib.sha256()
-    buffer: bytearray | mmap.mmap | None = None
     try:
         with open(uri.path, "rb") as file:
             found = os.fstat(file.fileno())
@@ -40,21 +38,17 @@ def fetch_local(
             file.seek(0)
             if reserve is not None:
                 _identified(reserve, size, identity)
-            if uri.format == "pt":
-                # torch.load(mmap=True) maps the file itself; only hash it here.
-                while chunk := file.read(_CHUNK):
-                    digest.update(chunk)
-            else:
-                # A private copy, not a map of the file: a file rewritten in place while we
-                # serve would change (or, truncated, SIGBUS) a mapped model under us.
-                buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if size else bytearray()
-                view = memoryview(buffer)
+            # A private copy, not a map of the file: a file rewritten in place while we serve
+            # would change (or, truncated, SIGBUS) a mapped model under us. (torch.load then
+            # reads a `.pt` from this copy: see formats.py.)
+            buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if size else bytearray()
+            with memoryview(buffer) as view:
                 got = 0
                 while got < size and (n := file.readinto(view[got:])):
                     got += n
                 digest.update(view[:got])
-                if got != size:
-                    raise ModelFetchError(f"{uri.uri}: file shrank while reading ({got}/{size})")
+            if got != size:
+                raise ModelFetchError(f"{uri.uri}: file shrank while reading ({got}/{size})")
     except OSError as exc:
         kind = ModelMissing if isinstance(exc, FileNotFoundError) else ModelFetchError
         raise kind(f"{uri.uri}: cannot read {uri.path}: {exc.strerror}") from exc
