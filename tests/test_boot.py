@@ -503,7 +503,8 @@ if os.path.exists(f"/proc/{helper}"):
     state = open(f"/proc/{helper}/stat").read().rsplit(")", 1)[1].split()[0]
 else:
     state = "gone"
-print(json.dumps({"helper": helper, "state": state, "fds_freed": fds - len(os.listdir("/proc/self/fd"))}))
+freed = fds - len(os.listdir("/proc/self/fd"))
+print(json.dumps({"helper": helper, "state": state, "fds_freed": freed}))
 """
 
 

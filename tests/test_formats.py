@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
+from lazyserve.build import build_module
 from lazyserve.errors import ModelFormatError
-from lazyserve.formats import build_model, format_of, read_state_dict
+from lazyserve.formats import format_of, read_state_dict
 from lazyserve.sources import Weights
 from tests.helpers import RunShell, TouchFile
 
@@ -204,13 +205,13 @@ def test_no_buffer() -> None:
     assert "no bytes were fetched" in message
 
 
-# --- build_model ---
+# --- the tensors read, built into the module (build.py) ---
 
 
 def test_built_model_adopts_the_loaded_tensors_in_eval_mode() -> None:
     w = weights(save(net_state()))
     state = read_state_dict(w)
-    model = build_model(Net, state, URI)
+    model = build_module(Net, state, URI)
 
     assert isinstance(model, Net)
     assert not model.training
@@ -246,7 +247,7 @@ class WithNonPersistentBuffer(nn.Module):
 
 def test_non_persistent_buffers_come_from_the_constructor() -> None:
     state = {"fc.weight": torch.eye(2), "fc.bias": torch.zeros(2)}
-    model = build_model(WithNonPersistentBuffer, read_state_dict(weights(save(state))), URI)
+    model = build_module(WithNonPersistentBuffer, read_state_dict(weights(save(state))), URI)
     assert torch.equal(model.scale, torch.full((2,), 3.0))
     assert torch.equal(model.fc.weight, torch.eye(2))
     assert torch.equal(model(torch.ones(1, 2)), torch.full((1, 2), 3.0))
@@ -255,7 +256,7 @@ def test_non_persistent_buffers_come_from_the_constructor() -> None:
 
 def fit_error(state: dict[str, torch.Tensor]) -> str:
     with pytest.raises(ModelFormatError) as info:
-        build_model(Net, state, URI)
+        build_module(Net, state, URI)
     return str(info.value)
 
 
@@ -285,8 +286,10 @@ def test_dtype_mismatch() -> None:
     state = net_state()
     state["fc.weight"] = state["fc.weight"].half()
     message = fit_error(state)
-    assert "fc.weight" in message
-    assert "torch.float16" in message and "torch.float32" in message
+    assert message == (
+        f"{URI}: weights do not fit Net: 1 tensor is float16 where the model has float32 "
+        "['fc.weight']; set LAZYSERVE_DTYPE=float32 or save the weights in float32"
+    )
 
 
 def test_all_problems_are_named_together() -> None:
@@ -322,7 +325,7 @@ def test_pt_from_a_file_is_read_not_mapped(tmp_path: Path) -> None:
         assert torch.equal(state[name], tensor), name
     # Not mmap=True: mapped, torch would not check each record's size against the pickle's.
     assert not any(mapped_from(path, t.data_ptr()) for t in state.values() if t.numel())
-    model = build_model(Net, state, w.uri)
+    model = build_module(Net, state, w.uri)
     assert not model.training
 
 
@@ -404,7 +407,7 @@ def test_legacy_pt_from_a_file_loads(tmp_path: Path) -> None:
     state = read_state_dict(w)
     for name, tensor in net_state().items():
         assert torch.equal(state[name], tensor), name
-    assert not build_model(Net, state, w.uri).training
+    assert not build_module(Net, state, w.uri).training
 
 
 def test_legacy_pt_from_a_buffer_loads() -> None:

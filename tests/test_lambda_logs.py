@@ -1,35 +1,30 @@
 """Log lines as CloudWatch receives them: `python -m awslambdaric handler.app.handler` as a real
 process (the runtime client's own logging set-up and its stdout sink, as under `sam local` and
 the runtime emulator), its stdout and stderr captured together. Every line must be one JSON
-object, with Lambda's Text log format (the default) and with its JSON format; Lambda's own
-fields survive in JSON mode, lazyserve's are on every line, AWS_LAMBDA_LOG_LEVEL is honoured,
-and the EMF metric documents Powertools prints land on lines of their own."""
+object, with Lambda's Text log format (the default) and with its JSON format: lazyserve's own
+(with an RFC 3339 timestamp and a level Lambda knows, and its fields), the runtime's (left as the
+runtime writes them), and the EMF metric documents, each on a line of its own;
+AWS_LAMBDA_LOG_LEVEL is honoured."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
+from datetime import datetime
 from typing import Any
 
 import pytest
 
 from tests.helpers import (
-    ACCESS_DENIED,
     BUCKET,
     FAKE_CREDENTIALS,
-    INIT_TIMEOUT,
-    PYTHON,
+    SLOW_DOWN,
     WEIGHTS_SHA256,
     StartFunction,
-    TaskImage,
     assert_prediction,
     failing_gets,
     http_body,
-    lambda_environ,
     load_event,
 )
-from tests.runtime_api import RuntimeAPI
 from tests.s3server import CountingS3Server
 
 MODEL_LOADED = "model loaded from "
@@ -94,7 +89,6 @@ def test_text_format_every_line_is_one_json_object(
     assert loaded["logger"] == "lazyserve"
     assert loaded["cold_start"] is True
     assert loaded["request_id"] == ids[0]
-    assert loaded["requestId"] == ids[0]
     assert loaded["model_sha256"] == WEIGHTS_SHA256
     assert loaded["bytes"] > 0
     assert f"s3://{BUCKET}/" in loaded["message"]
@@ -123,11 +117,10 @@ def test_json_format_keeps_lambdas_fields_and_adds_lazyserves(
     assert len(emf_documents(records)) == 2  # the invalid invocation ran no inference
 
     (loaded,) = loaded_lines(records)
-    # The runtime's JSON formatter wrote it: its field names and its request id ...
-    assert loaded["requestId"] == first
+    # What Lambda's JSON format reads (an RFC 3339 timestamp, a level it knows) ...
+    assert datetime.fromisoformat(loaded["timestamp"]).tzinfo is not None
     assert loaded["level"] == "INFO"
     assert loaded["logger"] == "lazyserve"
-    assert loaded["timestamp"].endswith("Z")
     # ... with lazyserve's context and the line's own figures (logging's `extra=`).
     assert loaded["cold_start"] is True
     assert loaded["request_id"] == first
@@ -135,12 +128,10 @@ def test_json_format_keeps_lambdas_fields_and_adds_lazyserves(
     assert loaded["format"] == "safetensors"
     assert loaded["total_seconds"] > 0
 
-    # Mangum's INFO line for the later invocation: warm, with the loaded model's digest.
+    # Mangum's INFO line, as the runtime's own JSON formatter writes it (lazyserve leaves the
+    # runtime's handler alone): the runtime's request id.
     mangum = [r for r in records if r.get("logger", "").startswith("mangum")]
-    assert mangum, output
-    last = [r for r in mangum if r["requestId"] == later]
-    assert last, mangum
-    assert all(r["cold_start"] is False and r["model_sha256"] == WEIGHTS_SHA256 for r in last)
+    assert [r for r in mangum if r["requestId"] == later], output
 
     # The failed invocation: the runtime's own JSON error record, naming the exception.
     errors = [r for r in records if r.get("errorType") == "InvalidInput"]
@@ -153,7 +144,7 @@ def test_lambda_log_level_warn_hides_info_lines(
     start_function: StartFunction, s3: CountingS3Server
 ) -> None:
     # LAZYSERVE_LOG_LEVEL=DEBUG asks for more; Lambda's level is the ceiling on what is written.
-    s3.fault = failing_gets(*ACCESS_DENIED)
+    s3.fault = failing_gets(*SLOW_DOWN)
     function = start_function(
         LAZYSERVE_LOAD="lazy",
         LAZYSERVE_LOG_LEVEL="DEBUG",
@@ -171,8 +162,8 @@ def test_lambda_log_level_warn_hides_info_lines(
     levels = {r["level"] for r in records}
     assert levels <= {"WARN", "WARNING", "ERROR", "CRITICAL", "FATAL"}, records
     (failure,) = [r for r in records if r["level"] == "ERROR" and r["logger"] == "lazyserve"]
-    assert "AccessDenied" in failure["message"]
-    assert failure["requestId"] == failed
+    assert "SlowDown" in failure["message"]
+    assert failure["request_id"] == failed
     assert failure["cold_start"] is True
     assert loaded_lines(records) == []  # the INFO line of the load that succeeded is hidden
 
@@ -183,59 +174,23 @@ def http_body_or_status(result: Any) -> int:
     return status
 
 
-# -- a function that sets logging up before its settings ------------------------------------------
-
-TYPO_APP = """\
-from lazyserve.logs import configure_logging
-
-configure_logging()  # first: the settings' warnings then go out as log records
-from lazyserve.settings import load_settings
-
-settings = load_settings()
-
-
-def handler(event, context):
-    return {"ok": True}
-"""
+# -- an unknown LAZYSERVE_* variable --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("log_format", ["Text", "JSON"])
 def test_an_unknown_variable_is_one_json_warning_line(
-    image: TaskImage, tmp_path: Path, log_format: str
+    start_function: StartFunction, s3: CountingS3Server, log_format: str
 ) -> None:
-    (tmp_path / "typo_app.py").write_text(TYPO_APP)
-    api = RuntimeAPI(next_timeout=60.0).start()
-    env = lambda_environ(
-        image,
-        api.address,
-        "http://127.0.0.1:9",
-        tmp_path,
-        PYTHONPATH=f"{tmp_path}:{image.site}",
-        _HANDLER="typo_app.handler",
-        AWS_LAMBDA_LOG_FORMAT=log_format,
-        LAZYSERVE_LOAD_MODE="eager",
+    function = start_function(
+        LAZYSERVE_LOAD="lazy", AWS_LAMBDA_LOG_FORMAT=log_format, LAZYSERVE_LOAD_MODE="eager"
     )
-    log = tmp_path / "typo.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(PYTHON), "-m", "awslambdaric", "typo_app.handler"],
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        api.wait_call("GET", "/invocation/next", INIT_TIMEOUT, abort=lambda: None)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        api.stop()
-    records = json_lines(log.read_text())
-    (warning,) = records
-    assert warning["level"] in ("WARNING", "WARN")
-    assert warning["logger"] == "py.warnings"
-    assert (
-        "LazyserveWarning: LAZYSERVE_LOAD_MODE is not a lazyserve setting and is ignored; "
-        "did you mean LAZYSERVE_LOAD?"
-    ) in warning["message"]
+    warmed = function.api.invoke(load_event("warmup"))
+    assert function.api.wait_result(warmed, 30, abort=function.exited).kind == "response"
+    function.stop()
+    records = log_records(json_lines(function.log()))
+    (warning,) = [r for r in records if r.get("level") in ("WARN", "WARNING")]
+    assert warning["logger"] == "lazyserve"
+    assert warning["message"] == (
+        "LAZYSERVE_LOAD_MODE is not a lazyserve setting and is ignored; did you mean "
+        "LAZYSERVE_LOAD?"
+    )

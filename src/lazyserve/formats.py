@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Literal, TypeVar, cast
 
@@ -16,7 +15,7 @@ from lazyserve.sources import Weights
 from lazyserve.torch_save import MemoryReader, Source, check_archive, check_legacy, failure
 from lazyserve.uris import ModelURI, parse_model_uri
 
-__all__ = ["build_model", "format_of", "read_state_dict", "sniff_format"]
+__all__ = ["format_of", "read_state_dict", "sniff_format"]
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -155,40 +154,3 @@ def _check_torch_save(uri: str, head: bytes) -> None:
             f"{uri}: not a torch.save file: it starts with {head[:8]!r}, neither a zip archive "
             "(torch.save) nor a pickle (torch.save with _use_new_zipfile_serialization=False)"
         )
-
-
-def build_model(build: Callable[[], M], state: dict[str, torch.Tensor], uri: str) -> M:
-    """Build the module without allocating its parameters, then adopt the loaded tensors."""
-    # On the meta device the constructor allocates nothing; assign=True then makes the loaded
-    # tensors the parameters, so the weights are held once, not twice.
-    with torch.device("meta"):
-        model = build()
-    _check_fits(model, state, uri)
-    model.load_state_dict(state, strict=True, assign=True)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        # Non-persistent buffers are not in any state dict: build for real, then load.
-        model = build()
-        model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], uri: str) -> None:
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} {state[k].dtype}, model {shape} {dtype}"
-        for k in sorted(set(expected) & set(state))
-        for shape, dtype in [expected[k]]
-        if (tuple(state[k].shape), state[k].dtype) != (shape, dtype)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if shapes:
-        problems.append(f"shape or dtype mismatches [{'; '.join(shapes)}]")
-    if problems:
-        name = type(model).__name__
-        raise ModelFormatError(f"{uri}: weights do not fit {name}: {', '.join(problems)}")

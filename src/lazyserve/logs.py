@@ -78,15 +78,21 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {**_context_fields(), **extra}
 
 
+# Lambda's level names (TRACE, DEBUG, INFO, WARN, ERROR, FATAL): a JSON line whose level Lambda
+# does not know counts as INFO, and would be dropped under AWS_LAMBDA_LOG_LEVEL=WARN.
+_LAMBDA_NAMES = {"WARNING": "WARN", "CRITICAL": "FATAL"}
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: timestamp, level, logger, message, then the context fields."""
+    """One JSON object per record: timestamp, level (Lambda's name for it), logger, message,
+    then the context fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
                 timespec="milliseconds"
             ),
-            "level": record.levelname,
+            "level": _LAMBDA_NAMES.get(record.levelname, record.levelname),
             "logger": record.name,
             "message": record.getMessage(),
             **_fields(record),

@@ -6,6 +6,8 @@ process-wide start-up (`startup.py`) once; the service is then the app and the L
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -28,7 +30,7 @@ from lazyserve.pool import ModelPool, PoolEntry
 from lazyserve.refresh import Refresher, Target, beside
 from lazyserve.routes import model_router, pool_router, prefix_router
 from lazyserve.schemas import FAILED, NOT_FOUND, TOO_LARGE, UNAVAILABLE
-from lazyserve.settings import Settings, load_settings
+from lazyserve.settings import Settings, read_settings, unknown_notices, warn_unknown
 from lazyserve.signatures import dumper, in_inference_mode, io_types
 from lazyserve.signatures import rules as signature_rules
 from lazyserve.sources import Boto3Ranges, RangeClient, head, identity, settle_early_download
@@ -42,6 +44,8 @@ M = TypeVar("M", bound=torch.nn.Module)
 Req = TypeVar("Req", bound=BaseModel)
 Resp = TypeVar("Resp")
 PredictFn = Callable[[Loaded[M], Req], Resp]
+
+log = logging.getLogger("lazyserve")
 
 INFERENCE_HEADROOM = 0.10
 """Share of the function's memory the default budget leaves for inference (activations)."""
@@ -68,7 +72,16 @@ class Service(Generic[M]):
         s3_client: S3Client | None = None,
         autostart: bool = True,
     ) -> None:
-        self.settings = settings if settings is not None else load_settings()
+        self._notices: list[str] = []
+        if settings is None:
+            # On Lambda a notice is one JSON log line, written once logging is set up (start());
+            # elsewhere a LazyserveWarning at the line that made this Service.
+            if on_lambda():
+                self._notices = unknown_notices(os.environ)
+            else:
+                warn_unknown(os.environ)
+            settings = read_settings()
+        self.settings = settings
         self._client: RangeClient | None = Boto3Ranges(s3_client) if s3_client else None
         # A download the interpreter started that this app will not take is freed now.
         settle_early_download(self.settings, adopt=s3_client is None)
@@ -126,6 +139,8 @@ class Service(Generic[M]):
         self._started = True
         self._add_model_routes()
         startup.configure_process(self.settings)
+        for notice in self._notices:
+            log.warning(notice)
         if self.refresher is not None:
             self.refresher.start()
         if self._holder is not None:

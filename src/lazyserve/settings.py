@@ -29,7 +29,9 @@ __all__ = [
     "load_settings",
     "parse_model_uri",
     "read_settings",
+    "unknown_notices",
     "unknown_variables",
+    "warn_unknown",
 ]
 
 PREFIX = "LAZYSERVE_"
@@ -310,17 +312,23 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]
     return found
 
 
-def _warn_unknown(environ: Mapping[str, str]) -> None:
+def unknown_notices(environ: Mapping[str, str]) -> list[str]:
+    """What to tell the user about each LAZYSERVE_* variable that is not a setting."""
+    notices = []
     for name, guess in unknown_variables(environ):
         if guess is not None:
             hint = f"did you mean {guess}?"
         else:
             hint = f"the settings are {', '.join(known_variables())}"
-        warnings.warn(
-            f"{name} is not a lazyserve setting and is ignored; {hint}",
-            LazyserveWarning,
-            stacklevel=_caller_level(),
-        )
+        notices.append(f"{name} is not a lazyserve setting and is ignored; {hint}")
+    return notices
+
+
+def warn_unknown(environ: Mapping[str, str]) -> None:
+    """A LazyserveWarning per unknown LAZYSERVE_* variable, pointing at the first line outside
+    lazyserve (the user's)."""
+    for notice in unknown_notices(environ):
+        warnings.warn(notice, LazyserveWarning, stacklevel=_caller_level())
 
 
 def _caller_level() -> int:
@@ -339,5 +347,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate the settings (default: os.environ); raise SettingsError naming each bad
     variable, and warn (LazyserveWarning) about each LAZYSERVE_* variable that is not a setting."""
     env = os.environ if environ is None else environ
-    _warn_unknown(env)
+    warn_unknown(env)
     return read_settings(env)
