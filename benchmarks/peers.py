@@ -131,7 +131,8 @@ def lazyserve_loader(target: Target, connections: int | None) -> Callable[[], nn
     if connections is not None:
         env["LAZYSERVE_S3_CONCURRENCY"] = str(connections)
     settings = load_settings(env)
-    s3_get_client().credentials.get()  # the client lazyserve will use, and its credentials
+    # The client lazyserve will use, its credentials and endpoint (botocore's imports).
+    s3_get_client().prepare(settings.uri.bucket or "")
     return lambda: load_model(target.build, settings).module
 
 

@@ -8,7 +8,7 @@ when lazyserve's internals move, only that function changes.
 | `dependency` | a dependency that takes the body and awaits the model holder, as the reference |
 | `setup_app` | `lazyserve.app.setup_app`: exception handlers, body limit, Server-Timing, routes |
 | `edge` | `lazyserve.middleware.Edge` alone: body limit and Server-Timing (forward timed) |
-| `lambda_handler` | `lazyserve.aws.lambda_handler` around Mangum instead of bare Mangum |
+| `lambda_handler` | `lazyserve.aws.LambdaHandler` around Mangum instead of bare Mangum |
 | `emf` | one EMF document per invocation (`lazyserve.metrics.ModelMetrics.publish`) |
 """
 
@@ -44,7 +44,8 @@ Hop = Callable[[Forward, list[list[float]]], Awaitable[PredictResponse]]
 def holder() -> Any:
     """A lazyserve model holder, loaded, for the pieces that need one (the same weights as the
     floor's global; the forward keeps using the global)."""
-    from lazyserve import LazyModel, load_model, load_settings
+    from lazyserve import LazyModel, load_settings
+    from lazyserve.model import load_model
 
     settings = load_settings({"LAZYSERVE_MODEL_URI": str(bare_app.WEIGHTS)})
     model: Any = LazyModel(lambda: load_model(DigitsMLP, settings), source=settings.model_uri)
@@ -130,9 +131,14 @@ def metrics() -> Any:
 
 
 def with_lambda_handler(app: FastAPI, emf: bool) -> Handler:
-    from lazyserve.aws import lambda_handler
+    from lazyserve.aws import LambdaHandler
 
-    handler: Handler = lambda_handler(app, holder(), metrics=metrics() if emf else None)
+    model = holder()
+    handler: Handler = LambdaHandler(
+        app,
+        warmup=lambda event: {"warm": True, "model": model.get().info.model_dump()},
+        metrics=metrics() if emf else None,
+    )
     return handler
 
 

@@ -73,10 +73,8 @@ def main(port: int = 8000) -> int:
         import uvicorn
 
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=_log_config())
-        try:
-            uvicorn.Server(config).run(sockets=[sock])
-        except KeyboardInterrupt:
-            pass
+        # Ctrl-C: uvicorn shuts down, then passes the interrupt on (the caller's exit 130).
+        uvicorn.Server(config).run(sockets=[sock])
         return 0
     finally:
         sock.close()
@@ -118,4 +116,7 @@ def _digit() -> tuple[int, list[int]]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m handler.demo", description=__doc__)
     parser.add_argument("--port", type=int, default=8000)
-    sys.exit(main(parser.parse_args().port))
+    try:
+        sys.exit(main(parser.parse_args().port))
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -65,4 +65,4 @@ def test_unknown_loader_is_refused_by_name() -> None:
 def test_the_lazyserve_label_shows_the_settings_default() -> None:
     from lazyserve.settings import Settings
 
-    assert peers.LAZYSERVE_DEFAULT == Settings(model_uri="s3://b/k").s3_concurrency
+    assert peers.LAZYSERVE_DEFAULT == Settings(model_uri="s3://bkt/k").s3_concurrency

@@ -283,12 +283,22 @@ def test_sqs_fifo_failure_fails_the_rest_of_its_group_only(reference: ModuleType
 def test_sqs_with_an_unloadable_model_fails_every_record_after_one_load_attempt(
     reference: ModuleType, s3: CountingS3Server
 ) -> None:
-    s3.fault = failing_gets(403, "AccessDenied", "Access Denied")
+    s3.fault = failing_gets(503, "SlowDown", "Please reduce your request rate.")
     answer = reference.handler(sqs_batch(GOOD, GOOD, GOOD), None)
     assert failures(answer) == ["message-0", "message-1", "message-2"]
     assert reference.service.model.loads_started == 1
     s3.fault = None
     assert failures(reference.handler(sqs_batch(GOOD), None)) == []  # the next batch recovers
+
+
+def test_sqs_with_a_model_that_cannot_load_fails_its_records_without_a_load_each(
+    reference: ModuleType, s3: CountingS3Server
+) -> None:
+    s3.fault = failing_gets(403, "AccessDenied", "Access Denied")
+    for _ in range(3):
+        answer = reference.handler(sqs_batch(GOOD, GOOD), None)
+        assert failures(answer) == ["message-0", "message-1"]
+    assert reference.service.model.loads_started == 1  # remembered, not tried per batch
 
 
 def test_malformed_http_events_raise_unsupported_event(reference: ModuleType) -> None:

@@ -190,6 +190,12 @@ class S3GetClient:
             return ObjectStat(0, found.etag or None, found.version_id)
         return ObjectStat(found.total, found.etag or None, found.version_id)
 
+    def prepare(self, bucket: str) -> None:
+        """Find the credentials and the bucket's endpoint now (botocore's imports included),
+        without a request: what a load would do first."""
+        self._endpoint(bucket)
+        self.signer.credentials()
+
     def close(self) -> None:
         """Close the idle connections."""
         with self._lock:

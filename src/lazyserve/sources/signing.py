@@ -87,6 +87,10 @@ class Signer:
             quiet.active.signing = False
         return dict(request.headers.items())
 
+    def credentials(self) -> Any:
+        """The current credentials (botocore's frozen copy), found or refreshed as needed."""
+        return self._frozen()
+
     def invalidate(self) -> None:
         """S3 said the credentials expired: look them up again on the next request (a session
         caches what its chain found, so a session of lazyserve's own is made anew)."""
