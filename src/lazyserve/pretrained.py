@@ -8,7 +8,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,9 +60,10 @@ def build_pretrained(
         raise ValueError(f"dtype must be one of {', '.join(map(str, FLOAT_DTYPES))}, got {dtype}")
     folder = Path(directory)
     started = time.perf_counter()
-    config = _read_config(model_class, folder, uri)
-    cls, config = _concrete_class(model_class, config, uri)
-    model = _from_state(cls, config, folder, state, uri, dtype)
+    with _quiet_transformers():
+        config = _read_config(model_class, folder, uri)
+        cls, config = _concrete_class(model_class, config, uri)
+        model = _from_state(cls, config, folder, state, uri, dtype)
     config = model.config
     module: torch.nn.Module = model
     built = time.perf_counter()
@@ -79,6 +81,22 @@ def build_pretrained(
         after_load_seconds=loaded - built,
         tokenizer_seconds=time.perf_counter() - loaded,
     )
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" progress bar on stderr while lazyserve builds (on Lambda each bar
+    would be lines of text among the JSON log lines); transformers' own switch, put back after.
+    What transformers would warn about is in lazyserve's log instead (see _check_loading)."""
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def _read_config(model_class: Any, folder: Path, uri: str) -> PretrainedConfig:

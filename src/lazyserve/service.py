@@ -5,10 +5,12 @@ process-wide start-up (`startup.py`) once; the service is then the app and the L
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -20,22 +22,36 @@ from lazyserve.app import setup_app
 from lazyserve.aws import LambdaHandler, invalid_input
 from lazyserve.environment import memory_limit, on_lambda, resident_bytes
 from lazyserve.error_handlers import predict_failed
-from lazyserve.errors import InvalidInput, ModelNotFound, ModelUnavailable
+from lazyserve.errors import InvalidInput, ModelNotFound, ModelUnavailable, SettingsError
 from lazyserve.lazy import LazyModel
 from lazyserve.logs import set_global
 from lazyserve.metrics import ModelMetrics, metrics_enabled
 from lazyserve.middleware import MetricsMiddleware
-from lazyserve.model import Loaded, load_model
+from lazyserve.model import AfterLoad, Loaded, load_model, load_pretrained
 from lazyserve.pool import ModelPool, PoolEntry
 from lazyserve.refresh import Refresher, Target, beside
 from lazyserve.routes import model_router, pool_router, prefix_router
 from lazyserve.schemas import FAILED, NOT_FOUND, TOO_LARGE, UNAVAILABLE
-from lazyserve.settings import Settings, read_settings, unknown_notices, warn_unknown
+from lazyserve.settings import (
+    Dtype,
+    Settings,
+    read_settings,
+    unknown_notices,
+    warn_unknown,
+)
 from lazyserve.signatures import dumper, in_inference_mode, io_types
 from lazyserve.signatures import rules as signature_rules
-from lazyserve.sources import Boto3Ranges, RangeClient, head, identity, settle_early_download
+from lazyserve.sources import (
+    Boto3Ranges,
+    ObjectStat,
+    RangeClient,
+    head,
+    identity,
+    settle_early_download,
+)
+from lazyserve.sources.directory import directory_identity, layout, list_directory
 from lazyserve.types import LambdaContext, LambdaEvent, S3Client
-from lazyserve.uris import ModelURI
+from lazyserve.uris import ModelURI, parse_model_uri
 from lazyserve.workers import Inference
 
 __all__ = ["Service"]
@@ -55,12 +71,16 @@ class Service(Generic[M]):
     """A served model: `app` for uvicorn, `handler` for AWS Lambda, `@predict` for the route.
 
     `build` makes the user's `nn.Module` (its parameters are created on the meta device, then
-    the loaded weights become them). Settings come from the LAZYSERVE_* environment variables
-    unless given. With a `LAZYSERVE_MODEL_URI` ending in `/`, model NAME is
-    `<prefix>NAME.safetensors`, served at `POST /models/{name}/predict` (and
-    `{"model": NAME, ...}` for direct and SQS invocations). `s3_client`: a boto3 S3 client to
-    make every GET with (its endpoint, credentials and configuration), instead of lazyserve's
-    own. `autostart=False`: `@predict` does not call `start()`; call it yourself.
+    the loaded weights become them); `Service.from_pretrained(ModelClass)` serves a transformers
+    `save_pretrained` directory instead. Settings come from the LAZYSERVE_* environment
+    variables unless given. With a `LAZYSERVE_MODEL_URI` ending in `/`, model NAME is
+    `<prefix>NAME.safetensors` (or the directory `<prefix>NAME/`), served at
+    `POST /models/{name}/predict` (and `{"model": NAME, ...}` for direct and SQS invocations).
+    `s3_client`: a boto3 S3 client to make every GET with (its endpoint, credentials and
+    configuration), instead of lazyserve's own. `dtype` ("bfloat16", "float16", "float32"):
+    cast while building (LAZYSERVE_DTYPE, when set, wins). `after_load(module)`: run once after
+    each load (torch.compile, quantisation); what it returns, if anything, is served.
+    `autostart=False`: `@predict` does not call `start()`; call it yourself.
     """
 
     def __init__(
@@ -70,7 +90,61 @@ class Service(Generic[M]):
         app: FastAPI | None = None,
         settings: Settings | None = None,
         s3_client: S3Client | None = None,
+        dtype: Dtype | None = None,
+        after_load: AfterLoad | None = None,
         autostart: bool = True,
+    ) -> None:
+        self._setup(
+            _Maker(build, None, after_load),
+            getattr(build, "__name__", "model"),
+            app=app,
+            settings=settings,
+            s3_client=s3_client,
+            dtype=dtype,
+            autostart=autostart,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_class: Any,
+        *,
+        app: FastAPI | None = None,
+        settings: Settings | None = None,
+        s3_client: S3Client | None = None,
+        dtype: Dtype | None = None,
+        after_load: AfterLoad | None = None,
+        autostart: bool = True,
+    ) -> Service[Any]:
+        """Serve the transformers `save_pretrained` directory LAZYSERVE_MODEL_URI names
+        (`s3://bucket/dir/` or a local directory) as `model_class.from_pretrained(directory)`
+        would build it (`model_class`: any transformers class with `from_config`, e.g.
+        AutoModelForSequenceClassification). The loaded value has `module`, `tokenizer`
+        (None without tokenizer files), `config` and `info`. A URI ending in `/` without a
+        config.json directly under it is a prefix: model NAME is the directory `<prefix>NAME/`.
+        Needs `pip install lazyserve[transformers]`."""
+        service: Service[Any] = cls.__new__(cls)
+        service._setup(
+            _Maker(None, model_class, after_load),
+            str(getattr(model_class, "__name__", "model")),
+            app=app,
+            settings=settings,
+            s3_client=s3_client,
+            dtype=dtype,
+            autostart=autostart,
+        )
+        return service
+
+    def _setup(
+        self,
+        maker: _Maker,
+        name: str,
+        *,
+        app: FastAPI | None,
+        settings: Settings | None,
+        s3_client: S3Client | None,
+        dtype: Dtype | None,
+        autostart: bool,
     ) -> None:
         self._notices: list[str] = []
         if settings is None:
@@ -81,15 +155,21 @@ class Service(Generic[M]):
             else:
                 warn_unknown(os.environ)
             settings = read_settings()
+        if settings.dtype is None and dtype is not None:
+            settings = dataclasses.replace(settings, dtype=dtype)
         self.settings = settings
         self._client: RangeClient | None = Boto3Ranges(s3_client) if s3_client else None
         # A download the interpreter started that this app will not take is freed now.
         settle_early_download(self.settings, adopt=s3_client is None)
-        self._build = build
+        self._maker = maker
         self._autostart = autostart
         self._started = False
-        self.uri = self.settings.uri
-        name = getattr(build, "__name__", "model")
+        self.uri = maker.directory_uri(self.settings.uri) if maker.pretrained else settings.uri
+        # A directory URI is one model when config.json is directly under it, else a prefix of
+        # model directories (one listing, at start-up: the routes depend on it).
+        many = self.uri.is_prefix and (
+            not maker.pretrained or layout(self.uri, self._client) == "many"
+        )
         # Mangum gives a request without a Host header the host "mangum": a trailing-slash
         # redirect would send clients to https://mangum/... An exact path or 404.
         self.app = app if app is not None else FastAPI(title=name, redirect_slashes=False)
@@ -105,13 +185,13 @@ class Service(Generic[M]):
             self.refresher = Refresher(self.settings.refresh_seconds, self._refresh_targets)
         self._holder: LazyModel[Loaded[M]] | None = None
         self.pool: ModelPool[Loaded[M]] | None = None
-        if self.uri.is_prefix:
+        if many:
             self.pool = ModelPool(
                 self._load_named,
                 check=self._check_name,
                 budget=self.budget,
                 wait=self.settings.load_wait,
-                recheck=lambda name, error: self._changed(self.uri.for_model(name), error),
+                recheck=lambda name, error: self._changed(self._model_uri(name), error),
             )
         else:
             self._holder = LazyModel(
@@ -175,7 +255,7 @@ class Service(Generic[M]):
     # -- loading ----------------------------------------------------------------------------------
 
     def _load(self) -> Loaded[M]:
-        loaded = load_model(self._build, self.settings, client=self._client)
+        loaded = self._maker.load(self.settings, self.uri, None, self._client)
         self._loaded(loaded)
         startup.freeze()  # the model's objects too (see start())
         return loaded
@@ -190,26 +270,23 @@ class Service(Generic[M]):
         """May the object behind a load that failed with `error` (not retryable) have changed?
         One cheap look: another version there, or a different failure to look at it."""
         try:
-            now = identity(uri, self._client)
+            now = self._maker.identity(uri, self._client)
         except ModelUnavailable as exc:
             return type(exc) is not type(error)  # still missing, still denied: the same
         return error.identity is None or now != error.identity
 
+    def _model_uri(self, name: str) -> ModelURI:
+        return self.uri.for_model(name, directory=self._maker.pretrained)
+
     def _check_name(self, name: str) -> None:
         try:
-            self.uri.for_model(name)
+            self._model_uri(name)
         except ValueError as exc:
             raise ModelNotFound(str(exc)) from None
 
     def _load_named(self, name: str, reserve: Callable[[int], None]) -> Loaded[M]:
         # No gc.freeze() here: an evicted model must stay collectable.
-        loaded = load_model(
-            self._build,
-            self.settings,
-            uri=self.uri.for_model(name),
-            reserve=reserve,
-            client=self._client,
-        )
+        loaded = self._maker.load(self.settings, self._model_uri(name), reserve, self._client)
         self._loaded(loaded, name)
         return loaded
 
@@ -355,22 +432,16 @@ class Service(Generic[M]):
 
     # -- refresh ----------------------------------------------------------------------------------
 
-    def _stat(self, uri: Any) -> Any:
-        return head(uri, client=self._client)
-
     def _refresh_targets(self) -> list[Target]:
         if self._holder is not None:
+            uri = self.uri
             return [
                 Target(
                     name=self.settings.model_uri,
                     holder=self._holder,
-                    stat=lambda: self._stat(self.uri),
-                    reload=lambda reserve: load_model(
-                        self._build,
-                        self.settings,
-                        uri=self.uri,
-                        reserve=reserve,
-                        client=self._client,
+                    stat=lambda: self._maker.stat(uri, self._client),
+                    reload=lambda reserve: self._maker.load(
+                        self.settings, uri, reserve, self._client
                     ),
                     reserve=beside(self.budget),
                     swapped=lambda old, new: self._loaded(new),
@@ -380,18 +451,81 @@ class Service(Generic[M]):
         return [self._pool_target(self.pool, entry) for entry in self.pool.entries()]
 
     def _pool_target(self, pool: ModelPool[Loaded[M]], entry: PoolEntry[Loaded[M]]) -> Target:
-        uri = self.uri.for_model(entry.name)
+        uri = self._model_uri(entry.name)
         return Target(
             name=uri.uri,
             holder=entry.holder,
-            stat=lambda: self._stat(uri),
-            reload=lambda reserve: load_model(
-                self._build, self.settings, uri=uri, reserve=reserve, client=self._client
-            ),
+            stat=lambda: self._maker.stat(uri, self._client),
+            reload=lambda reserve: self._maker.load(self.settings, uri, reserve, self._client),
             reserve=lambda old, new: pool.reserve_beside(entry, new),
             swapped=lambda old, new: pool.swapped(entry, new.info.size_bytes),
             abandoned=lambda: pool.abandoned(entry),
         )
+
+
+@dataclass(frozen=True)
+class _Maker:
+    """How a model is made: the user's `build` from a weights file, or a transformers class from
+    a save_pretrained directory; and how its object is looked at (refresh, recheck)."""
+
+    build: Callable[[], Any] | None
+    model_class: Any
+    after_load: AfterLoad | None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.model_class is not None
+
+    def directory_uri(self, uri: ModelURI) -> ModelURI:
+        """A model directory's URI ends in `/`: a local directory named without one gets it."""
+        if uri.is_prefix:
+            return uri
+        if not uri.is_s3 and uri.path is not None and uri.path.is_dir():
+            return parse_model_uri(uri.uri + "/")
+        raise SettingsError(
+            f"LAZYSERVE_MODEL_URI has value {uri.uri[:80]!r}: Service.from_pretrained serves "
+            "a save_pretrained directory: give s3://bucket/dir/ (ending in /) or a local "
+            "directory"
+        )
+
+    def load(
+        self,
+        settings: Settings,
+        uri: ModelURI,
+        reserve: Callable[[int], None] | None,
+        client: RangeClient | None,
+    ) -> Loaded[Any]:
+        if self.model_class is not None:
+            return load_pretrained(
+                self.model_class,
+                settings,
+                uri=uri,
+                reserve=reserve,
+                client=client,
+                after_load=self.after_load,
+            )
+        assert self.build is not None
+        return load_model(
+            self.build,
+            settings,
+            uri=None if uri.uri == settings.model_uri else uri,
+            reserve=reserve,
+            client=client,
+            after_load=self.after_load,
+        )
+
+    def identity(self, uri: ModelURI, client: RangeClient | None) -> str | None:
+        if self.pretrained:
+            return directory_identity(uri, client)
+        return identity(uri, client)
+
+    def stat(self, uri: ModelURI, client: RangeClient | None) -> ObjectStat:
+        """What a refresh compares with the loaded model's version (etag, version id)."""
+        if not self.pretrained:
+            return head(uri, client=client)
+        listed = list_directory(uri, client)
+        size = sum(size for size, _ in listed.values())
+        return ObjectStat(size, directory_identity(uri, client, listed), None)
 
 
 def _default_budget() -> int | None:

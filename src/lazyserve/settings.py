@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_PART_SIZE",
     "PREFIX",
+    "Dtype",
     "ModelURI",
     "Settings",
     "known_variables",

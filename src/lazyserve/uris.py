@@ -65,23 +65,31 @@ class ModelURI:
         """The weights format, from the name: `pt` for `.pt`/`.pth`, else `safetensors`."""
         return "pt" if self.suffix in (".pt", ".pth") and not self.is_prefix else "safetensors"
 
-    def for_model(self, name: str) -> ModelURI:
-        """The weights of model `name` under this prefix: `<prefix>NAME.safetensors`."""
+    def for_model(self, name: str, *, directory: bool = False) -> ModelURI:
+        """Model `name` under this prefix: the weights file `<prefix>NAME.safetensors`, or the
+        model directory `<prefix>NAME/` (transformers' save_pretrained layout)."""
         if not self.is_prefix:
             raise ValueError(f"{self.uri} names one weights file, not a prefix (one ends in /)")
         if not _NAME.fullmatch(name):
             raise ValueError(f"model name {_shown(name)} is not accepted: use {NAME_RULE}")
-        file = name + MODEL_SUFFIX
+        try:
+            return self.child(name + ("/" if directory else MODEL_SUFFIX))
+        except ValueError:
+            raise ValueError(
+                f"model name {_shown(name)} makes the key longer than S3's {_MAX_KEY_BYTES} bytes"
+            ) from None
+
+    def child(self, name: str) -> ModelURI:
+        """The object or file `name` (a relative, `/`-separated name) under this prefix."""
+        file = name
         if self.key is not None:
             key = self.key + file
             if len(key.encode()) > _MAX_KEY_BYTES:
-                raise ValueError(
-                    f"model name {_shown(name)} makes the key longer than S3's "
-                    f"{_MAX_KEY_BYTES} bytes"
-                )
+                raise ValueError(f"{_shown(key)} is longer than S3's {_MAX_KEY_BYTES} bytes")
             return ModelURI(f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
         assert self.path is not None
-        return ModelURI(self.uri + file, path=self.path / file)
+        uri = self.uri if self.uri.endswith(("/", os.sep)) else self.uri + "/"
+        return ModelURI(uri + file, path=self.path / file)
 
 
 def _shown(value: str) -> str:

@@ -9,7 +9,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from lazyserve.sources.s3client import CONNECT_TIMEOUT, READ_TIMEOUT, ObjectStat, body_deadline
+from lazyserve.sources.s3client import (
+    CONNECT_TIMEOUT,
+    READ_TIMEOUT,
+    Listed,
+    Listing,
+    ObjectStat,
+    body_deadline,
+)
 from lazyserve.sources.s3errors import PreconditionFailed, RangeHead, S3Error, TransferError
 from lazyserve.types import S3Client
 
@@ -132,6 +139,23 @@ class Boto3Ranges:
         return ObjectStat(
             int(answer.get("ContentLength", 0)), answer.get("ETag"), answer.get("VersionId")
         )
+
+    def list_objects(self, bucket: str, prefix: str) -> Listing:
+        from botocore.exceptions import ClientError
+
+        objects: list[Listed] = []
+        prefixes: list[str] = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, Delimiter="/"
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    objects.append(Listed(item["Key"], int(item["Size"]), item.get("ETag")))
+                prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        except ClientError as exc:
+            raise _s3_error(exc, None) from exc
+        return Listing(objects, prefixes)
 
     def close(self) -> None:
         """The caller's client is the caller's: nothing to close."""

@@ -33,6 +33,10 @@ class Endpoint:
     signing_region: str
     signing_name: str = "s3"
 
+    def root(self) -> str:
+        """The request path of the bucket itself (a listing's)."""
+        return self.base_path or "/"
+
     def path(self, key: str) -> str:
         """The request path as sent and signed for S3: each byte outside RFC 3986's unreserved
         set as %XX, `/` kept, nothing normalised (S3 takes `a//b` literally)."""

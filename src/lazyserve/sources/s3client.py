@@ -18,11 +18,13 @@ import http.client
 import itertools
 import os
 import random
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
+from urllib.parse import quote
 
 from lazyserve.sources.endpoints import (
     Endpoint,
@@ -48,6 +50,8 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "FIRST_BYTE",
     "READ_TIMEOUT",
+    "Listed",
+    "Listing",
     "ObjectStat",
     "RangeClient",
     "S3GetClient",
@@ -67,11 +71,29 @@ ATTEMPTS = 3  # per request, the first included: S3 errors worth retrying, conne
 BACKOFF = 0.1  # seconds before the first retry (with jitter), doubling, at most BACKOFF_MAX
 BACKOFF_MAX = 2.0
 _ERROR_BODY_LIMIT = 64 * 1024
+_DOCUMENT_LIMIT = 4 * 1024 * 1024  # a ListObjectsV2 page of 1,000 keys is well under 1 MiB
+LIST_PAGES = 10
 
 
 def body_deadline(size: int, now: float | None = None) -> float:
     """The time.monotonic() by which a GET of `size` bytes must be complete."""
     return (time.monotonic() if now is None else now) + FIRST_BYTE + size / BODY_FLOOR
+
+
+class Listed(NamedTuple):
+    """One object of a listing: its key, size and ETag."""
+
+    key: str
+    size: int
+    etag: str | None
+
+
+class Listing(NamedTuple):
+    """What a ListObjectsV2 with a delimiter found under a prefix: the objects directly under
+    it, and the common prefixes (the `directories`) below it."""
+
+    objects: list[Listed]
+    prefixes: list[str]
 
 
 class ObjectStat(NamedTuple):
@@ -100,6 +122,8 @@ class RangeClient(Protocol):
     ) -> RangeHead: ...
 
     def stat(self, bucket: str, key: str, version_id: str | None = None) -> ObjectStat: ...
+
+    def list_objects(self, bucket: str, prefix: str) -> Listing: ...
 
     def close(self) -> None: ...
 
@@ -190,6 +214,33 @@ class S3GetClient:
             return ObjectStat(0, found.etag or None, found.version_id)
         return ObjectStat(found.total, found.etag or None, found.version_id)
 
+    def list_objects(self, bucket: str, prefix: str) -> Listing:
+        """The objects directly under `prefix` and its sub-prefixes (ListObjectsV2 with the
+        delimiter `/`; s3:ListBucket on the prefix), at most LIST_PAGES pages of 1,000."""
+        objects: list[Listed] = []
+        prefixes: list[str] = []
+        token: str | None = None
+        for _ in range(LIST_PAGES):
+            params = {"list-type": "2", "prefix": prefix, "delimiter": "/"}
+            if token is not None:
+                params["continuation-token"] = token
+            query = "?" + "&".join(
+                f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+                for k, v in sorted(params.items())
+            )
+            pages: list[bytes] = []
+            self._request(
+                "GET", bucket, "", None, {}, 0, 0, None, None, query=query, into_doc=pages
+            )
+            body = pages[0].decode("utf-8", "replace")
+            page = _parse_listing(body)
+            objects += page.objects
+            prefixes += page.prefixes
+            token = _xml_field(body, "NextContinuationToken")
+            if _xml_field(body, "IsTruncated") != "true" or not token:
+                return Listing(objects, prefixes)
+        raise TransferError(f"more than {LIST_PAGES * 1000} objects under it", start=0, end=0)
+
     def prepare(self, bucket: str) -> None:
         """Find the credentials and the bucket's endpoint now (botocore's imports included),
         without a request: what a load would do first."""
@@ -218,6 +269,9 @@ class S3GetClient:
         end: int,
         into: Callable[[RangeHead], memoryview] | None,
         deadline: float | None,
+        *,
+        query: str | None = None,
+        into_doc: list[bytes] | None = None,
     ) -> RangeHead:
         attempt = 0
         redirected = refreshed = False
@@ -227,7 +281,10 @@ class S3GetClient:
             if deadline is not None:
                 limit = min(limit, deadline)
             try:
-                return self._once(method, bucket, key, version_id, headers, start, end, into, limit)
+                return self._once(
+                    method, bucket, key, version_id, headers, start, end, into, limit,
+                    query=query, into_doc=into_doc,
+                )  # fmt: skip
             except S3Error as exc:
                 region = exc.region
                 if region and region != self._region_of(bucket) and not redirected:
@@ -262,11 +319,15 @@ class S3GetClient:
         end: int,
         into: Callable[[RangeHead], memoryview] | None,
         deadline: float,
+        *,
+        query: str | None = None,
+        into_doc: list[bytes] | None = None,
     ) -> RangeHead:
         self.requests += 1
         endpoint = self._endpoint(bucket)
-        query = _version_query(version_id)
-        target = endpoint.path(key) + query
+        if query is None:
+            query = _version_query(version_id)
+        target = (endpoint.path(key) if key else endpoint.root()) + query
         url = f"{endpoint.scheme}://{endpoint.netloc}{target}"
         headers = self.signer.sign(
             method,
@@ -293,6 +354,15 @@ class S3GetClient:
                 raise parse_error(
                     response.status, body, response.getheader, version_id, head.request_id
                 )
+            if into_doc is not None:  # a document (a listing): all of it, within a bound
+                document = response.read(_DOCUMENT_LIMIT + 1)
+                if len(document) > _DOCUMENT_LIMIT:
+                    raise TransferError(
+                        f"an answer longer than {_DOCUMENT_LIMIT} bytes", start=0, end=0
+                    )
+                into_doc.append(document)
+                release(True)
+                return head
             view = into(head) if into is not None else memoryview(b"")
             got = _read_into(response, view)
             if watch.expired:
@@ -510,17 +580,41 @@ def _shut(sock: socket.socket | None) -> None:
             pass
 
 
+_CONTENTS = re.compile(r"<Contents>(.*?)</Contents>", re.S)
+_PREFIX = re.compile(r"<CommonPrefixes>\s*<Prefix>(.*?)</Prefix>", re.S)
+_ENTITIES = {"&lt;": "<", "&gt;": ">", "&quot;": '"', "&apos;": "'", "&amp;": "&"}
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"&(?:lt|gt|quot|apos|amp);", lambda m: _ENTITIES[m.group()], text)
+
+
+def _xml_field(body: str, name: str) -> str | None:
+    found = re.search(rf"<{name}>(.*?)</{name}>", body, re.S)
+    return _unescape(found.group(1)) if found else None
+
+
+def _parse_listing(body: str) -> Listing:
+    """A ListObjectsV2 page, read with a few bounded patterns (no XML parser: S3's answer is
+    flat, and a hostile one cannot make entities expand here)."""
+    objects = []
+    for item in _CONTENTS.findall(body):
+        key = _xml_field(item, "Key")
+        size = _xml_field(item, "Size")
+        if key is None or size is None or not size.isdigit():
+            continue
+        objects.append(Listed(key, int(size), _xml_field(item, "ETag")))
+    prefixes = [_unescape(p) for p in _PREFIX.findall(body)]
+    return Listing(objects, prefixes)
+
+
 def _version_query(version_id: str | None) -> str:
     if version_id is None:
         return ""
-    from urllib.parse import quote
-
     return f"?versionId={quote(version_id, safe='-_.~')}"
 
 
 def _head(response: _Response, version_id: str | None) -> RangeHead:
-    import re
-
     get = response.getheader
     try:
         length = int(get("Content-Length") or 0)
