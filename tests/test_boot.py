@@ -425,10 +425,9 @@ print(json.dumps({"helper": os.environ.get("_LAZYSERVE_HELPER"), "failure": help
         {"LAZYSERVE_LOAD": "lazy"},
         {"LAZYSERVE_PREFETCH": "off"},
         {"AWS_LAMBDA_RUNTIME_API": ""},
-        {"LAZYSERVE_MODEL_URI": "s3://bkt/prefix/"},
         {"LAZYSERVE_S3_CONCURRENCY": "0"},  # invalid: the app reports it, nothing starts
     ],
-    ids=["lazy", "prefetch-off", "not-lambda", "prefix", "bad-setting"],
+    ids=["lazy", "prefetch-off", "not-lambda", "bad-setting"],
 )
 def test_no_helper_where_the_settings_do_not_ask_for_one(
     overrides: dict[str, str], s3: CountingS3Server, tmp_path: Path

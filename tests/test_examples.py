@@ -321,3 +321,75 @@ def test_the_readme_many_models_example_runs_as_shown(s3: CountingS3Server) -> N
     assert [m["name"] for m in listing["models"]] == ["beta", "gamma"]
     assert listing["evictions"] == 1
     assert listing["budget_bytes"] == 150 * 1024
+
+
+# --- the commands of examples/huggingface/README.md, as written -----------------------------------
+
+HF = ROOT / "examples" / "huggingface"
+
+
+def test_the_huggingface_readme_commands_make_invoke_and_serve(tmp_path: Path) -> None:
+    text = (HF / "README.md").read_text()
+    commands = [
+        line
+        for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
+        for line in block.splitlines()
+        if line.strip()
+    ]
+    make, invoke, serve, curl = (
+        next(c for c in commands if word in c)
+        for word in ("make_model", "lazyserve invoke", "lazyserve serve", "curl")
+    )
+    out = "/tmp/sentiment"
+    directory = tmp_path / "sentiment"
+
+    def argv(command: str) -> list[str]:
+        words = command.replace(out, str(directory)).split()
+        return [w for w in words if not w.startswith("LAZYSERVE_MODEL_URI=")]
+
+    uri = f"{directory}/"
+    assert f"LAZYSERVE_MODEL_URI={out}/" in invoke and f"LAZYSERVE_MODEL_URI={out}/" in serve
+    done = run(*argv(make))
+    assert done.returncode == 0, done.stderr
+    assert (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file()
+
+    done = run(*argv(invoke), LAZYSERVE_MODEL_URI=uri)
+    assert done.returncode == 0, done.stderr
+    response = json.loads(done.stdout.splitlines()[0])
+    assert response["statusCode"] == 200, response
+    labels = json.loads(response["body"])["labels"]
+    assert len(labels) == 2 and set(labels) <= {"positive", "negative"}
+
+    port = free_port()
+    server = subprocess.Popen(
+        [*argv(serve), "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "LAZYSERVE_MODEL_URI": uri},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_serving(server, base)
+        body = re.search(r"-d '(.*?)'", curl)
+        assert body, curl
+        answer = httpx.post(
+            f"{base}/predict",
+            content=body[1],
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["labels"][0] in ("positive", "negative")
+        meta = httpx.get(f"{base}/model", timeout=30).json()
+        assert list(meta["files"]) == ["model.safetensors"]
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
+def test_the_huggingface_example_is_at_most_30_lines_and_imports_lazyserve_only() -> None:
+    code = (HF / "app.py").read_text()
+    assert len(code.splitlines()) <= 30
+    imports = re.findall(r"^(?:from|import) (\S+)", code, re.M)
+    assert [m for m in imports if m.startswith("lazyserve")] == ["lazyserve"]

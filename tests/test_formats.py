@@ -16,7 +16,7 @@ from torch import nn
 
 from lazyserve.build import build_module
 from lazyserve.errors import ModelFormatError
-from lazyserve.formats import format_of, read_state_dict
+from lazyserve.formats import format_of, read_state_dict, sniff_format
 from lazyserve.sources import Weights
 from tests.helpers import RunShell, TouchFile
 
@@ -480,3 +480,13 @@ def test_a_pt_that_is_not_a_torch_save_file_says_what_it_is(
 )
 def test_format_of_follows_the_model_uri(uri: str, fmt: str) -> None:
     assert format_of(Weights(uri, 0, "0" * 64)) == fmt
+
+
+def test_a_safetensors_header_of_128_bytes_is_not_taken_for_a_pickle() -> None:
+    # Its 8-byte length then begins with 0x80, the byte a pickle begins with.
+    header = json.dumps({"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}).encode()
+    header += b" " * (128 - len(header))
+    data = struct.pack("<Q", 128) + header + b"\x07"
+    assert data[:1] == b"\x80"
+    assert sniff_format(data[:16]) == "safetensors"
+    assert read_state_dict(weights(data))["x"].tolist() == [7]

@@ -1,11 +1,11 @@
 """The start-up download, run by `lazyserve.pth` when an interpreter starts with
 AWS_LAMBDA_RUNTIME_API set. Only in the runtime's own process (not an extension, a shell command or
 `pip` in the same execution environment), and only when the settings ask for the model before
-the first request (LAZYSERVE_LOAD=background or eager, or SnapStart) and name one `s3://` object,
-it forks the download helper (`lazyserve.sources.helper`): the GETs then overlap the function's
-`import torch`, whatever order the user's imports are in, without competing for this
-interpreter's GIL. LAZYSERVE_PREFETCH=off turns it off (the load then starts when the app module
-starts its Service).
+the first request (LAZYSERVE_LOAD=background or eager, or SnapStart) and name an `s3://` object
+or model directory, it forks the download helper (`lazyserve.sources.helper`): the GETs then
+overlap the function's imports (torch, transformers), whatever order the user's imports are in,
+without competing for this interpreter's GIL. LAZYSERVE_PREFETCH=off turns it off (the load then
+starts when the app module starts its Service).
 
 A `.pth` line is the one hook Python runs before the handler module's first import (coverage.py
 starts its subprocess measurement the same way: https://coverage.readthedocs.io/en/latest/subprocess.html).
@@ -41,8 +41,9 @@ def wanted(
         settings = read_settings(env)
     except SettingsError:
         return None  # the app reports it when it reads its settings
-    uri = settings.uri
-    if settings.prefetch == "off" or not uri.is_s3 or uri.is_prefix:
+    # One object, or a prefix: the helper fetches it if it is a model directory (a config.json
+    # directly under it), and leaves a prefix of many models alone after one listing.
+    if settings.prefetch == "off" or not settings.uri.is_s3:
         return None
     early = settings.load != "lazy" or initialization_type(env) == "snap-start"
     return settings if early else None

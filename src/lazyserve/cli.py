@@ -286,9 +286,14 @@ def invoke(events: Sequence[str], handler_path: str, repeat: int) -> int:
 def push(file: str, uri: str) -> int:
     from lazyserve.errors import ModelFormatError
     from lazyserve.publish import push as push_file
+    from lazyserve.publish import push_directory
 
+    path = Path(file)
     try:
-        pushed = push_file(Path(file), uri)
+        if path.is_dir():
+            pushed_dir = push_directory(path, uri)
+        else:
+            pushed = push_file(path, uri)
     except (FileNotFoundError, IsADirectoryError, PermissionError, ModelFormatError) as exc:
         raise CommandError("FILE", str(exc)) from None
     except OSError as exc:
@@ -297,6 +302,14 @@ def push(file: str, uri: str) -> int:
         raise CommandError("URI", str(exc)) from None
     except LazyserveError as exc:  # S3 refused or failed the upload
         raise CommandError("URI", str(exc)) from None
+    if path.is_dir():
+        print(f"uri: {pushed_dir.uri}")
+        print(f"files: {len(pushed_dir.files)}")
+        for item in pushed_dir.files:
+            name = item.uri.removeprefix(pushed_dir.uri)
+            if name in pushed_dir.weights:
+                print(f"sha256 {name}: {item.sha256}")
+        return 0
     print(f"uri: {pushed.uri}")
     print(f"sha256: {pushed.sha256}")
     print(f"size: {pushed.size}")
@@ -357,9 +370,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("events", nargs="+", metavar="EVENT.json")
     p.add_argument("--handler", default=DEFAULT_HANDLER, type=_handler_path)
     p.add_argument("--repeat", type=_positive, default=1)
-    p = sub.add_parser("push", help="upload weights to S3 with their sha256 (multipart)")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("uri", metavar="URI", help="s3://bucket/key, or s3://bucket/prefix/")
+    p = sub.add_parser(
+        "push", help="upload weights (a file, or a save_pretrained directory) with their sha256"
+    )
+    p.add_argument("file", metavar="FILE", help="a weights file, or a save_pretrained directory")
+    p.add_argument(
+        "uri", metavar="URI", help="s3://bucket/key, s3://bucket/prefix/, or s3://bucket/dir/"
+    )
     p = sub.add_parser("convert", help="a .pt state dict (weights_only=True) to safetensors")
     p.add_argument("source", metavar="IN.pt")
     p.add_argument("target", metavar="OUT.safetensors")

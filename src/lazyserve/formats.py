@@ -86,16 +86,20 @@ def _read_safetensors(
 
 
 _ZIP = b"PK\x03\x04"  # torch.save's default format since PyTorch 1.6: a zip archive
-_PICKLE = b"\x80"  # the legacy format (_use_new_zipfile_serialization=False) opens a pickle
+# The legacy format (_use_new_zipfile_serialization=False) opens a pickle: PROTO, then 2 to 5.
+_PICKLE = b"\x80"
+_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")
 
 
 def sniff_format(head: bytes) -> Literal["pt", "safetensors"] | None:
     """What the first bytes of a file say it is: `pt` (a torch.save zip archive or legacy
     pickle), `safetensors` (an 8-byte header length then a JSON object), or None."""
-    if head.startswith(_ZIP) or head.startswith(_PICKLE):
-        return "pt"
+    # safetensors first: its 8-byte header length may begin with 0x80 (a 128-byte header), as
+    # a pickle does; a pickle then has its protocol (2 to 5), never a JSON object at byte 8.
     if len(head) > 8 and head[8:9] == b"{":
         return "safetensors"
+    if head.startswith(_ZIP) or (head.startswith(_PICKLE) and head[1:2] in _PROTOCOLS):
+        return "pt"
     return None
 
 

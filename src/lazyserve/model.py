@@ -20,7 +20,7 @@ from lazyserve.checkpoint import merge_shards
 from lazyserve.errors import ModelUnavailable
 from lazyserve.formats import format_of, read_state_dict
 from lazyserve.settings import Settings
-from lazyserve.sources import RangeClient, load_weights
+from lazyserve.sources import RangeClient, load_weights, take_directory
 from lazyserve.sources.directory import Directory, fetch_directory
 from lazyserve.uris import ModelURI
 
@@ -127,6 +127,8 @@ def load_pretrained(
     from lazyserve.pretrained import build_pretrained
 
     uri = settings.uri if uri is None else uri
+    if directory is None and uri.uri == settings.model_uri:
+        directory = take_directory(settings)  # the start-up download's, if it made one
     if directory is None:
         directory = fetch_directory(settings, uri, reserve=reserve, client=client)
     elif reserve is not None:

@@ -14,9 +14,17 @@ from typing import IO, Literal
 from lazyserve.errors import ModelFetchError, ModelFormatError
 from lazyserve.sources import s3_client
 from lazyserve.types import S3Client
-from lazyserve.uris import MODEL_SUFFIX, parse_model_uri
+from lazyserve.uris import MODEL_SUFFIX, ModelURI, parse_model_uri
 
-__all__ = ["Pushed", "check_weights_file", "convert", "file_sha256", "push"]
+__all__ = [
+    "Pushed",
+    "PushedDirectory",
+    "check_weights_file",
+    "convert",
+    "file_sha256",
+    "push",
+    "push_directory",
+]
 
 PART_SIZE = 8 * 1024 * 1024
 
@@ -128,10 +136,10 @@ def push(
     only a multipart upload that is under way draws progress, on `progress` (by default stderr,
     when it is a terminal). A URI ending in `/` is a prefix of many models: the file lands at
     `<prefix><file name>`."""
-    from boto3.exceptions import S3UploadFailedError
-    from boto3.s3.transfer import TransferConfig
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{path}: a directory: push_directory() uploads a save_pretrained directory"
+        )
     accepted = "s3://bucket/key or s3://bucket/prefix/, without a versionId"
     if not uri.lower().startswith("s3://"):
         raise ValueError(f"push needs {accepted}; got {uri!r}")
@@ -154,8 +162,17 @@ def push(
     _existing_file(path)
     check_weights_file(path, target.format)
     s3 = client if client is not None else s3_client()
+    _check_bucket(s3, target.bucket or "")
+    return _upload(s3, path, target, progress)
+
+
+def _upload(s3: S3Client, path: Path, target: ModelURI, progress: IO[str] | None) -> Pushed:
+    """One file to `target`, its sha256 stored with it and checked after."""
+    from boto3.exceptions import S3UploadFailedError
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
     bucket, key = target.bucket or "", target.key or ""
-    _check_bucket(s3, bucket)
     size = path.stat().st_size
     digest = file_sha256(path)
     config = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
@@ -184,6 +201,53 @@ def push(
     if head.get("Metadata", {}).get("sha256") != digest:
         raise ModelFetchError(f"{target.uri}: the stored sha256 does not match the file's {digest}")
     return Pushed(target.uri, digest, size, head.get("VersionId"))
+
+
+@dataclass(frozen=True)
+class PushedDirectory:
+    uri: str
+    files: list[Pushed]
+    weights: tuple[str, ...]  # the names of the weights files among them
+
+
+def push_directory(
+    path: Path, uri: str, *, client: S3Client | None = None, progress: IO[str] | None = None
+) -> PushedDirectory:
+    """Upload a transformers save_pretrained directory to `s3://bucket/dir/`: every file (the
+    chat templates' sub-directory too), each with its sha256 stored as object metadata, which
+    loads verify. Refused before any upload when it has no config.json or no weights, or a
+    weights file is not a valid safetensors (or weights_only `.bin`) file."""
+    from lazyserve.checkpoint import pretrained_files, read_shard_index
+
+    accepted = "s3://bucket/dir/ (ending in /), without a versionId"
+    if not uri.lower().startswith("s3://"):
+        raise ValueError(f"push needs {accepted} for a directory; got {uri!r}")
+    try:
+        target = parse_model_uri(uri)
+    except ValueError as exc:
+        raise ValueError(f"{uri!r} is not accepted: {exc}") from None
+    if not target.is_prefix:
+        raise ValueError(f"{path} is a directory: push it to {accepted}; got {uri!r}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: not a directory")
+    names = sorted(
+        p.relative_to(path).as_posix()
+        for p in [*path.iterdir(), *(path / "additional_chat_templates").glob("*")]
+        if p.is_file()
+    )
+    files = pretrained_files(names, str(path))
+    weights = files.weights
+    if files.index is not None:
+        weights = read_shard_index((path / files.index).read_bytes(), str(path / files.index)).files
+        absent = [w for w in weights if w not in names]
+        if absent:
+            raise ModelFormatError(f"{path}: shards named by the index are missing: {absent[:5]}")
+    for name in weights:
+        check_weights_file(path / name, "safetensors" if name.endswith(".safetensors") else "pt")
+    s3 = client if client is not None else s3_client()
+    _check_bucket(s3, target.bucket or "")
+    pushed = [_upload(s3, path / name, target.child(name), progress) for name in names]
+    return PushedDirectory(target.uri, pushed, tuple(weights))
 
 
 def _check_bucket(s3: S3Client, bucket: str) -> None:

@@ -159,8 +159,6 @@ class Service(Generic[M]):
             settings = dataclasses.replace(settings, dtype=dtype)
         self.settings = settings
         self._client: RangeClient | None = Boto3Ranges(s3_client) if s3_client else None
-        # A download the interpreter started that this app will not take is freed now.
-        settle_early_download(self.settings, adopt=s3_client is None)
         self._maker = maker
         self._autostart = autostart
         self._started = False
@@ -170,6 +168,9 @@ class Service(Generic[M]):
         many = self.uri.is_prefix and (
             not maker.pretrained or layout(self.uri, self._client) == "many"
         )
+        # A download the interpreter started that this app will not take is freed now: another
+        # model, a caller's own S3 client, or a prefix of many models.
+        settle_early_download(self.settings, adopt=s3_client is None and not many)
         # Mangum gives a request without a Host header the host "mangum": a trailing-slash
         # redirect would send clients to https://mangum/... An exact path or 404.
         self.app = app if app is not None else FastAPI(title=name, redirect_slashes=False)

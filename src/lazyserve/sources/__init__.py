@@ -21,6 +21,7 @@ from lazyserve.sources.weights import Weights, file_identity, identity_of, verif
 
 if TYPE_CHECKING:
     from lazyserve.settings import Settings
+    from lazyserve.sources.directory import Directory
     from lazyserve.uris import ModelURI
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "s3_client",
     "s3_get_client",
     "settle_early_download",
+    "take_directory",
     "take_prefetched",
 ]
 
@@ -136,6 +138,19 @@ def _settle(pending: Pending, settings: Settings, client: RangeClient | None) ->
         return fetch_weights(settings, client=client)
     verify(weights.uri, weights.sha256, settings.model_sha256, "LAZYSERVE_MODEL_SHA256")
     return weights
+
+
+def take_directory(settings: Settings) -> Directory | None:
+    """The model directory the helper process fetched for these settings, if it did; a helper
+    that delivered nothing usable is logged (the load then fetches in this process)."""
+    started = _helper.take(settings)
+    if started is None:
+        return None
+    try:
+        return started.directory()
+    except _helper.HelperFailed as exc:
+        log.warning("the download started with the interpreter failed (%s); downloading again", exc)
+        return None
 
 
 def take_prefetched(settings: Settings) -> Pending | None:

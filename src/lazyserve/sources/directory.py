@@ -147,6 +147,8 @@ def fetch_directory(
     runs with the bytes fetched so far as they become known, as for one file."""
     started = time.perf_counter()
     listed = list_directory(uri, client)
+    if not listed:
+        raise ModelMissing(f"{uri.uri}: no model directory is there (no file under it)")
     files = pretrained_files(listed, uri.uri)
     identity = directory_identity(uri, client, listed)
     try:

@@ -24,10 +24,11 @@ from lazyserve.errors import (
     ModelTooLarge,
     ModelUnavailable,
 )
+from lazyserve.sources.weights import Weights
 
 if TYPE_CHECKING:
     from lazyserve.settings import Settings
-    from lazyserve.sources.weights import Weights
+    from lazyserve.sources.directory import Directory
 
 __all__ = [
     "DEADLINE",
@@ -158,6 +159,20 @@ class HelperDownload:
     def result(self, timeout: float | None = None) -> Weights:
         """The weights, mapped from the helper's memfd; raises the helper's error when S3's
         answer settles it (retrying in this process would get the same), else HelperFailed."""
+        found = self.fetched()
+        if not isinstance(found, Weights):
+            raise HelperFailed("the download helper fetched a model directory, not one file")
+        return found
+
+    def directory(self) -> Directory:
+        """The model directory the helper fetched (see `result`)."""
+        found = self.fetched()
+        if isinstance(found, Weights):
+            raise HelperFailed("the download helper fetched one file, not a model directory")
+        return found
+
+    def fetched(self) -> Weights | Directory:
+        """What the helper fetched: one file's weights, or a model directory's files."""
         try:
             # os.read() blocks without the GIL: the server's other threads run meanwhile.
             line = _read_line(self._report)
@@ -169,9 +184,7 @@ class HelperDownload:
         finally:
             os.close(self._memfd)
 
-    def _weights(self, line: bytes, status: str) -> Weights:
-        from lazyserve.sources.weights import Weights
-
+    def _weights(self, line: bytes, status: str) -> Weights | Directory:
         try:
             report: dict[str, Any] = json.loads(line)
         except ValueError:
@@ -188,24 +201,58 @@ class HelperDownload:
             ):
                 raise kind(message, retryable=bool(report.get("retryable")))
             raise HelperFailed(f"{name}: {message}")
-        size = int(report["size"])
+        files = {str(f["name"]): self._map(f) for f in report["files"]}
+        log.debug("from the download helper (pid %d): %d files", self.pid, len(files))
+        if "directory" not in report:
+            return files[""]
+        from lazyserve.checkpoint import read_shard_index
+        from lazyserve.sources.directory import Directory
+        from lazyserve.uris import parse_model_uri
+
+        uri = parse_model_uri(str(report["directory"]))
+        index = None
+        if report.get("index"):
+            found = files[str(report["index"])]
+            assert found.buffer is not None
+            index = read_shard_index(bytes(found.buffer[: found.size]), uri.uri)
+        return Directory(
+            uri=uri,
+            files=files,
+            weights=tuple(report["weights"]),
+            index=index,
+            started=float(report["started"]),
+            fetch_seconds=float(report["fetch_seconds"]),
+            connections=int(report["connections"]),
+            identity=report.get("identity"),
+        )
+
+    def _map(self, entry: dict[str, Any]) -> Weights:
+        size = int(entry["size"])
         # Private and writable (copy-on-write, so torch.frombuffer has a writable buffer): the
         # pages are the memfd's, shared with nobody once the helper has exited; nothing
         # writes them, so the weights exist once.
-        buffer = mmap.mmap(
-            self._memfd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        buffer = (
+            mmap.mmap(
+                self._memfd,
+                size,
+                flags=mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=int(entry["offset"]),
+            )
+            if size
+            else bytearray()
         )
-        log.debug("weights from the download helper (pid %d): %d bytes", self.pid, size)
         return Weights(
-            str(report["uri"]),
+            str(entry["uri"]),
             size,
-            str(report["sha256"]),
+            str(entry["sha256"]),
             buffer=buffer,
-            version_id=report.get("version_id"),
-            etag=report.get("etag"),
-            fetch_seconds=float(report["fetch_seconds"]),
-            connections=int(report["connections"]),
-            started=float(report["started"]),
+            version_id=entry.get("version_id"),
+            etag=entry.get("etag"),
+            fetch_seconds=float(entry["fetch_seconds"]),
+            connections=int(entry["connections"]),
+            started=float(entry["started"]),
+            identity=entry.get("identity"),
         )
 
     def discard(self) -> None:
@@ -269,25 +316,38 @@ def _fetch(settings: Settings, memfd: int, out: int, parent: int) -> None:
     log.addHandler(notes)
     log.setLevel(logging.WARNING)
     report: dict[str, Any]
+    arena = _Arena(memfd)
     try:
-        fetcher = S3Fetcher(
-            concurrency=settings.s3_concurrency,
-            part_size=settings.s3_part_size,
-            allocate=lambda size: _shared(memfd, size),
-        )
-        weights = fetcher.fetch(settings.uri, expected_sha256=settings.model_sha256)
-        report = {
-            "ok": True,
-            "uri": weights.uri,
-            "size": weights.size,
-            "sha256": weights.sha256,
-            "etag": weights.etag,
-            "version_id": weights.version_id,
-            "started": weights.started,
-            "fetch_seconds": weights.fetch_seconds,
-            "connections": weights.connections,
-            "finished": time.perf_counter(),
-        }
+        uri = settings.uri
+        if uri.is_prefix:
+            from lazyserve.checkpoint import CONFIG
+            from lazyserve.sources.directory import fetch_directory, list_directory
+
+            if CONFIG not in list_directory(uri):
+                raise HelperFailed("not a model directory: nothing to fetch ahead")
+            directory = fetch_directory(settings, uri, allocate=arena.allocate)
+            files = {name: arena.entry(w) for name, w in directory.files.items()}
+            report = {
+                "ok": True,
+                "directory": uri.uri,
+                "files": [{**entry, "name": name} for name, entry in files.items()],
+                "weights": list(directory.weights),
+                "index": next((n for n in files if n.endswith(".index.json")), None)
+                if directory.index is not None
+                else None,
+                "identity": directory.identity,
+                "started": directory.started,
+                "fetch_seconds": directory.fetch_seconds,
+                "connections": directory.connections,
+            }
+        else:
+            fetcher = S3Fetcher(
+                concurrency=settings.s3_concurrency,
+                part_size=settings.s3_part_size,
+                allocate=arena.allocate,
+            )
+            weights = fetcher.fetch(uri, expected_sha256=settings.model_sha256)
+            report = {"ok": True, "files": [{**arena.entry(weights), "name": ""}]}
     except Exception as exc:
         report = {
             "ok": False,
@@ -302,9 +362,47 @@ def _fetch(settings: Settings, memfd: int, out: int, parent: int) -> None:
         data = data[os.write(out, data) :]
 
 
-def _shared(memfd: int, size: int) -> mmap.mmap:
-    os.ftruncate(memfd, size)
-    return mmap.mmap(memfd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+class _Arena:
+    """The memfd the helper fills: each object gets a page-aligned stretch of it, mapped
+    shared; `entry` tells the server where each one lies."""
+
+    def __init__(self, memfd: int) -> None:
+        self.memfd = memfd
+        self.end = 0
+        self.offsets: dict[int, int] = {}  # id(mapping) -> offset
+        self.lock = threading.Lock()
+
+    def allocate(self, size: int) -> mmap.mmap:
+        with self.lock:
+            step = mmap.ALLOCATIONGRANULARITY
+            offset = -(-self.end // step) * step
+            self.end = offset + max(size, 1)
+            os.ftruncate(self.memfd, self.end)
+            mapping = mmap.mmap(
+                self.memfd,
+                max(size, 1),
+                flags=mmap.MAP_SHARED,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=offset,
+            )
+            self.offsets[id(mapping)] = offset
+            return mapping
+
+    def entry(self, weights: Weights) -> dict[str, Any]:
+        """What the server needs to map `weights` and know them."""
+        offset = self.offsets.get(id(weights.buffer), 0) if weights.size else 0
+        return {
+            "uri": weights.uri,
+            "offset": offset,
+            "size": weights.size,
+            "sha256": weights.sha256,
+            "etag": weights.etag,
+            "version_id": weights.version_id,
+            "identity": weights.identity,
+            "started": weights.started,
+            "fetch_seconds": weights.fetch_seconds,
+            "connections": weights.connections,
+        }
 
 
 def _final(exc: BaseException) -> bool:
