@@ -364,5 +364,5 @@ def test_a_function_that_does_not_use_from_pretrained_never_imports_transformers
     )
     assert done.returncode == 0, done.stderr[-2000:]
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
-    assert "lazyserve.service" in imported
+    assert "lazyserve.aws" in imported  # the whole serving stack was imported
     assert [m for m in imported if m.split(".")[0] in ("transformers", "tokenizers")] == []

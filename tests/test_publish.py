@@ -352,9 +352,16 @@ def test_push_of_a_missing_file_fails_naming_it(s3: CountingS3Server, tmp_path: 
     assert s3.requests == []
 
 
-def test_push_of_a_directory_fails_naming_it(s3: CountingS3Server, tmp_path: Path) -> None:
+def test_push_of_a_directory_to_a_key_fails_naming_both(
+    s3: CountingS3Server, tmp_path: Path
+) -> None:
+    # A directory is a save_pretrained directory: it goes under a prefix ending in /.
     done = lazyserve("push", str(tmp_path), "s3://lazyserve-plain/x.safetensors")
-    assert one_line_error(done) == f"lazyserve push: error: argument FILE: {tmp_path}: not a file"
+    assert one_line_error(done) == (
+        f"lazyserve push: error: argument URI: {tmp_path} is a directory: push it to "
+        "s3://bucket/dir/ (ending in /), without a versionId; got "
+        "'s3://lazyserve-plain/x.safetensors'"
+    )
 
 
 def write(tmp_path: Path, name: str, data: bytes) -> Path:

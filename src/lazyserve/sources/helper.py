@@ -202,7 +202,7 @@ class HelperDownload:
                 raise kind(message, retryable=bool(report.get("retryable")))
             raise HelperFailed(f"{name}: {message}")
         files = {str(f["name"]): self._map(f) for f in report["files"]}
-        log.debug("from the download helper (pid %d): %d files", self.pid, len(files))
+        log.debug("weights from the download helper (pid %d): %d files", self.pid, len(files))
         if "directory" not in report:
             return files[""]
         from lazyserve.checkpoint import read_shard_index
