@@ -399,3 +399,25 @@ async def test_health_answers_while_bad_bodies_are_answered(client: httpx.AsyncC
             group.start_soon(bad)
             group.start_soon(health)
     assert sorted(statuses) == [200] * 8 + [422] * 8
+
+
+@pytest.mark.anyio
+async def test_a_body_not_sent_as_json_says_which_header_to_send(
+    import_handler: ImportHandler,
+) -> None:
+    # What `curl -d '{...}'` without -H sends: the JSON arrives as a form.
+    mod = import_handler(LAZYSERVE_MODEL_URI=str(WEIGHTS))
+    async with asgi_client(mod) as client:
+        response = await client.post(
+            "/predict",
+            content=json.dumps({"inputs": [[0] * 64]}),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+    assert response.status_code == 422
+    (hint,) = [d for d in response.json()["detail"] if d["type"] == "content_type"]
+    assert hint == {
+        "type": "content_type",
+        "loc": ["header", "content-type"],
+        "msg": "the body was sent as application/x-www-form-urlencoded; send JSON with the "
+        "header content-type: application/json (curl: -H 'content-type: application/json')",
+    }

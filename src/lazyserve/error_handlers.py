@@ -196,6 +196,17 @@ async def _invalid(request: Request, exc: Exception) -> Response:
                 "msg": f"{more} more errors not listed (at most {MAX_ERRORS} are)",
             }
         )
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        # curl -d without -H sends application/x-www-form-urlencoded: the JSON is never read.
+        detail.append(
+            {
+                "type": "content_type",
+                "loc": ["header", "content-type"],
+                "msg": f"the body was sent as {media[:80]}; send JSON with the header "
+                "content-type: application/json (curl: -H 'content-type: application/json')",
+            }
+        )
     content = json.dumps({"detail": detail}, ensure_ascii=True, separators=(",", ":"))
     return Response(content, status_code=422, media_type="application/json")
 
