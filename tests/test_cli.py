@@ -418,3 +418,19 @@ def test_serve_on_port_0_announces_the_port_it_bound() -> None:
         console.rest()
     assert process.returncode == 130, console.seen
     assert not any("Traceback" in line for _, line in console.seen)
+
+
+def test_invoke_with_the_app_instead_of_the_handler_says_which_to_give() -> None:
+    done = lazyserve(
+        "invoke",
+        str(ROOT / "events" / "empty.json"),
+        "--handler",
+        "handler.app.app",
+        LAZYSERVE_MODEL_URI=str(WEIGHTS),
+    )
+    assert one_line_error(done) == (
+        "lazyserve invoke: error: argument --handler: handler.app.app is an ASGI app or a "
+        "coroutine, not a Lambda handler: give the handler function (`handler = "
+        "service.handler`), e.g. handler.app.handler"
+    )
+    assert done.returncode == 2

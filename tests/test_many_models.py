@@ -164,10 +164,17 @@ async def test_a_model_bigger_than_the_budget_is_refused_after_one_ranged_get(
 async def test_predict_and_model_routes_point_at_the_many_models_routes(mod: ModuleType) -> None:
     async with asgi_client(mod) as client:
         predict = await client.post("/predict", json=BODY)
+        model = await client.get("/model")
         health = await client.get("/health")
         schema = (await client.get("/openapi.json")).json()
     assert predict.status_code == 404
     assert "POST /models/{name}/predict" in predict.json()["detail"]["message"]
+    # GET /model explains itself too, rather than a bare 404.
+    assert model.status_code == 404
+    assert model.json()["detail"]["message"] == (
+        "this function serves many models (LAZYSERVE_MODEL_URI ends in /): POST "
+        "/models/{name}/predict to predict with model NAME, GET /models for the resident ones"
+    )
     assert health.json() == {"status": "ok", "model": "not_loaded"}
     route = schema["paths"]["/models/{name}/predict"]["post"]
     assert {"200", "404", "413", "422", "503"} <= set(route["responses"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import logging
 import math
 import time
 import weakref
@@ -92,8 +93,9 @@ def refreshing(s3: CountingS3Server, import_handler: ImportHandler) -> ModuleTyp
 
 @pytest.mark.anyio
 async def test_a_replaced_object_switches_the_answers_with_none_failed_or_mixed(
-    refreshing: ModuleType, s3: CountingS3Server
+    refreshing: ModuleType, s3: CountingS3Server, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="lazyserve")
     seen: list[str] = []
     async with asgi_client(refreshing) as client:
         await until(lambda: len(seen) >= 5, client, seen)
@@ -107,6 +109,13 @@ async def test_a_replaced_object_switches_the_answers_with_none_failed_or_mixed(
     assert meta["refresh"]["refreshes"] == 1
     assert meta["refresh"]["failures"] == 0
     assert meta["loads"] == 2
+    # Each "model loaded" line names the digest of the model it loaded, the new one included;
+    # lines written after the swap name the model then served.
+    loaded = [r for r in caplog.records if r.getMessage().startswith("model loaded")]
+    assert [r.model_sha256 for r in loaded] == [WEIGHTS_SHA256, NEW_SHA]
+    logging.getLogger("lazyserve").info("after the swap")
+    (after,) = [r for r in caplog.records if r.getMessage() == "after the swap"]
+    assert after.model_sha256 == NEW_SHA
 
 
 @pytest.mark.anyio
