@@ -141,12 +141,7 @@ def push(
             f"{path}: a directory: push_directory() uploads a save_pretrained directory"
         )
     accepted = "s3://bucket/key or s3://bucket/prefix/, without a versionId"
-    if not uri.lower().startswith("s3://"):
-        raise ValueError(f"push needs {accepted}; got {uri!r}")
-    try:
-        target = parse_model_uri(uri)
-    except ValueError as exc:
-        raise ValueError(f"{uri!r} is not accepted: {exc}") from None
+    target = _target(uri, accepted)
     if target.version_id is not None:
         raise ValueError(f"push needs {accepted} (S3 gives the upload its own); got {uri!r}")
     if target.is_prefix:
@@ -220,12 +215,7 @@ def push_directory(
     from lazyserve.checkpoint import pretrained_files, read_shard_index
 
     accepted = "s3://bucket/dir/ (ending in /), without a versionId"
-    if not uri.lower().startswith("s3://"):
-        raise ValueError(f"push needs {accepted} for a directory; got {uri!r}")
-    try:
-        target = parse_model_uri(uri)
-    except ValueError as exc:
-        raise ValueError(f"{uri!r} is not accepted: {exc}") from None
+    target = _target(uri, accepted, " for a directory")
     if not target.is_prefix:
         raise ValueError(f"{path} is a directory: push it to {accepted}; got {uri!r}")
     if not path.is_dir():
@@ -248,6 +238,16 @@ def push_directory(
     _check_bucket(s3, target.bucket or "")
     pushed = [_upload(s3, path / name, target.child(name), progress) for name in names]
     return PushedDirectory(target.uri, pushed, tuple(weights))
+
+
+def _target(uri: str, accepted: str, what: str = "") -> ModelURI:
+    """`uri` parsed, when it is an s3:// URI; ValueError naming what push accepts."""
+    if not uri.lower().startswith("s3://"):
+        raise ValueError(f"push needs {accepted}{what}; got {uri!r}")
+    try:
+        return parse_model_uri(uri)
+    except ValueError as exc:
+        raise ValueError(f"{uri!r} is not accepted: {exc}") from None
 
 
 def _check_bucket(s3: S3Client, bucket: str) -> None:
