@@ -38,6 +38,7 @@ __all__ = [
     "add_error_handlers",
     "bounded",
     "predict_failed",
+    "response_invalid",
     "too_large_response",
     "unavailable_response",
 ]
@@ -91,6 +92,19 @@ def predict_failed(exc: Exception, function: str) -> Exception:
     return PredictFailed(rid)
 
 
+def response_invalid(exc: Exception, function: str) -> PredictFailed:
+    """PredictFailed for an answer of the predict function that its declared response type
+    refuses (or that is not JSON), logged under the request id."""
+    rid = request_id() or uuid.uuid4().hex
+    log.error(
+        "%s() returned an answer that does not match its declared response type: %s",
+        function,
+        bounded(str(exc), 500),
+        extra={"request_id": rid},
+    )
+    return PredictFailed(rid)
+
+
 def _failed_response(rid: str) -> JSONResponse:
     error = PredictFailed(rid)
     body = {"detail": {"error": "predict_failed", "message": str(error), "request_id": rid}}
@@ -103,19 +117,21 @@ async def _predict_failed(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _response_invalid(request: Request, exc: Exception) -> JSONResponse:
-    # The predict function returned something its declared response type refuses.
-    rid = request_id() or uuid.uuid4().hex
-    log.error(
-        "the response does not match the declared response type: %s",
-        bounded(str(exc), 500),
-        extra={"request_id": rid},
-    )
-    return _failed_response(rid)
+    # The predict function (the route FastAPI names after it) returned something its declared
+    # response type refuses.
+    route = request.scope.get("route")
+    return _failed_response(response_invalid(exc, getattr(route, "name", "predict")).request_id)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette's ServerErrorMiddleware answers with this, then re-raises for the server to log.
-    return _failed_response(request_id() or uuid.uuid4().hex)
+    # Starlette's ServerErrorMiddleware answers with this, then re-raises for the server to log
+    # (uvicorn, Mangum) without the id the answer names: logged here under it too. A route
+    # without a declared response type whose answer is not JSON (a tensor) ends here.
+    rid = request_id() or uuid.uuid4().hex
+    route = getattr(request.scope.get("route"), "name", None)
+    where = f"{route}()" if route else f"{request.method} {request.url.path}"
+    log.error("%s raised %s", where, type(exc).__name__, exc_info=exc, extra={"request_id": rid})
+    return _failed_response(rid)
 
 
 def too_large_response(limit: int) -> JSONResponse:

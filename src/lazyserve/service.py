@@ -19,7 +19,7 @@ from lazyserve import startup, timing
 from lazyserve.app import setup_app
 from lazyserve.aws import LambdaHandler, invalid_input
 from lazyserve.environment import memory_limit, on_lambda, resident_bytes
-from lazyserve.error_handlers import predict_failed
+from lazyserve.error_handlers import predict_failed, response_invalid
 from lazyserve.errors import InvalidInput, ModelNotFound, ModelUnavailable
 from lazyserve.lazy import LazyModel
 from lazyserve.logs import set_global
@@ -256,7 +256,7 @@ class Service(Generic[M]):
         )
         if self.pool is not None:
             self.app.include_router(prefix_router())
-        self._answer = self._direct_answer(inference, request_type, response_type)
+        self._answer = self._direct_answer(inference, request_type, response_type, fn.__name__)
         self._direct_keys = frozenset(
             field.alias or name for name, field in request_type.model_fields.items()
         )
@@ -293,7 +293,11 @@ class Service(Generic[M]):
         return many
 
     def _direct_answer(
-        self, inference: Inference[Any], request_type: type[BaseModel], response_type: Any
+        self,
+        inference: Inference[Any],
+        request_type: type[BaseModel],
+        response_type: Any,
+        fn_name: str,
     ) -> Callable[[Mapping[str, Any]], Any]:
         rules = signature_rules(request_type)
         dump = dumper(response_type)
@@ -316,13 +320,29 @@ class Service(Generic[M]):
             except ValidationError as exc:
                 raise invalid_input(exc, rules) from None
             if holder is not None:
-                return dump(inference(holder.get(), request))
+                return run(holder.get(), request)
             assert pool is not None and name is not None
             timings = timing.current()
             if timings is not None:
                 timings.model = name
             with pool.lease(name) as loaded:
-                return dump(inference(loaded, request))
+                return run(loaded, request)
+
+        def run(loaded: Loaded[M], request: BaseModel) -> Any:
+            # What the HTTP route does: the function's failure is logged with its traceback and
+            # raised as PredictFailed (Lambda reports its type and the request id), and so is
+            # an answer that its declared response type refuses.
+            try:
+                result = inference(loaded, request)
+            except Exception as exc:
+                failure = predict_failed(exc, fn_name)
+                if failure is exc:  # one of lazyserve's errors, or an HTTPException, on purpose
+                    raise
+                raise failure from exc
+            try:
+                return dump(result)
+            except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+                raise response_invalid(exc, fn_name) from exc
 
         return answer
 
