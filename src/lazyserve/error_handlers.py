@@ -97,7 +97,7 @@ def response_invalid(exc: Exception, function: str) -> PredictFailed:
     refuses (or that is not JSON), logged under the request id."""
     rid = request_id() or uuid.uuid4().hex
     log.error(
-        "%s() returned an answer that does not match its declared response type: %s",
+        "%s() returned an answer that does not fit its declared response type (or is not JSON): %s",
         function,
         bounded(str(exc), 500),
         extra={"request_id": rid},
