@@ -199,6 +199,12 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
             2,
         ),
         (
+            ["serve", "--body-timeout", "0"],
+            "lazyserve serve: error: argument --body-timeout: '0' is not accepted: a number of "
+            "seconds above 0, at most 3600 (see lazyserve serve --help)",
+            2,
+        ),
+        (
             ["serve", "handler/app.py"],
             "lazyserve serve: error: argument APP: 'handler/app.py' is not MODULE:ATTRIBUTE "
             "(e.g. handler.app:app) (see lazyserve serve --help)",

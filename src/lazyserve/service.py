@@ -93,7 +93,7 @@ class Service(Generic[M]):
         # Mangum gives a request without a Host header the host "mangum": a trailing-slash
         # redirect would send clients to https://mangum/... An exact path or 404.
         self.app = app if app is not None else FastAPI(title=name, redirect_slashes=False)
-        setup_app(self.app)
+        setup_app(self.app, body_timeout=self.settings.body_timeout)
         self.metrics = ModelMetrics() if metrics_enabled(self.settings.metrics) else None
         if self.metrics is not None and not on_lambda():
             # On Lambda the handler publishes once per invocation, whatever the event.
