@@ -29,7 +29,7 @@ from lazyserve.model import Loaded, load_model
 from lazyserve.pool import ModelPool, PoolEntry
 from lazyserve.refresh import Refresher, Target, beside
 from lazyserve.routes import model_router, pool_router, prefix_router
-from lazyserve.schemas import FAILED, NOT_FOUND, TOO_LARGE, UNAVAILABLE
+from lazyserve.schemas import FAILED, NOT_FOUND, TIMED_OUT, TOO_LARGE, UNAVAILABLE
 from lazyserve.settings import Settings, read_settings, unknown_notices, warn_unknown
 from lazyserve.signatures import dumper, in_inference_mode, io_types
 from lazyserve.signatures import rules as signature_rules
@@ -246,6 +246,7 @@ class Service(Generic[M]):
                 **UNAVAILABLE,
                 **FAILED,
                 **TOO_LARGE,
+                **TIMED_OUT,
                 **(NOT_FOUND if self.pool else {}),
             },
             name=fn.__name__,
