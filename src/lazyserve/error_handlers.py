@@ -138,7 +138,7 @@ async def _response_invalid(request: Request, exc: Exception) -> JSONResponse:
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Starlette's ServerErrorMiddleware answers with this, then re-raises for the server to log
     # (uvicorn, Mangum) without the id the answer names: logged here under it too. A route
-    # without a declared response type whose answer is not JSON (a tensor) ends here.
+    # without a declared response type whose answer FastAPI cannot encode ends here.
     rid = request_id() or uuid.uuid4().hex
     route = getattr(request.scope.get("route"), "name", None)
     where = f"{route}()" if route else f"{request.method} {request.url.path}"
