@@ -10,8 +10,10 @@ import json
 import math
 import os
 import pathlib
+import queue
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -1229,3 +1231,77 @@ def check_task_root_readable(dockerfile: Path) -> None:
         i for i, step in enumerate(steps) if step == ("RUN", "chmod -R a+rX ${LAMBDA_TASK_ROOT}")
     ]
     assert copied and chmods and chmods[-1] > copied[-1], steps
+
+
+# -- `lazyserve serve` as a user runs it ----------------------------------------------------
+
+LAZYSERVE = Path(sys.executable).parent / "lazyserve"
+
+
+class Console:
+    """The lines a process writes to stdout and stderr, read in threads as they come."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.seen: list[tuple[str, str]] = []
+        self.threads = [
+            threading.Thread(target=self._pump, args=(name, getattr(process, name)), daemon=True)
+            for name in ("stdout", "stderr")
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _pump(self, name: str, stream: Any) -> None:
+        for line in stream:
+            self.lines.put((name, line.rstrip("\n")))
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                name, line = self.lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                assert self.process.poll() is None, f"exited: {self.seen}"
+                continue
+            self.seen.append((name, line))
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"no line matched {pattern!r} in {timeout}s: {self.seen}")
+
+    def rest(self) -> None:
+        """Collect what is left once the process has ended."""
+        self.process.wait(timeout=30)
+        for thread in self.threads:
+            thread.join(timeout=10)  # they end at the end of their pipe
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@contextmanager
+def serving(*args: str, cwd: Path = ROOT, **env: str) -> Iterator[tuple[str, Console]]:
+    """`lazyserve serve ARGS --host 127.0.0.1 --port 0` from `cwd` (the repository and any
+    PYTHONPATH importable too): yields its URL and console; Ctrl-C at the end."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    process = subprocess.Popen(
+        [str(LAZYSERVE), "serve", *args, "--host", "127.0.0.1", "--port", "0"],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": path, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    console = Console(process)
+    try:
+        running = console.wait_for(r"Uvicorn running on http://127\.0\.0\.1:(\d+) ", 180)
+        yield f"http://127.0.0.1:{running[1]}", console
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            console.rest()
+        except subprocess.TimeoutExpired:
+            process.kill()
+            console.rest()

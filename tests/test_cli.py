@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
-import sys
-import threading
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -19,9 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, WEIGHTS
+from tests.helpers import LAZYSERVE, ROOT, WEIGHTS, Console
 
-LAZYSERVE = Path(sys.executable).parent / "lazyserve"
 REPORT = re.compile(
     r"REPORT RequestId: (?P<id>\S+)\tDuration: (?P<duration>\d+\.\d+) ms"
     r"\tMax Memory Used: (?P<memory>\d+) MB"
@@ -204,6 +199,12 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
             2,
         ),
         (
+            ["serve", "--body-timeout", "0"],
+            "lazyserve serve: error: argument --body-timeout: '0' is not accepted: a number of "
+            "seconds above 0, at most 3600 (see lazyserve serve --help)",
+            2,
+        ),
+        (
             ["serve", "handler/app.py"],
             "lazyserve serve: error: argument APP: 'handler/app.py' is not MODULE:ATTRIBUTE "
             "(e.g. handler.app:app) (see lazyserve serve --help)",
@@ -313,49 +314,6 @@ def test_an_import_error_inside_the_handler_module_is_its_init_error(tmp_path: P
 
 
 # --- the demo's console --------------------------------------------------------------------------
-
-
-class Console:
-    """The lines a process writes to stdout and stderr, read in threads as they come."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.process = process
-        self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
-        self.seen: list[tuple[str, str]] = []
-        self.threads = [
-            threading.Thread(target=self._pump, args=(name, getattr(process, name)), daemon=True)
-            for name in ("stdout", "stderr")
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def _pump(self, name: str, stream: Any) -> None:
-        for line in stream:
-            self.lines.put((name, line.rstrip("\n")))
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                name, line = self.lines.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                assert self.process.poll() is None, f"exited: {self.seen}"
-                continue
-            self.seen.append((name, line))
-            if match := re.search(pattern, line):
-                return match
-        raise AssertionError(f"no line matched {pattern!r} in {timeout}s: {self.seen}")
-
-    def rest(self) -> None:
-        """Collect what is left once the process has ended."""
-        self.process.wait(timeout=30)
-        for thread in self.threads:
-            thread.join(timeout=10)  # they end at the end of their pipe
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_demo_console_shows_the_banner_lazyserves_line_and_the_access_log() -> None:

@@ -593,7 +593,7 @@ def test_an_unknown_variable_with_no_likely_match_lists_the_settings() -> None:
         "LAZYSERVE_S3_CONCURRENCY, LAZYSERVE_S3_PART_SIZE, LAZYSERVE_TORCH_THREADS, "
         "LAZYSERVE_LOG_LEVEL, LAZYSERVE_METRICS, LAZYSERVE_MEMORY_BUDGET, "
         "LAZYSERVE_REFRESH_SECONDS, LAZYSERVE_DTYPE, LAZYSERVE_BATCH_MAX, "
-        "LAZYSERVE_BATCH_WAIT_MS, LAZYSERVE_PREFETCH"
+        "LAZYSERVE_BATCH_WAIT_MS, LAZYSERVE_PREFETCH, LAZYSERVE_BODY_TIMEOUT"
     )
 
 
@@ -668,6 +668,7 @@ def test_the_start_up_download_reads_the_settings_with_the_same_parser() -> None
         ("LAZYSERVE_BATCH_WAIT_MS", "0", 0.0),
         ("LAZYSERVE_BATCH_WAIT_MS", "2.5", 2.5),
         ("LAZYSERVE_PREFETCH", "off", "off"),
+        ("LAZYSERVE_BODY_TIMEOUT", "2.5", 2.5),
     ],
 )
 def test_new_settings(name: str, value: str, expected: object) -> None:
@@ -682,6 +683,12 @@ def test_new_settings(name: str, value: str, expected: object) -> None:
         ("LAZYSERVE_BATCH_MAX", "0", "accepted: a whole number from 1 to 4096"),
         ("LAZYSERVE_BATCH_WAIT_MS", "-1", "accepted: a number of milliseconds from 0 to 1000"),
         ("LAZYSERVE_PREFETCH", "no", "accepted: 'auto' or 'off'"),
+        ("LAZYSERVE_BODY_TIMEOUT", "0", "accepted: a number of seconds above 0, at most 3600"),
+        (
+            "LAZYSERVE_BODY_TIMEOUT",
+            "forever",
+            "accepted: a number of seconds above 0, at most 3600",
+        ),
     ],
 )
 def test_bad_new_settings(name: str, value: str, accepted: str) -> None:

@@ -12,11 +12,13 @@ from mangum.protocols import HTTPCycle
 from pydantic import ValidationError
 
 from lazyserve import timing
+from lazyserve.error_handlers import bounded
 from lazyserve.errors import (
     InvalidInput,
     LambdaEventError,
     ModelNotFound,
     ModelUnavailable,
+    PredictFailed,
     UnsupportedEvent,
 )
 from lazyserve.logs import bind
@@ -48,6 +50,32 @@ def _is_sqs(event: Mapping[str, Any]) -> bool:
             for r in records
         )
     )
+
+
+def _scope_problem(scope: Mapping[str, Any]) -> str | None:
+    """What breaks the ASGI spec in a scope Mangum built, or None. Mangum copies the method and
+    the client's address from the event without looking at them: a method that is an object
+    makes Starlette's router raise (it hashes the method), a 500 for a bad event."""
+    method = scope.get("method")
+    if not isinstance(method, str) or not method:
+        return f"the request method is {_json_kind(method)}, not a name such as POST"
+    client = scope.get("client")
+    if client is not None and not isinstance(client[0], str | None):
+        return f"the client address is {_json_kind(client[0])}, not a string"
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string" if not value else "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def _is_warmup(event: Mapping[str, Any]) -> bool:
@@ -130,6 +158,9 @@ class LambdaHandler:
             raise UnsupportedEvent(
                 f"malformed HTTP event ({type(exc).__name__}); accepted: {self.accepted}"
             ) from None
+        problem = _scope_problem(scope)
+        if problem is not None:
+            raise UnsupportedEvent(f"malformed HTTP event ({problem}); accepted: {self.accepted}")
         return handler, scope, body
 
     def _serve_http(self, http: tuple[Any, Any, bytes]) -> Any:
@@ -162,25 +193,16 @@ class LambdaHandler:
                     continue
                 model: Any = None
                 try:
-                    body = record.get("body")
-                    if not isinstance(body, str):
-                        raise InvalidInput("the message body is not a JSON string")
-                    payload = json.loads(body)
-                    if not isinstance(payload, Mapping):
-                        raise InvalidInput("the message body is not a JSON object")
+                    payload = _message_payload(record.get("body"))
                     model = payload.get("model")
                     if isinstance(model, Hashable) and model in unavailable:
                         raise ModelUnavailable(f"not tried: {unavailable[model]}")
                     answer = self._direct(payload)
-                except (ValueError, LambdaEventError, ModelNotFound, ModelUnavailable) as exc:
+                except (LambdaEventError, ModelNotFound, ModelUnavailable, PredictFailed) as exc:
+                    # Worded by lazyserve; a PredictFailed's traceback is in the log already.
                     if isinstance(exc, ModelUnavailable) and isinstance(model, Hashable):
                         unavailable.setdefault(model, str(exc))
-                    reason = (
-                        f"the message body is not JSON ({exc})"
-                        if isinstance(exc, ValueError)
-                        else str(exc)
-                    )
-                    log.warning("SQS message %s failed: %s", message_id, reason)
+                    log.warning("SQS message %s failed: %s", message_id, exc)
                     failed.append(message_id)
                     failed_groups.add(group)
                 except Exception:
@@ -191,6 +213,21 @@ class LambdaHandler:
                 else:
                     log.info("SQS message %s answered", message_id, extra={"answer": answer})
         return {"batchItemFailures": [{"itemIdentifier": item} for item in failed]}
+
+
+def _message_payload(body: Any) -> Mapping[str, Any]:
+    """An SQS message's body as the JSON object a direct invocation takes."""
+    if not isinstance(body, str):
+        raise InvalidInput(f"the message body is {_json_kind(body)}, not JSON text")
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:  # not JSON, or an integer over Python's digit limit
+        raise InvalidInput(f"the message body is not JSON ({bounded(str(exc), 200)})") from exc
+    except RecursionError as exc:
+        raise InvalidInput("the message body is not JSON: it is nested too deeply") from exc
+    if not isinstance(payload, Mapping):
+        raise InvalidInput(f"the message body is {_json_kind(payload)}, not a JSON object")
+    return payload
 
 
 def invalid_input(exc: ValidationError, rules: str | None = None) -> InvalidInput:

@@ -73,8 +73,12 @@ def _load_app(app: str) -> Any:
         raise CommandError(None, f"{app}: {type(exc).__name__}: {exc}") from None
 
 
-def serve(app: str, host: str, port: int, workers: int) -> int:
+def serve(app: str, host: str, port: int, workers: int, body_timeout: float | None = None) -> int:
     import uvicorn
+
+    if body_timeout is not None:
+        # A setting, so that it reaches the app in every worker process (each imports it).
+        os.environ["LAZYSERVE_BODY_TIMEOUT"] = repr(body_timeout)
 
     if workers > 1:
         # Each worker imports the app itself; the parent only checks that the module exists.
@@ -193,6 +197,19 @@ def _port(text: str) -> int:
             f"{text!r} is not a port: accepted: 0 to 65535 (0 picks a free one)"
         )
     return port
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds above 0, at most 3600."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not accepted: a number of seconds above 0, at most 3600"
+        )
+    return seconds
 
 
 def _positive(text: str) -> int:
@@ -366,6 +383,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--workers", type=_positive, default=1)
+    p.add_argument(
+        "--body-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="answer 408 and close the connection when a request body is not complete SECONDS "
+        "after the request started (default: LAZYSERVE_BODY_TIMEOUT, else 30)",
+    )
     p = sub.add_parser("invoke", help="run the Lambda handler on event files, like sam local")
     p.add_argument("events", nargs="+", metavar="EVENT.json")
     p.add_argument("--handler", default=DEFAULT_HANDLER, type=_handler_path)
@@ -395,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return demo(args.port)
         if args.command == "serve":
-            return serve(args.app, args.host, args.port, args.workers)
+            return serve(args.app, args.host, args.port, args.workers, args.body_timeout)
         if args.command == "push":
             return push(args.file, args.uri)
         if args.command == "convert":

@@ -6,7 +6,8 @@
   changes (ModelFormatError, ModelIntegrityError, ModelTooLarge, ModelMissing, AccessDenied);
 - 404, `model_not_found`: no model has that name (many models);
 - 500, `predict_failed`, with a request id: the predict function (or any route) raised;
-- 422 that never echo the input, and 413 for bodies over Lambda's payload limit."""
+- 422 that never echo the input, 413 for bodies over Lambda's payload limit, and 408 (the
+  connection closed) for a body not complete within the body timeout."""
 
 from __future__ import annotations
 
@@ -34,10 +35,13 @@ from lazyserve.schemas import ModelUnavailableBody, ModelUnavailableDetail
 
 __all__ = [
     "MAX_MESSAGE",
+    "BodyTimeout",
     "BodyTooLarge",
     "add_error_handlers",
     "bounded",
     "predict_failed",
+    "response_invalid",
+    "timeout_response",
     "too_large_response",
     "unavailable_response",
 ]
@@ -59,6 +63,15 @@ class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(limit)
         self.limit = limit
+
+
+class BodyTimeout(Exception):
+    """Raised by the body deadline when a request body is not complete `seconds` after the
+    request started."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
 
 
 def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -91,6 +104,19 @@ def predict_failed(exc: Exception, function: str) -> Exception:
     return PredictFailed(rid)
 
 
+def response_invalid(exc: Exception, function: str) -> PredictFailed:
+    """PredictFailed for an answer of the predict function that its declared response type
+    refuses (or that is not JSON), logged under the request id."""
+    rid = request_id() or uuid.uuid4().hex
+    log.error(
+        "%s() returned an answer that does not fit its declared response type (or is not JSON): %s",
+        function,
+        bounded(str(exc), 500),
+        extra={"request_id": rid},
+    )
+    return PredictFailed(rid)
+
+
 def _failed_response(rid: str) -> JSONResponse:
     error = PredictFailed(rid)
     body = {"detail": {"error": "predict_failed", "message": str(error), "request_id": rid}}
@@ -103,24 +129,35 @@ async def _predict_failed(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _response_invalid(request: Request, exc: Exception) -> JSONResponse:
-    # The predict function returned something its declared response type refuses.
-    rid = request_id() or uuid.uuid4().hex
-    log.error(
-        "the response does not match the declared response type: %s",
-        bounded(str(exc), 500),
-        extra={"request_id": rid},
-    )
-    return _failed_response(rid)
+    # The predict function (the route FastAPI names after it) returned something its declared
+    # response type refuses.
+    route = request.scope.get("route")
+    return _failed_response(response_invalid(exc, getattr(route, "name", "predict")).request_id)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette's ServerErrorMiddleware answers with this, then re-raises for the server to log.
-    return _failed_response(request_id() or uuid.uuid4().hex)
+    # Starlette's ServerErrorMiddleware answers with this, then re-raises for the server to log
+    # (uvicorn, Mangum) without the id the answer names: logged here under it too. A route
+    # without a declared response type whose answer FastAPI cannot encode ends here.
+    rid = request_id() or uuid.uuid4().hex
+    route = getattr(request.scope.get("route"), "name", None)
+    where = f"{route}()" if route else f"{request.method} {request.url.path}"
+    log.error("%s raised %s", where, type(exc).__name__, exc_info=exc, extra={"request_id": rid})
+    return _failed_response(rid)
 
 
 def too_large_response(limit: int) -> JSONResponse:
     detail = f"the request body is larger than {limit} bytes"
     return JSONResponse({"detail": detail}, status_code=413)
+
+
+def timeout_response(seconds: float) -> JSONResponse:
+    """408, and the connection closed: the rest of the body may still be on its way."""
+    detail = (
+        f"the request body was not complete {seconds:g} s after the request started (the "
+        "server's body timeout, LAZYSERVE_BODY_TIMEOUT)"
+    )
+    return JSONResponse({"detail": detail}, status_code=408, headers={"Connection": "close"})
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:
@@ -137,11 +174,14 @@ async def _http_error(request: Request, exc: Exception) -> Any:
     # FastAPI turns every body-parsing error other than JSONDecodeError into "400 There was an
     # error parsing the body": deep nesting (RecursionError), bytes that are not UTF-8 and
     # integers over Python's 4300-digit limit (ValueError) are invalid bodies, so 422; a body
-    # sent without Content-Length that outgrows the limit while FastAPI reads it is a 413.
+    # sent without Content-Length that outgrows the limit while FastAPI reads it is a 413, and
+    # one that is not complete within the body timeout a 408.
     assert isinstance(exc, HTTPException)
     cause = exc.__cause__
     if isinstance(cause, BodyTooLarge):
         return too_large_response(cause.limit)
+    if isinstance(cause, BodyTimeout):
+        return timeout_response(cause.seconds)
     if isinstance(cause, RecursionError | ValueError):
         if isinstance(cause, RecursionError):
             msg = "JSON nested too deeply"

@@ -1,29 +1,48 @@
-"""ASGI middleware: Lambda's body size limit as a JSON 413 with the Server-Timing header (one
-layer), and EMF metrics per request for servers other than Lambda."""
+"""ASGI middleware: Lambda's body size limit as a JSON 413, a deadline for the body (408) and
+the Server-Timing header (one layer), and EMF metrics per request for servers other than
+Lambda."""
 
 from __future__ import annotations
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lazyserve import timing
-from lazyserve.error_handlers import BodyTooLarge, too_large_response
+from lazyserve.error_handlers import (
+    BodyTimeout,
+    BodyTooLarge,
+    timeout_response,
+    too_large_response,
+)
 from lazyserve.metrics import ModelMetrics
+from lazyserve.settings import DEFAULT_BODY_TIMEOUT
 
-__all__ = ["MAX_BODY_BYTES", "Edge", "MetricsMiddleware"]
+__all__ = ["BODY_TIMEOUT", "MAX_BODY_BYTES", "Edge", "MetricsMiddleware"]
 
 # Lambda's synchronous invocation payload limit; API Gateway and Function URLs enforce it too.
 MAX_BODY_BYTES = 6 * 1024 * 1024
+BODY_TIMEOUT = DEFAULT_BODY_TIMEOUT
+"""Seconds from a request's start by which its body must be complete (LAZYSERVE_BODY_TIMEOUT)."""
 
 
 class Edge:
     """What every HTTP request passes first: Lambda's body size limit, answered with a JSON 413
-    (Starlette's own limiter answers in plain text), and a `Server-Timing` header on every
-    response (`load`, `infer`, `app`). One layer for both: each ASGI layer costs every request
-    a few coroutine calls (about 40 us each on a Lambda-sized CPU, benchmarks/README.md)."""
+    (Starlette's own limiter answers in plain text); a deadline for the body, `body_timeout`
+    seconds from the request's start, answered with a JSON 408 that closes the connection
+    (uvicorn waits for a body as long as the client keeps the connection open); and a
+    `Server-Timing` header on every response (`load`, `infer`, `app`). One layer for all: each
+    ASGI layer costs every request a few coroutine calls (about 40 us each on a Lambda-sized
+    CPU, benchmarks/README.md)."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int = MAX_BODY_BYTES,
+        body_timeout: float | None = BODY_TIMEOUT,
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,6 +63,9 @@ class Edge:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
+        # Mangum hands the app the whole body at once: a deadline has nothing to wait for.
+        if self.body_timeout is not None and "aws.event" not in scope:
+            receive = _by_deadline(receive, self.body_timeout)
         try:
             length = _content_length(scope)
             if length is None:
@@ -57,6 +79,10 @@ class Edge:
             if started:
                 raise
             await too_large_response(self.limit)(scope, receive, send_with_header)
+        except BodyTimeout as exc:
+            if started:
+                raise
+            await timeout_response(exc.seconds)(scope, receive, send_with_header)
         finally:
             if token is not None:
                 timing.end(token)
@@ -73,6 +99,28 @@ class Edge:
             return message
 
         return limited_receive
+
+
+def _by_deadline(receive: Receive, seconds: float) -> Receive:
+    """`receive`, raising BodyTimeout once `seconds` have passed since now (the request's start)
+    while the body is not complete; after the body, receive waits for the disconnect as long
+    as it takes."""
+    deadline = anyio.current_time() + seconds
+    complete = False
+
+    async def receive_by_deadline() -> Message:
+        nonlocal complete
+        if complete:
+            return await receive()
+        try:
+            with anyio.fail_after(deadline - anyio.current_time()):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout(seconds) from None  # the deadline, not a failure: no cause
+        complete = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return receive_by_deadline
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -12,12 +12,14 @@ from lazyserve.model import ModelInfo
 __all__ = [
     "FAILED",
     "NOT_FOUND",
+    "TIMED_OUT",
     "TOO_LARGE",
     "UNAVAILABLE",
     "Health",
     "ModelMetadata",
     "ModelUnavailableBody",
     "ModelUnavailableDetail",
+    "TimedOutBody",
     "TooLargeBody",
 ]
 
@@ -37,6 +39,10 @@ class ModelUnavailableBody(BaseModel):
 
 
 class TooLargeBody(BaseModel):
+    detail: str
+
+
+class TimedOutBody(BaseModel):
     detail: str
 
 
@@ -101,4 +107,11 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 TOO_LARGE: dict[int | str, dict[str, Any]] = {
     413: {"model": TooLargeBody, "description": "The request body is larger than 6 MiB"}
+}
+TIMED_OUT: dict[int | str, dict[str, Any]] = {
+    408: {
+        "model": TimedOutBody,
+        "description": "The request body was not complete within the server's body timeout "
+        "(LAZYSERVE_BODY_TIMEOUT); the connection is closed",
+    }
 }

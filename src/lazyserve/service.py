@@ -21,7 +21,7 @@ from lazyserve import startup, timing
 from lazyserve.app import setup_app
 from lazyserve.aws import LambdaHandler, invalid_input
 from lazyserve.environment import memory_limit, on_lambda, resident_bytes
-from lazyserve.error_handlers import predict_failed
+from lazyserve.error_handlers import predict_failed, response_invalid
 from lazyserve.errors import InvalidInput, ModelNotFound, ModelUnavailable, SettingsError
 from lazyserve.lazy import LazyModel
 from lazyserve.logs import set_global
@@ -31,7 +31,7 @@ from lazyserve.model import AfterLoad, Loaded, load_model, load_pretrained
 from lazyserve.pool import ModelPool, PoolEntry
 from lazyserve.refresh import Refresher, Target, beside
 from lazyserve.routes import model_router, pool_router, prefix_router
-from lazyserve.schemas import FAILED, NOT_FOUND, TOO_LARGE, UNAVAILABLE
+from lazyserve.schemas import FAILED, NOT_FOUND, TIMED_OUT, TOO_LARGE, UNAVAILABLE
 from lazyserve.settings import (
     Dtype,
     Settings,
@@ -174,7 +174,7 @@ class Service(Generic[M]):
         # Mangum gives a request without a Host header the host "mangum": a trailing-slash
         # redirect would send clients to https://mangum/... An exact path or 404.
         self.app = app if app is not None else FastAPI(title=name, redirect_slashes=False)
-        setup_app(self.app)
+        setup_app(self.app, body_timeout=self.settings.body_timeout)
         self.metrics = ModelMetrics() if metrics_enabled(self.settings.metrics) else None
         if self.metrics is not None and not on_lambda():
             # On Lambda the handler publishes once per invocation, whatever the event.
@@ -324,6 +324,7 @@ class Service(Generic[M]):
                 **UNAVAILABLE,
                 **FAILED,
                 **TOO_LARGE,
+                **TIMED_OUT,
                 **(NOT_FOUND if self.pool else {}),
             },
             name=fn.__name__,
@@ -334,7 +335,7 @@ class Service(Generic[M]):
         )
         if self.pool is not None:
             self.app.include_router(prefix_router())
-        self._answer = self._direct_answer(inference, request_type, response_type)
+        self._answer = self._direct_answer(inference, request_type, response_type, fn.__name__)
         self._direct_keys = frozenset(
             field.alias or name for name, field in request_type.model_fields.items()
         )
@@ -371,7 +372,11 @@ class Service(Generic[M]):
         return many
 
     def _direct_answer(
-        self, inference: Inference[Any], request_type: type[BaseModel], response_type: Any
+        self,
+        inference: Inference[Any],
+        request_type: type[BaseModel],
+        response_type: Any,
+        fn_name: str,
     ) -> Callable[[Mapping[str, Any]], Any]:
         rules = signature_rules(request_type)
         dump = dumper(response_type)
@@ -394,13 +399,29 @@ class Service(Generic[M]):
             except ValidationError as exc:
                 raise invalid_input(exc, rules) from None
             if holder is not None:
-                return dump(inference(holder.get(), request))
+                return run(holder.get(), request)
             assert pool is not None and name is not None
             timings = timing.current()
             if timings is not None:
                 timings.model = name
             with pool.lease(name) as loaded:
-                return dump(inference(loaded, request))
+                return run(loaded, request)
+
+        def run(loaded: Loaded[M], request: BaseModel) -> Any:
+            # What the HTTP route does: the function's failure is logged with its traceback and
+            # raised as PredictFailed (Lambda reports its type and the request id), and so is
+            # an answer that its declared response type refuses.
+            try:
+                result = inference(loaded, request)
+            except Exception as exc:
+                failure = predict_failed(exc, fn_name)
+                if failure is exc:  # one of lazyserve's errors, or an HTTPException, on purpose
+                    raise
+                raise failure from exc
+            try:
+                return dump(result)
+            except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+                raise response_invalid(exc, fn_name) from exc
 
         return answer
 

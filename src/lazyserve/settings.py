@@ -20,6 +20,7 @@ from lazyserve.errors import LazyserveWarning, SettingsError
 from lazyserve.uris import URI_FORMS, ModelURI, parse_model_uri
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_PART_SIZE",
     "PREFIX",
@@ -42,6 +43,9 @@ PREFIX = "LAZYSERVE_"
 DEFAULT_CONCURRENCY = 16
 # The largest ranged GET (AWS recommends 8-16 MB ranges).
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
+# Seconds from a request's start by which its body must be complete, under a server that streams
+# bodies (uvicorn): 6 MiB at 200 KB/s.
+DEFAULT_BODY_TIMEOUT = 30.0
 _MAX_QUOTED = 80  # characters of a bad value a message repeats
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _BYTES = re.compile(r"([0-9]+)([KMGkmg]?)")
@@ -78,6 +82,7 @@ class Settings:
     batch_max: int | None = None
     batch_wait_ms: float | None = None
     prefetch: Literal["auto", "off"] = "auto"
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
 
     def __post_init__(self) -> None:
         problems = [
@@ -221,6 +226,7 @@ _RULES: dict[str, _Rule] = {
         _number("accepted: a number of milliseconds from 0 to 1000", 0, 1000, include_low=True)
     ),
     "prefetch": _choice("auto", "off"),
+    "body_timeout": _number("accepted: a number of seconds above 0, at most 3600", 0, 3600),
 }
 
 

@@ -69,8 +69,16 @@ def rules(request_type: type[BaseModel]) -> str | None:
 
 
 def dumper(response_type: Any) -> Callable[[Any], Any]:
-    """The JSON-ready form of a response, as the HTTP route would send it."""
+    """The JSON-ready form of a response, as the HTTP route would send it: validated against
+    the declared response type first (pydantic's ValidationError when it does not match)."""
     if response_type is None:
         return jsonable_encoder
     adapter: TypeAdapter[Any] = TypeAdapter(response_type)
-    return lambda value: adapter.dump_python(value, mode="json")
+
+    def dump(value: Any) -> Any:
+        # FastAPI validates a route's answer before serialising it; dump_python alone would
+        # send a mismatched answer on (with a warning).
+        valid = adapter.validate_python(value, from_attributes=True)
+        return adapter.dump_python(valid, mode="json")
+
+    return dump
