@@ -28,8 +28,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src handler tests benchmarks examples
 	$(BIN)/ruff format src handler tests benchmarks examples
 
+# Two workers (this kind of machine has two cores); the slow tests (a fresh venv for `lazyserve
+# init`, the Lambda image) are scheduled first so they overlap the rest.
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist worksteal $(PYTEST_ARGS)
 
 # The peers (boto3's CRT, Run:ai Model Streamer, s3torchconnector) come with the `bench` extra;
 # uvicorn_load installs wrk itself when it is missing.
