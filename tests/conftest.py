@@ -34,6 +34,12 @@ from tests.runtime_api import RuntimeAPI
 from tests.s3server import CountingS3Server
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests (a fresh venv, the Lambda image) run first, so under two workers the rest
+    of the suite runs beside them instead of after them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
