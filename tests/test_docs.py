@@ -193,6 +193,16 @@ def test_every_public_error_class_is_on_the_errors_page() -> None:
     assert [name for name in public if name not in text] == []
 
 
+# --- the code's map ------------------------------------------------------------------------------
+
+
+def test_every_module_is_on_the_map_of_the_code() -> None:
+    text = section(DOCS / "how-a-load-works.md", "Where the code is")
+    package = ROOT / "src" / "lazyserve"
+    modules = [p.name for p in [*package.glob("*.py"), *package.glob("sources/*.py")]]
+    assert [m for m in modules if m != "__init__.py" and f"`{m}`" not in text] == []
+
+
 # --- the command line ----------------------------------------------------------------------------
 
 
