@@ -23,6 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src handler tests benchmarks examples
 	$(BIN)/mypy src handler examples
 	$(BIN)/cfn-lint template.yaml
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix src handler tests benchmarks examples
@@ -46,4 +47,4 @@ dist: $(STAMP)
 	$(BIN)/twine check --strict dist/*
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

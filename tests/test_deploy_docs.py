@@ -1,4 +1,4 @@
-"""docs/DEPLOY.md, held to the template and to AWS's request signing: its Python example runs
+"""docs/deploy.md, held to the template and to AWS's request signing: its Python example runs
 against a local server that recomputes the SigV4 signature, its parameter table lists every
 template parameter with its default, and its commands name only parameters that exist."""
 
@@ -23,7 +23,7 @@ from cfnlint.decode import decode  # type: ignore[import-untyped]
 
 from tests.helpers import ROOT
 
-DOC = ROOT / "docs" / "DEPLOY.md"
+DOC = ROOT / "docs" / "deploy.md"
 REGION = "eu-west-1"
 KEY_ID = "AKIDEXAMPLEDOCS00000"
 SECRET = "docs/example/secret/key/never/a/real/one/0000"

@@ -1,6 +1,6 @@
 """Bounded load from a second process against uvicorn on 127.0.0.1, a leak check over 10,000
 warm handler invocations, and /health under a load of /predict. Counts only, no timings: the
-throughput and latency figures come from `python -m benchmarks.load` (see docs/RELIABILITY.md)."""
+throughput and latency figures come from `python -m benchmarks.load` (see docs/reliability.md)."""
 
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ def test_the_function_is_a_container_image_built_from_the_dockerfile(
 
 
 def test_every_parameter_and_its_default(template: dict[str, Any]) -> None:
-    # docs/DEPLOY.md documents each of them (tests/test_deploy_docs.py holds it to this list).
+    # docs/deploy.md documents each of them (tests/test_deploy_docs.py holds it to this list).
     defaults = {name: p.get("Default") for name, p in template["Parameters"].items()}
     assert defaults == {
         "ModelBucket": None,
