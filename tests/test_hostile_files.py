@@ -33,6 +33,20 @@ from lazyserve.errors import LazyserveError, ModelFormatError, ModelTooLarge
 from lazyserve.formats import read_state_dict
 from lazyserve.sources import Weights, fetch_local
 from lazyserve.uris import parse_model_uri
+from tests.helpers import (
+    BUCKET,
+    DIGIT_8,
+    KEY,
+    WEIGHTS_BYTES,
+    ImportHandler,
+    asgi_client,
+    assert_prediction_shape,
+    assert_unloadable,
+    put_object,
+    recheck_now,
+    s3_uri,
+)
+from tests.s3server import CountingS3Server, Request
 
 URI = "s3://models/hostile.safetensors"
 PT_URI = "s3://models/hostile.pt"
@@ -912,3 +926,44 @@ def test_a_local_pt_truncated_under_the_served_model_keeps_it_alive(tmp_path: Pa
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(float(1 << 20))
+
+
+# --- through the reference function, from moto's S3 over HTTP ----------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        st_file('{"a":{"dtype":"%s","shape":[1],"data_offsets":[0,4]}}' % ("F" * 20 * MIB), ONE),
+        st_file(f'{{"a":{{"dtype":"F32","shape":[{2**70},0],"data_offsets":[0,0]}}}}'),
+    ],
+    ids=["20-MB-dtype", "shape-2**70"],
+)
+async def test_a_hostile_file_in_s3_is_one_download_and_a_short_answer_until_it_is_replaced(
+    hostile: bytearray, s3: CountingS3Server, import_handler: ImportHandler
+) -> None:
+    put_object(s3, KEY, bytes(hostile))
+    mod = import_handler(LAZYSERVE_MODEL_URI=s3_uri())
+    s3.clear()
+    async with asgi_client(mod) as client:
+        answers = [await client.post("/predict", json={"inputs": [DIGIT_8]}) for _ in range(4)]
+        described = await client.get("/model")
+    for answer in answers:
+        assert_unloadable(answer.status_code, answer.headers, answer.json(), "not a valid")
+        assert len(answer.content) < 4096
+        bounded(answer.json()["detail"]["message"], s3_uri())
+    assert len(described.content) < 4096
+    # Four requests, one download: the failure is the object's, remembered until it changes.
+    assert sum((r.range or "").startswith("bytes=0-") for r in weights_requests(s3)) == 1
+
+    put_object(s3, KEY, WEIGHTS_BYTES)  # the right file pushed over it
+    recheck_now(mod.service.model)
+    async with asgi_client(mod) as client:
+        answer = await client.post("/predict", json={"inputs": [DIGIT_8]})
+    assert answer.status_code == 200, answer.text
+    assert_prediction_shape(answer.json(), rows=1)
+
+
+def weights_requests(s3: CountingS3Server) -> list[Request]:
+    return s3.object_gets(BUCKET, KEY)
