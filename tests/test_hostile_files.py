@@ -833,14 +833,23 @@ def test_torch_load_messages_are_reduced_to_lazyserves_words(tmp_path: Path) -> 
 # --- 4. a local file changed under the served model ------------------------------------------
 
 
-def pt_file(tmp_path: Path, state: dict[str, torch.Tensor]) -> Path:
-    path = tmp_path / "net.pt"
-    torch.save(state, path)
+def pt_file(tmp_path: Path, state: dict[str, torch.Tensor], suffix: str = ".pt") -> Path:
+    path = tmp_path / f"net{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, path)
+    else:
+        torch.save(state, path)
     return path
 
 
-def test_a_local_pt_rewritten_in_place_changes_nothing(tmp_path: Path) -> None:
-    path = pt_file(tmp_path, {"w": torch.arange(4096, dtype=torch.float32)})
+LOCAL_FORMATS = pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+
+
+@LOCAL_FORMATS
+def test_a_local_file_rewritten_in_place_changes_nothing(suffix: str, tmp_path: Path) -> None:
+    path = pt_file(tmp_path, {"w": torch.arange(4096, dtype=torch.float32)}, suffix)
     original = path.read_bytes()
     weights = fetch_local(parse_model_uri(str(path)))
     state = read_state_dict(weights, limit=None)
@@ -912,9 +921,12 @@ print(float(state["w"].sum()))
 """
 
 
-def test_a_local_pt_truncated_under_the_served_model_keeps_it_alive(tmp_path: Path) -> None:
+@LOCAL_FORMATS
+def test_a_local_file_truncated_under_the_served_model_keeps_it_alive(
+    suffix: str, tmp_path: Path
+) -> None:
     # The tensors were a map of the file: reading them after the truncation was a SIGBUS.
-    path = pt_file(tmp_path, {"w": torch.ones(1 << 20)})
+    path = pt_file(tmp_path, {"w": torch.ones(1 << 20)}, suffix)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
         [sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(path)],
