@@ -354,3 +354,23 @@ def test_the_batching_page_code_answers_in_order(
     requests = [PredictRequest(inputs=[[5, 4, 1, 0]]), PredictRequest(inputs=[[0, 1, 2, 3]] * 2)]
     answers = namespace["predict"](service.model.get(), requests)
     assert [a.labels for a in answers] == [[0], [1, 1]]
+
+
+def test_every_test_the_reliability_page_names_exists() -> None:
+    # The page is evidence only while the tests it cites run: a renamed test must take its
+    # row along. Each `file.py::name` (or a `::name` after a file in the same cell) is looked up.
+    defined: dict[str, set[str]] = {}
+    for path in (ROOT / "tests").glob("test_*.py"):
+        names = re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.MULTILINE)
+        defined[path.name] = set(names)
+    cited = 0
+    for line in (DOCS / "reliability.md").read_text().splitlines():
+        for cell in line.split(" | "):
+            current = None
+            for file, name in re.findall(r"`(?:(test_\w+\.py))?(?:::(test_\w+))?", cell):
+                current = file or current
+                if name:
+                    assert current is not None, (name, cell[:200])
+                    assert name in defined.get(current, set()), f"{current}::{name}"
+                    cited += 1
+    assert cited > 50
