@@ -323,6 +323,7 @@ def test_the_directory_template_is_the_reference_one_for_a_prefix(hf_project: Pr
         r"^(?!.*\$\{)[^*?\x00-\x1F\x7F]*[^/*?\x00-\x1F\x7F]/$",
         2,
     )
+    assert key.pop("ConstraintDescription").startswith('must end in "/"')
     del reference_key["AllowedPattern"], reference_key["MinLength"]
     assert generated == reference
 
@@ -527,7 +528,7 @@ def test_the_directorys_name_is_checked_as_the_projects(
 
 
 @pytest.mark.parametrize(
-    "name", ["torch", "lazyserve", "tests", "json", "email", "class", "weights"]
+    "name", ["torch", "transformers", "lazyserve", "tests", "json", "email", "class", "weights"]
 )
 def test_a_name_that_would_shadow_a_module_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
