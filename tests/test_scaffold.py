@@ -209,7 +209,15 @@ def test_the_classifier_app_uses_transformers_and_nothing_else(hf_project: Proje
     assert "@service.predict\n" in app
     # The training script stands alone: neither lazyserve nor the app (which reads settings).
     train = imported(text(hf_project, "my_model/train.py"))
-    assert train == {"__future__", "argparse", "pathlib", "tokenizers", "torch", "transformers"}
+    assert train == {
+        "__future__",
+        "argparse",
+        "pathlib",
+        "string",
+        "tokenizers",
+        "torch",
+        "transformers",
+    }
 
 
 def test_the_requirements_pin_this_lazyserve_and_its_torch(each: Project) -> None:
