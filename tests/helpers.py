@@ -782,6 +782,9 @@ def tiny_gpt2(directory: Path, *, max_shard_size: str | None = None, seed: int =
 
 FUNCTION = "LazyserveFunction"
 REQUIRED = {"ModelBucket": "models-bucket", "ModelKey": "digits/digits.safetensors"}
+DIRECTORY_KEY = "sentiment/"
+"""ModelKey for a template that serves save_pretrained directories (`lazyserve init
+--huggingface`'s), whose ModelKey must end in "/"."""
 PSEUDO = {
     "AWS::StackName": "digits-prod",
     "AWS::Region": "eu-west-1",
@@ -813,7 +816,7 @@ class Stack:
         assert overrides.keys() <= declared.keys(), overrides.keys() - declared.keys()
         self.template = template
         self.params = {name: str(p["Default"]) for name, p in declared.items() if "Default" in p}
-        self.params |= REQUIRED | overrides
+        self.params |= required(template) | overrides
         assert self.params.keys() == declared.keys(), declared.keys() - self.params.keys()
         for name, value in self.params.items():
             problem = parameter_problem(declared[name], value)
@@ -935,6 +938,14 @@ class Stack:
             name, attribute = arg.split(".", 1) if isinstance(arg, str) else arg
             return self._attribute(name, attribute)
         raise AssertionError(f"the resolver does not know {key}")
+
+
+def required(template: dict[str, Any]) -> dict[str, str]:
+    """Values for the parameters without a default: REQUIRED, with DIRECTORY_KEY as ModelKey
+    where the template refuses a key of one object."""
+    if parameter_problem(template["Parameters"]["ModelKey"], REQUIRED["ModelKey"]) is None:
+        return REQUIRED
+    return REQUIRED | {"ModelKey": DIRECTORY_KEY}
 
 
 def parameter_problem(declared: dict[str, Any], value: str) -> str | None:
@@ -1116,6 +1127,26 @@ def check_prefix_reads_below_it(template: dict[str, Any]) -> None:
     assert listing["Condition"] == {"StringLike": {"s3:prefix": "models/*"}}
 
 
+def check_role_reads_only_the_directory(template: dict[str, Any]) -> None:
+    """A template of save_pretrained directories: the role may list and read below ModelKey
+    (one directory, or a prefix of many) and write its own logs, nothing else; a key of one
+    object is refused, since the role could not list a directory there."""
+    bucket = REQUIRED["ModelBucket"]
+    for key in (DIRECTORY_KEY, "models/"):
+        stack = Stack(template, ModelKey=key)
+        assert stack.environment["LAZYSERVE_MODEL_URI"] == f"s3://{bucket}/{key}"
+        assert grants(stack) == {
+            "WriteOwnLogs": LOGS,
+            "ReadModelWeights": (["s3:GetObject"], [f"arn:aws:s3:::{bucket}/{key}*"]),
+            "ListModelPrefix": (["s3:ListBucket"], [f"arn:aws:s3:::{bucket}"]),
+        }
+        (listing,) = [s for s in statements(stack) if s.get("Sid") == "ListModelPrefix"]
+        assert listing["Condition"] == {"StringLike": {"s3:prefix": f"{key}*"}}
+    declared = template["Parameters"]["ModelKey"]
+    for key in ("sentiment", REQUIRED["ModelKey"], "/", "a*/", "sentiment/${aws:username}/"):
+        assert parameter_problem(declared, key) is not None, key
+
+
 def check_no_kms_without_a_key(template: dict[str, Any]) -> None:
     """No KMS permission unless ModelKmsKeyArn names a key."""
     assert not [s for s in statements(Stack(template)) if "kms" in json.dumps(s).lower()]
@@ -1184,6 +1215,14 @@ SAFE_DEFAULTS = (
     check_alarms_notify_a_topic_or_none,
 )
 """Every safe-default check, each taking the decoded template."""
+
+DIRECTORY_SAFE_DEFAULTS = tuple(
+    check_role_reads_only_the_directory if check is check_role_reads_only_the_model else check
+    for check in SAFE_DEFAULTS
+    if check is not check_prefix_reads_below_it
+)
+"""The same checks for a template of save_pretrained directories, whose ModelKey is always a
+prefix (check_role_reads_only_the_directory covers both of the prefix checks)."""
 
 
 # -- Dockerfile ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 from lazyserve import __version__
+from lazyserve.scaffold import TEMPLATES
 from tests.helpers import PYTHON, ROOT, Dist
 
 SRC = ROOT / "src"
@@ -49,7 +50,8 @@ def test_the_wheel_holds_the_library_its_templates_and_its_start_up_hook(dist: D
         entry_points = wheel.read(f"lazyserve-{__version__}.dist-info/entry_points.txt").decode()
     info = {n for n in names if n.startswith(f"lazyserve-{__version__}.dist-info/")}
     assert names - info == library_files() | {"lazyserve.pth"}
-    assert any(n.startswith("lazyserve/templates/basic/") for n in names)
+    for template in TEMPLATES:
+        assert any(n.startswith(f"lazyserve/templates/{template}/") for n in names), template
     assert hook == (SRC / "lazyserve.pth").read_text()
     assert "lazyserve = lazyserve.cli:main" in entry_points
     assert set(meta.get_all("Provides-Extra") or []) == {"transformers", "dev", "bench"}

@@ -1,12 +1,15 @@
 """From the built package to the user's own function, outside this repository: the wheel
 `make dist` builds is installed into a fresh venv (torch held to constraints.txt, so the CPU
-build), `lazyserve init myfn` writes a project there, and its README's commands run as written:
-the setup, the weights script, the project's own tests (the app in process, and the function
-under awslambdaric with its weights in moto's S3), `lazyserve invoke`, `lazyserve serve` with the
-curl request, and `lazyserve push`. Its template gets cfn-lint and the reference's safe-default
-checks. Only `sam build && sam deploy` cannot run here (no Docker, no AWS).
+build), `lazyserve init myfn` and `lazyserve init --huggingface myhf` write a project each
+there, and their README's commands run as written: the setup, the script that writes the model,
+the project's own tests (the app in process, and the function under awslambdaric with its model
+in moto's S3), `lazyserve invoke`, `lazyserve serve` with the curl request, and `lazyserve push`.
+Their templates get cfn-lint and the safe-default checks. Only `sam build && sam deploy` cannot
+run here (no Docker, no AWS).
 
-Slow: the install alone copies torch into the venv (about a minute here)."""
+Slow: the install copies torch into the venv (about a minute here), and the --huggingface
+project's set-up installs transformers and tokenizers from the package index (PyPI) into it
+(about half a minute here)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ import pytest
 
 from tests.helpers import (
     BUCKET,
+    DIRECTORY_SAFE_DEFAULTS,
     PYTHON,
     REGION,
     ROOT,
@@ -38,8 +43,50 @@ from tests.s3server import CountingS3Server
 
 pytestmark = pytest.mark.slow
 
-NAME = "myfn"
-ROWS_ANSWER = [0, 1]  # the labels of the sample request's two rows
+
+@dataclass(frozen=True)
+class Case:
+    """A template set, and what its project's commands should do."""
+
+    name: str  # the project's, and its package's
+    flags: str  # of `lazyserve init`
+    files: int  # how many files init writes
+    written: str  # what the README's first command writes (relative to the project)
+    key: str  # the S3 key the README pushes to and tells `sam deploy --guided`
+    passed: int  # the project's own tests
+    labels: Callable[[dict[str, Any]], list[Any]]  # an answer's labels
+    expected: list[Any]  # the sample request's labels
+    checks: tuple[Callable[[dict[str, Any]], None], ...]  # of its template.yaml
+
+
+CASES = {
+    "basic": Case(
+        name="myfn",
+        flags="",
+        files=23,
+        written="weights/myfn.safetensors",
+        key="myfn/myfn.safetensors",
+        # The app in process (4 tests), and the function under awslambdaric with its weights
+        # from moto's S3 (5 tests).
+        passed=9,
+        labels=lambda body: list(body["labels"]),
+        expected=[0, 1],
+        checks=SAFE_DEFAULTS,
+    ),
+    "huggingface": Case(
+        name="myhf",
+        flags="--huggingface ",
+        files=22,
+        written="weights/myhf/",
+        key="myhf/",
+        # The app in process (8 tests), and the function under awslambdaric with its model
+        # directory from moto's S3 (5 tests).
+        passed=13,
+        labels=lambda body: [p["label"] for p in body["predictions"]],
+        expected=["positive", "negative"],
+        checks=DIRECTORY_SAFE_DEFAULTS,
+    ),
+}
 
 
 class Venv:
@@ -99,13 +146,20 @@ def venv(dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Venv]
         shutil.rmtree(env.path, ignore_errors=True)  # ~1 GB: torch
 
 
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request: pytest.FixtureRequest) -> Case:
+    return CASES[request.param]
+
+
 @pytest.fixture(scope="module")
-def project(venv: Venv) -> Path:
-    """`lazyserve init myfn` in the user's directory, then the README's set-up commands."""
+def project(venv: Venv, case: Case) -> Path:
+    """`lazyserve init [--huggingface] NAME` in the user's directory, then the README's set-up
+    commands."""
     home = venv.path.parent
-    printed = ok(venv.sh(f"lazyserve init {NAME}", cwd=home))
-    assert printed.startswith(f"wrote 23 files to {NAME}/ (package {NAME}); next:\n"), printed
-    project = home / NAME
+    printed = ok(venv.sh(f"lazyserve init {case.flags}{case.name}", cwd=home))
+    expected = f"wrote {case.files} files to {case.name}/ (package {case.name}); next:\n"
+    assert printed.startswith(expected), printed
+    project = home / case.name
     for command in readme_block(project, "Set up"):
         ok(venv.sh(command, cwd=project))
     return project
@@ -120,27 +174,27 @@ def readme_block(project: Path, section: str) -> list[str]:
     return block[1].splitlines()
 
 
-def test_the_projects_own_tests_pass(venv: Venv, project: Path) -> None:
-    (weights, pytest_, *_) = readme_block(project, "Run it on your machine")
-    assert (weights, pytest_) == (f"python -m {NAME}.weights", "pytest")
+def test_the_projects_own_tests_pass(venv: Venv, project: Path, case: Case) -> None:
+    (script, pytest_, *_) = readme_block(project, "Run it on your machine")
+    assert script.startswith(f"python -m {case.name}.") and pytest_ == "pytest"
     out = ok(venv.sh(pytest_, cwd=project))
-    # The app in process (4 tests), and the function under awslambdaric with its weights from
-    # moto's S3 (5 tests), all of them run.
-    assert re.search(r"^=+ 9 passed in [\d.]+s", out, re.MULTILINE), out[-3000:]
+    # All of them run: none skipped.
+    assert re.search(rf"^=+ {case.passed} passed in [\d.]+s", out, re.MULTILINE), out[-3000:]
 
 
-def test_the_local_commands_run_as_written(venv: Venv, project: Path) -> None:
-    weights, _, invoke, serve = readme_block(project, "Run it on your machine")
-    out = ok(venv.sh(weights, cwd=project))
-    written = project / "weights" / f"{NAME}.safetensors"
-    assert out == f"wrote weights/{NAME}.safetensors\n"
-    assert written.stat().st_mode & 0o777 == 0o644
+def test_the_local_commands_run_as_written(venv: Venv, project: Path, case: Case) -> None:
+    script, _, invoke, serve = readme_block(project, "Run it on your machine")
+    out = ok(venv.sh(script, cwd=project))
+    written = project / case.written
+    assert out == f"wrote {case.written}\n"
+    files = sorted(written.iterdir()) if written.is_dir() else [written]
+    assert files and {f.stat().st_mode & 0o777 for f in files} == {0o644}
 
     out = ok(venv.sh(invoke, cwd=project))
     answer, report = out.splitlines()
     response = json.loads(answer)
     assert response["statusCode"] == 200, response
-    assert json.loads(response["body"])["labels"] == ROWS_ANSWER
+    assert case.labels(json.loads(response["body"])) == case.expected
     assert report.startswith("REPORT RequestId: ")
 
     (curl,) = readme_block_after(project, "Run it on your machine", serve)
@@ -160,7 +214,7 @@ def test_the_local_commands_run_as_written(venv: Venv, project: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert json.loads(out)["labels"] == ROWS_ANSWER
+    assert case.labels(json.loads(out)) == case.expected
 
 
 def readme_block_after(project: Path, section: str, line: str) -> list[str]:
@@ -172,29 +226,32 @@ def readme_block_after(project: Path, section: str, line: str) -> list[str]:
     return block[1].splitlines()
 
 
-def test_push_stores_the_weights_where_the_template_reads_them(
-    venv: Venv, project: Path, s3: CountingS3Server
+def test_push_stores_the_model_where_the_template_reads_it(
+    venv: Venv, project: Path, case: Case, s3: CountingS3Server
 ) -> None:
     push, deploy = readme_block(project, "Deploy to AWS Lambda")
     assert deploy == "sam build && sam deploy --guided"  # needs Docker and AWS: not run here
-    ok(venv.sh(f"python -m {NAME}.weights", cwd=project))
+    script = readme_block(project, "Run it on your machine")[0]
+    ok(venv.sh(script, cwd=project))
     out = ok(venv.sh(push.replace("YOUR-BUCKET", BUCKET), cwd=project, AWS_REGION=REGION))
-    key = f"{NAME}/{NAME}.safetensors"
-    assert out.startswith(f"uri: s3://{BUCKET}/{key}\nsha256: "), out
+    assert out.startswith(f"uri: s3://{BUCKET}/{case.key}\n"), out
+    # The weights object, or the directory's: its sha256 stored with it, as push printed it.
+    weights = case.key + ("model.safetensors" if case.key.endswith("/") else "")
     import boto3
 
     head = boto3.client("s3", region_name=REGION, endpoint_url=s3.endpoint).head_object(
-        Bucket=BUCKET, Key=key
+        Bucket=BUCKET, Key=weights
     )
     assert head["Metadata"]["sha256"] in out
     # The key the README pushes to is the one it tells `sam deploy --guided` (ModelKey).
-    assert f"`ModelKey`\n(`{key}`)" in (project / "README.md").read_text()
+    assert f"`ModelKey`\n(`{case.key}`" in (project / "README.md").read_text()
 
 
-def test_the_template_passes_cfn_lint_and_the_safe_default_checks(project: Path) -> None:
+def test_the_template_passes_cfn_lint_and_the_safe_default_checks(
+    project: Path, case: Case
+) -> None:
     done = cfn_lint(project / "template.yaml")
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
     template = load_template(project / "template.yaml")
-    check: Callable[[dict[str, Any]], None]
-    for check in SAFE_DEFAULTS:
+    for check in case.checks:
         check(template)

@@ -355,12 +355,13 @@ def convert(source: str, target: str) -> int:
     return 0
 
 
-def init(directory: str, name: str | None, force: bool) -> int:
+def init(directory: str, name: str | None, force: bool, huggingface: bool) -> int:
     from lazyserve.errors import InitError
-    from lazyserve.scaffold import init_project
+    from lazyserve.scaffold import DEFAULT_TEMPLATE, init_project
 
+    template = "huggingface" if huggingface else DEFAULT_TEMPLATE
     try:
-        project = init_project(Path(directory), name=name, force=force)
+        project = init_project(Path(directory), name=name, template=template, force=force)
     except InitError as exc:
         raise CommandError("--name" if exc.field == "name" else "DIR", str(exc)) from None
     print(project.summary())
@@ -410,6 +411,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="the project's name, if not DIR's (e.g. my-model)")
     p.add_argument("--force", action="store_true", help="write into a non-empty DIR")
+    p.add_argument(
+        "--huggingface",
+        action="store_true",
+        help="a transformers text classifier served from its save_pretrained directory in S3 "
+        "(default: your own nn.Module and its safetensors weights)",
+    )
     return top
 
 
@@ -425,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "convert":
             return convert(args.source, args.target)
         if args.command == "init":
-            return init(args.directory, args.name, args.force)
+            return init(args.directory, args.name, args.force, args.huggingface)
         return invoke(args.events, args.handler, args.repeat)
     except CommandError as exc:
         print(f"lazyserve {args.command}: error: {exc}", file=sys.stderr)

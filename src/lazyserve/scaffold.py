@@ -26,13 +26,29 @@ __all__ = [
     "TEMPLATES",
     "Project",
     "ProjectNames",
+    "TemplateSet",
     "context",
     "init_project",
     "project_names",
     "render",
 ]
 
-TEMPLATES = {"basic": "your own nn.Module, its weights in S3"}
+
+@dataclass(frozen=True)
+class TemplateSet:
+    """What a template set serves, and the module of its project that writes the model (run
+    as `python -m PACKAGE.SCRIPT`: it stands in for the user's training)."""
+
+    description: str
+    script: str
+
+
+TEMPLATES = {
+    "basic": TemplateSet("your own nn.Module, its weights in S3", "weights"),
+    "huggingface": TemplateSet(
+        "a transformers text classifier, its save_pretrained directory in S3", "train"
+    ),
+}
 """The template sets, by name (a folder of lazyserve/templates/ each)."""
 DEFAULT_TEMPLATE = "basic"
 
@@ -53,15 +69,19 @@ _TAKEN = frozenset(
         "events",
         "fastapi",
         "httpx",
+        "huggingface_hub",
         "lazyserve",
         "mangum",
         "moto",
+        "numpy",
         "pydantic",
         "pytest",
         "safetensors",
         "starlette",
         "tests",
+        "tokenizers",
         "torch",
+        "transformers",
         "uvicorn",
         "weights",
     }
@@ -123,12 +143,14 @@ def context(names: ProjectNames) -> dict[str, str]:
     """The values a template may use. The generated project pins the lazyserve and torch
     releases it was made with, so its image is built with what its tests ran on."""
     lazyserve = _release("lazyserve")
+    pin = f"=={lazyserve}" if lazyserve else ""
     torch = _release("torch")
     return {
         "name": names.name,
         "package": names.package,
         "stack": names.stack,
-        "lazyserve_requirement": f"lazyserve=={lazyserve}" if lazyserve else "lazyserve",
+        "lazyserve_requirement": f"lazyserve{pin}",
+        "lazyserve_transformers_requirement": f"lazyserve[transformers]{pin}",
         "torch_requirement": f"torch=={torch}" if torch else "torch",
     }
 
@@ -171,10 +193,12 @@ def render(template: str, values: dict[str, str]) -> dict[PurePosixPath, str]:
 
 @dataclass(frozen=True)
 class Project:
-    """A project `init_project` wrote: where, its names, and its files (relative paths)."""
+    """A project `init_project` wrote: where, its names, its template set and its files
+    (relative paths)."""
 
     directory: Path
     names: ProjectNames
+    template: str
     files: tuple[PurePosixPath, ...]
 
     def summary(self) -> str:
@@ -184,8 +208,11 @@ class Project:
                 f"wrote {len(self.files)} files to {self.directory}/ "
                 f"(package {self.names.package}); next:",
                 f"  cd {self.directory}",
+                # PyPI's torch brings GBs of CUDA libraries on Linux: the CPU build first.
+                "  pip install --index-url https://download.pytorch.org/whl/cpu "
+                "-c constraints.txt torch",
                 "  pip install -r requirements-dev.txt",
-                f"  python -m {self.names.package}.weights",
+                f"  python -m {self.names.package}.{TEMPLATES[self.template].script}",
                 "  pytest",
                 "README.md has the rest: the local runs, lazyserve invoke, "
                 "sam build && sam deploy --guided",
@@ -235,4 +262,4 @@ def init_project(
         path = directory.joinpath(*relative.parts)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-    return Project(directory, names, tuple(files))
+    return Project(directory, names, template, tuple(files))
