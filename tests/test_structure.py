@@ -110,9 +110,14 @@ def test_transformers_is_imported_only_inside_functions() -> None:
         top = [
             n
             for n in tree.body
-            if (isinstance(n, ast.Import | ast.ImportFrom)
-            and (getattr(n, "module", None) or "").split(".")[0] in ("transformers", "tokenizers"))
-            or (isinstance(n, ast.Import)
-            and any(a.name.split(".")[0] in ("transformers", "tokenizers") for a in n.names))
+            if (
+                isinstance(n, ast.Import | ast.ImportFrom)
+                and (getattr(n, "module", None) or "").split(".")[0]
+                in ("transformers", "tokenizers")
+            )
+            or (
+                isinstance(n, ast.Import)
+                and any(a.name.split(".")[0] in ("transformers", "tokenizers") for a in n.names)
+            )
         ]
         assert top == [], path
