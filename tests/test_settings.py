@@ -711,3 +711,14 @@ def test_settings_made_in_code_follow_the_same_rules() -> None:
 def test_a_huge_value_is_quoted_short() -> None:
     message = settings_error(LAZYSERVE_MODEL_URI=URI, LAZYSERVE_LOAD="x" * 100_000)
     assert len(message) < 300
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/sentiment/", "s3://bucket/", "/srv/models/"])
+def test_a_digest_with_a_prefix_is_refused_not_ignored(uri: str) -> None:
+    # A directory (or many models) is many files: one LAZYSERVE_MODEL_SHA256 cannot check them,
+    # and it used to be ignored without a word.
+    assert settings_error(LAZYSERVE_MODEL_URI=uri, LAZYSERVE_MODEL_SHA256="a" * 64) == (
+        f"LAZYSERVE_MODEL_SHA256 is set, but LAZYSERVE_MODEL_URI {uri!r} ends in / (a model "
+        "directory or many models): a digest names one file. Unset LAZYSERVE_MODEL_SHA256; "
+        "lazyserve push stores each file's sha256, and every load checks them."
+    )

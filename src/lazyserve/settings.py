@@ -240,14 +240,24 @@ def _budget(text: str) -> int:
 def _across(settings: Settings) -> list[str]:
     """Rules across settings, which name the variables themselves."""
     uri = settings.uri
+    problems = []
     if settings.refresh_seconds is not None and (not uri.is_s3 or uri.version_id is not None):
         what = "pins one version" if uri.is_s3 else "is not in S3"
-        uri_value = _quote(settings.model_uri)
-        return [
-            f"LAZYSERVE_REFRESH_SECONDS is set, but LAZYSERVE_MODEL_URI {uri_value} {what}: "
-            "only an s3:// URI without ?versionId= can change. Unset one of them."
-        ]
-    return []
+        problems.append(
+            f"LAZYSERVE_REFRESH_SECONDS is set, but LAZYSERVE_MODEL_URI "
+            f"{_quote(settings.model_uri)} {what}: only an s3:// URI without ?versionId= can "
+            "change. Unset one of them."
+        )
+    if settings.model_sha256 is not None and uri.is_prefix:
+        # A prefix names many files (a model directory, or many models): one digest cannot
+        # check them. Each file's own sha256, stored by `lazyserve push`, is checked instead.
+        problems.append(
+            f"LAZYSERVE_MODEL_SHA256 is set, but LAZYSERVE_MODEL_URI {_quote(settings.model_uri)} "
+            "ends in / (a model directory or many models): a digest names one file. Unset "
+            "LAZYSERVE_MODEL_SHA256; lazyserve push stores each file's sha256, and every load "
+            "checks them."
+        )
+    return problems
 
 
 def _quote(value: Any) -> str:
