@@ -14,6 +14,7 @@ __all__ = [
     "NOT_FOUND",
     "TOO_LARGE",
     "UNAVAILABLE",
+    "Batches",
     "Health",
     "ModelMetadata",
     "ModelUnavailableBody",
@@ -40,6 +41,17 @@ class TooLargeBody(BaseModel):
     detail: str
 
 
+class Batches(BaseModel):
+    """A batched predict function's calls: the limits in effect, how many calls, their mean and
+    last number of requests (None before the first)."""
+
+    max_size: int
+    max_wait_ms: float
+    calls: int
+    mean_size: float | None
+    last_size: int | None
+
+
 class ModelStatus(BaseModel):
     status: Status
     source: str | None
@@ -48,6 +60,7 @@ class ModelStatus(BaseModel):
     last_error: str | None = None
     requests: dict[str, dict[str, int | float]] = {}  # count stays an int in the JSON
     refresh: dict[str, int] | None = None  # with LAZYSERVE_REFRESH_SECONDS: what it did
+    batches: Batches | None = None  # with @service.predict_batch
 
 
 # `GET /model`: the holder's status, then every ModelInfo field (None until a load succeeds).

@@ -5,11 +5,12 @@ process-wide start-up (`startup.py`) once; the service is then the app and the L
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
-from collections.abc import Callable, Mapping
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 import torch
 from fastapi import FastAPI
@@ -17,7 +18,8 @@ from pydantic import BaseModel, ValidationError
 
 from lazyserve import startup, timing
 from lazyserve.app import setup_app
-from lazyserve.aws import LambdaHandler, invalid_input
+from lazyserve.aws import Batched, LambdaHandler, invalid_input
+from lazyserve.batching import DEFAULT_MAX_SIZE, DEFAULT_MAX_WAIT_MS, Batcher, check_limits
 from lazyserve.environment import memory_limit, on_lambda, resident_bytes
 from lazyserve.error_handlers import predict_failed
 from lazyserve.errors import InvalidInput, ModelNotFound, ModelUnavailable
@@ -31,7 +33,7 @@ from lazyserve.refresh import Refresher, Target, beside
 from lazyserve.routes import model_router, pool_router, prefix_router
 from lazyserve.schemas import FAILED, NOT_FOUND, TOO_LARGE, UNAVAILABLE
 from lazyserve.settings import Settings, read_settings, unknown_notices, warn_unknown
-from lazyserve.signatures import dumper, in_inference_mode, io_types
+from lazyserve.signatures import batch_io_types, dumper, in_inference_mode, io_types
 from lazyserve.signatures import rules as signature_rules
 from lazyserve.sources import Boto3Ranges, RangeClient, head, identity, settle_early_download
 from lazyserve.types import LambdaContext, LambdaEvent, S3Client
@@ -44,6 +46,14 @@ M = TypeVar("M", bound=torch.nn.Module)
 Req = TypeVar("Req", bound=BaseModel)
 Resp = TypeVar("Resp")
 PredictFn = Callable[[Loaded[M], Req], Resp]
+BatchFn = Callable[[Loaded[M], list[Req]], list[Resp]]
+
+
+class BatchDecorator(Protocol[M]):
+    """What `service.predict_batch(max_size=..., max_wait_ms=...)` returns."""
+
+    def __call__(self, fn: BatchFn[M, Req, Resp], /) -> BatchFn[M, Req, Resp]: ...
+
 
 log = logging.getLogger("lazyserve")
 
@@ -122,6 +132,8 @@ class Service(Generic[M]):
             )
         self._answer: Callable[[Mapping[str, Any]], Any] | None = None
         self._direct_keys: frozenset[str] = frozenset()
+        self._batcher: Batcher[Any, Any] | None = None
+        self._batched: Batched | None = None
         self._lambda: LambdaHandler | None = None
         self._routes_added = False
         self.load_mode = "lazy"
@@ -166,11 +178,12 @@ class Service(Generic[M]):
         if self._routes_added:
             return
         self._routes_added = True
+        batches = self._batcher.stats if self._batcher is not None else None
         if self.pool is not None:
-            self.app.include_router(pool_router(self.pool, self.refresher))
+            self.app.include_router(pool_router(self.pool, self.refresher, batches))
         else:
             assert self._holder is not None
-            self.app.include_router(model_router(self._holder, self.refresher))
+            self.app.include_router(model_router(self._holder, self.refresher, batches))
 
     # -- loading ----------------------------------------------------------------------------------
 
@@ -220,13 +233,92 @@ class Service(Generic[M]):
         `torch.inference_mode()`. It serves `POST /predict` (the body validated as `request`'s
         type before the model is awaited), direct Lambda invocations with the same JSON, and
         SQS records. Returns `fn` unchanged; then starts the service (see `start()`)."""
-        if self._answer is not None:
-            raise TypeError("this Service has a predict function already; it takes one")
-        if self._routes_added:
-            raise TypeError("declare the predict function before calling service.start()")
+        self._check_undeclared()
         request_type, response_type = io_types(fn)
         inference = Inference(in_inference_mode(fn))
-        endpoint = self._endpoint(inference, fn.__name__)
+        answer = self._direct_answer(inference, request_type, response_type)
+        self._declare(fn, self._endpoint(inference, fn.__name__), request_type, response_type)
+        self._answer = answer
+        self._finish_declaring()
+        return fn
+
+    @overload
+    def predict_batch(self, fn: BatchFn[M, Req, Resp], /) -> BatchFn[M, Req, Resp]: ...
+
+    @overload
+    def predict_batch(
+        self,
+        fn: None = None,
+        /,
+        *,
+        max_size: int = DEFAULT_MAX_SIZE,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    ) -> BatchDecorator[M]: ...
+
+    def predict_batch(
+        self,
+        fn: BatchFn[M, Req, Resp] | None = None,
+        /,
+        *,
+        max_size: int = DEFAULT_MAX_SIZE,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    ) -> Any:
+        """Declare a batched prediction: `fn(model, requests) -> responses`, one response per
+        request, in order, run under `torch.inference_mode()` in a worker thread. The same
+        routes, validation, errors and invocations as `@service.predict`; requests in flight
+        together are answered by one call (at most `max_size`, waiting at most `max_wait_ms`
+        for more, never for a lone request; LAZYSERVE_BATCH_MAX and LAZYSERVE_BATCH_WAIT_MS
+        override them). `@service.predict_batch` or `@service.predict_batch(max_size=...)`."""
+        check_limits(max_size, max_wait_ms)
+        if fn is None:
+            return functools.partial(
+                self._predict_batch, max_size=max_size, max_wait_ms=max_wait_ms
+            )
+        return self._predict_batch(fn, max_size=max_size, max_wait_ms=max_wait_ms)
+
+    def _predict_batch(
+        self, fn: BatchFn[M, Req, Resp], *, max_size: int, max_wait_ms: float
+    ) -> BatchFn[M, Req, Resp]:
+        self._check_undeclared()
+        request_type, response_type = batch_io_types(fn)
+        wait = self.settings.batch_wait_ms
+        batcher: Batcher[Any, Any] = Batcher(
+            in_inference_mode(fn),
+            name=fn.__name__,
+            max_size=self.settings.batch_max or max_size,
+            max_wait_ms=max_wait_ms if wait is None else wait,
+        )
+        prepare = self._validator(request_type)
+        run = self._batch_run(batcher, response_type)
+        self._declare(fn, self._batch_endpoint(batcher), request_type, response_type)
+        self._batcher = batcher
+        self._batched = Batched(prepare, run, batcher.max_size)
+
+        def answer(payload: Mapping[str, Any]) -> Any:
+            name, request = prepare(payload)
+            return run(name, [request])[0]
+
+        self._answer = answer
+        self._finish_declaring()
+        return fn
+
+    def _check_undeclared(self) -> None:
+        if self._answer is not None:
+            raise TypeError(
+                "this Service has a predict function already (@service.predict or "
+                "@service.predict_batch); it takes one"
+            )
+        if self._routes_added:
+            raise TypeError("declare the predict function before calling service.start()")
+
+    def _declare(
+        self,
+        fn: Callable[..., Any],
+        endpoint: Callable[..., Any],
+        request_type: type[BaseModel],
+        response_type: Any,
+    ) -> None:
+        """`POST /predict` (or `/models/{name}/predict`) with `endpoint`, and the direct keys."""
         params = [
             inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=request_type)
         ]
@@ -256,15 +348,15 @@ class Service(Generic[M]):
         )
         if self.pool is not None:
             self.app.include_router(prefix_router())
-        self._answer = self._direct_answer(inference, request_type, response_type)
         self._direct_keys = frozenset(
             field.alias or name for name, field in request_type.model_fields.items()
         )
+
+    def _finish_declaring(self) -> None:
         self._lambda = None  # rebuilt with the direct answer on the next invocation
         self._lambda_handler()  # now, so INIT (not the first request) pays for Mangum
         if self._autostart:
             self.start()
-        return fn
 
     def _endpoint(self, inference: Inference[Any], fn_name: str) -> Callable[..., Any]:
         pool, holder = self.pool, self._holder
@@ -295,14 +387,35 @@ class Service(Generic[M]):
     def _direct_answer(
         self, inference: Inference[Any], request_type: type[BaseModel], response_type: Any
     ) -> Callable[[Mapping[str, Any]], Any]:
-        rules = signature_rules(request_type)
+        prepare = self._validator(request_type)
         dump = dumper(response_type)
         pool, holder = self.pool, self._holder
-        own_model_field = "model" in request_type.model_fields
 
         def answer(payload: Mapping[str, Any]) -> Any:
+            name, request = prepare(payload)
+            if holder is not None:
+                return dump(inference(holder.get(), request))
+            assert pool is not None and isinstance(name, str)
+            timings = timing.current()
+            if timings is not None:
+                timings.model = name
+            with pool.lease(name) as loaded:
+                return dump(inference(loaded, request))
+
+        return answer
+
+    def _validator(
+        self, request_type: type[BaseModel]
+    ) -> Callable[[Mapping[str, Any]], tuple[Hashable, Any]]:
+        """`prepare(payload) -> (model name or None, request)` for direct and SQS invocations:
+        raises InvalidInput naming what is wrong."""
+        rules = signature_rules(request_type)
+        many = self.pool is not None
+        own_model_field = "model" in request_type.model_fields
+
+        def prepare(payload: Mapping[str, Any]) -> tuple[Hashable, Any]:
             name = None
-            if pool is not None:
+            if many:
                 name = payload.get("model")
                 if not isinstance(name, str):
                     raise InvalidInput(
@@ -312,19 +425,50 @@ class Service(Generic[M]):
                 if not own_model_field:
                     payload = {k: v for k, v in payload.items() if k != "model"}
             try:
-                request = request_type.model_validate(payload)
+                return name, request_type.model_validate(payload)
             except ValidationError as exc:
                 raise invalid_input(exc, rules) from None
+
+        return prepare
+
+    def _batch_endpoint(self, batcher: Batcher[Any, Any]) -> Callable[..., Any]:
+        pool, holder = self.pool, self._holder
+        if holder is not None:
+
+            async def one(request: Any) -> Any:
+                return await batcher.submit(None, await holder.aget(), request)
+
+            return one
+        assert pool is not None
+
+        async def many(name: str, request: Any) -> Any:
+            timings = timing.current()
+            if timings is not None:
+                timings.model = name
+            async with pool.alease(name) as loaded:
+                return await batcher.submit(name, loaded, request)
+
+        return many
+
+    def _batch_run(
+        self, batcher: Batcher[Any, Any], response_type: Any
+    ) -> Callable[[Hashable, list[Any]], list[Any]]:
+        """`run(name, requests) -> answers` for direct and SQS invocations: one call, in this
+        thread, the answers JSON-ready."""
+        dump = dumper(response_type)
+        pool, holder = self.pool, self._holder
+
+        def run(name: Hashable, requests: list[Any]) -> list[Any]:
             if holder is not None:
-                return dump(inference(holder.get(), request))
-            assert pool is not None and name is not None
+                return [dump(r) for r in batcher.run(None, holder.get(), requests)]
+            assert pool is not None and isinstance(name, str)
             timings = timing.current()
             if timings is not None:
                 timings.model = name
             with pool.lease(name) as loaded:
-                return dump(inference(loaded, request))
+                return [dump(r) for r in batcher.run(name, loaded, requests)]
 
-        return answer
+        return run
 
     # -- Lambda -----------------------------------------------------------------------------------
 
@@ -340,6 +484,7 @@ class Service(Generic[M]):
                 direct=self._answer,
                 direct_keys=self._direct_keys,
                 metrics=self.metrics,
+                batched=self._batched,
             )
         return self._lambda
 
