@@ -165,18 +165,22 @@ class Batcher(Generic[Req, Resp]):
         (served by `loaded`) in flight at the same time. A failed call raises PredictFailed
         (logged with every request id of the batch) in each of its requests; HTTP exceptions
         and lazyserve's own errors the function raised on purpose, as they are."""
-        timings = timing.current()
         if alone():
             # A Lambda invocation: nothing else can be in flight, nothing will join.
-            if timings is not None:
-                timings.notes.append(("batch", "size=1"))
+            timing.note("batch", "size=1")
             try:
                 return self.run(key, loaded, [request])[0]
             except Exception as exc:
                 raise self._failure(exc, [request_id()])[0] from None
         loop = asyncio.get_running_loop()
         item = _Item(
-            loaded, request, loop, loop.create_future(), timings, request_id(), self._clock()
+            loaded,
+            request,
+            loop,
+            loop.create_future(),
+            timing.current(),
+            request_id(),
+            self._clock(),
         )
         with self._lock:
             queue = self._queues.get(key)
@@ -211,6 +215,10 @@ class Batcher(Generic[Req, Resp]):
             # will not come.
             self._abandon(key, queue, exc, tuple(batch))
             return
+        with self._lock:
+            if not queue.items:  # nothing came meanwhile (a lone request): idle, no new task
+                self._idle(key, queue)
+                return
         self._schedule(key, queue)
 
     def _gather(self, key: Hashable, queue: _Queue) -> list[_Item]:
@@ -221,9 +229,7 @@ class Batcher(Generic[Req, Resp]):
                 while items and items[0].future.done():
                     items.popleft()  # cancelled: nobody waits for its answer
                 if not items:
-                    queue.busy = False
-                    if self._queues.get(key) is queue:
-                        del self._queues[key]
+                    self._idle(key, queue)
                     return []
                 if len(items) == 1 or len(items) >= self.max_size:
                     break
@@ -237,6 +243,12 @@ class Batcher(Generic[Req, Resp]):
             while items and len(batch) < self.max_size and items[0].loaded is loaded:
                 batch.append(items.popleft())
             return batch
+
+    def _idle(self, key: Hashable, queue: _Queue) -> None:
+        """No call in flight and none to gather (the lock held): the next request starts one."""
+        queue.busy = False
+        if self._queues.get(key) is queue:
+            del self._queues[key]
 
     def _answer(self, key: Hashable, batch: list[_Item]) -> None:
         started = time.perf_counter()
@@ -286,9 +298,7 @@ class Batcher(Generic[Req, Resp]):
         with self._lock:
             left = [*batch, *queue.items]
             queue.items.clear()
-            queue.busy = False
-            if self._queues.get(key) is queue:
-                del self._queues[key]
+            self._idle(key, queue)
         named = [item.request_id or uuid.uuid4().hex for item in left]
         log.error(
             "%d batched requests of %s() abandoned: %s",
