@@ -27,7 +27,7 @@ from examples.own_model.net import MyNet
 from fastapi import HTTPException
 from pydantic import BaseModel, Field
 
-from lazyserve import InvalidInput, Loaded, PredictFailed, Service
+from lazyserve import InvalidInput, Loaded, PredictFailed, Service, timing
 from lazyserve.batching import Batcher
 from lazyserve.cli import FakeContext
 from lazyserve.settings import load_settings
@@ -664,6 +664,24 @@ def test_an_sqs_batch_is_one_call_for_its_valid_records(serve: Serve) -> None:
     answer = service.handler(sqs_batch(*bodies), None)
     assert failures(answer) == ["message-1", "message-3"]
     assert model.calls == [[0, 2, 4]]
+
+
+def test_an_sqs_batch_publishes_one_metrics_document_with_its_calls_inference_time(
+    serve: Serve, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = Model()
+    service = serve(model, LAZYSERVE_METRICS="on")
+    event = sqs_batch(*[json.dumps(row(i)) for i in range(3)])
+    service.handler(event, None)  # the cold one: the load's figures too
+    capsys.readouterr()
+    service.handler(event, None)
+    lines = capsys.readouterr().out.splitlines()
+    (document,) = [json.loads(line) for line in lines if line.startswith('{"_aws"')]
+    (directive,) = document["_aws"]["CloudWatchMetrics"]
+    assert [m["Name"] for m in directive["Metrics"]] == ["InferenceMs"]
+    # One call's time, not one per record.
+    assert document["InferenceMs"] == pytest.approx(timing.stats()["infer"]["last_ms"], abs=1e-3)
+    assert model.calls == [[0, 1, 2], [0, 1, 2]]
 
 
 def test_an_sqs_batch_larger_than_max_size_is_split(serve: Serve) -> None:
