@@ -62,7 +62,8 @@ INFERENCE_HEADROOM = 0.10
 
 
 class Service(Generic[M]):
-    """A served model: `app` for uvicorn, `handler` for AWS Lambda, `@predict` for the route.
+    """A served model: `app` for uvicorn, `handler` for AWS Lambda, `@predict` (or
+    `@predict_batch`, one call for many requests) for the route.
 
     `build` makes the user's `nn.Module` (its parameters are created on the meta device, then
     the loaded weights become them). Settings come from the LAZYSERVE_* environment variables
@@ -145,7 +146,8 @@ class Service(Generic[M]):
         is set (LAZYSERVE_TORCH_THREADS); the refresh thread starts (LAZYSERVE_REFRESH_SECONDS);
         LAZYSERVE_LOAD is applied (a `background` or `eager` load starts, `eager` waits for it
         up to 8 s on an on-demand Lambda); and `gc.freeze()` moves what the imports made out of
-        the collector's sight. `@service.predict` calls it unless `autostart=False`."""
+        the collector's sight. `@service.predict` (and `@service.predict_batch`) calls it unless
+        `autostart=False`."""
         if self._started:
             return
         self._started = True
