@@ -11,7 +11,8 @@ text classifier (benchmarks/batching_app.py; BERT-base: hidden 768, 12 layers, 1
    arrives, requests that start in a round's first --warmup seconds not counted.
 2. The Lambda handler, in process: one SQS batch of 10 records through the batched function
    against 10 direct invocations of the single one (and, for reference, the same SQS batch
-   through the single function); the median of --repeats.
+   through the single function, and the model alone: 10 forwards of one text against one of
+   10, the most batching can gain with this model here); the median of --repeats.
 
     python -m benchmarks.batching [--clients 32] [--duration 20] [--rounds 2] [--warmup 5]
                                   [--one-client-duration 30] [--repeats 5] [--dir DIR]
@@ -280,6 +281,8 @@ def same_answers(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
 def lambda_figures(repeats: int) -> dict[str, Any]:
     """In this process (its environment names the weights): median seconds of an SQS batch of
     10 through each function and of 10 direct invocations of the single one."""
+    import torch
+
     from benchmarks import batching_app
 
     single, batched = batching_app.build("single"), batching_app.build("batch")
@@ -288,12 +291,29 @@ def lambda_figures(repeats: int) -> dict[str, Any]:
     expected = [single.handler(p, None) for p in payloads]  # also the warm-up
     got = batched.handler({"batch": payloads}, None)["batch"]
     assert same_answers(expected, got), (expected, got)
-    runs: dict[str, list[float]] = {"direct_10": [], "sqs_10_single": [], "sqs_10_batched": []}
+    runs: dict[str, list[float]] = {
+        "direct_10": [],
+        "sqs_10_single": [],
+        "sqs_10_batched": [],
+        "model_10_alone": [],
+        "model_10_together": [],
+    }
+    module = single.model.get().module
+    with torch.inference_mode():  # the same forwards without lazyserve: the model's own ratio
+        batching_app.classify(module, [payloads[0]["text"]])
     for _ in range(repeats):
         started = time.perf_counter()
         for payload in payloads:
             single.handler(payload, None)
         runs["direct_10"].append(time.perf_counter() - started)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            for payload in payloads:
+                batching_app.classify(module, [payload["text"]])
+            runs["model_10_alone"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            batching_app.classify(module, [p["text"] for p in payloads])
+            runs["model_10_together"].append(time.perf_counter() - started)
         for name, service in (("sqs_10_single", single), ("sqs_10_batched", batched)):
             started = time.perf_counter()
             answer = service.handler(event, None)
@@ -473,6 +493,8 @@ def table(results: dict[str, Any]) -> str:
         f"| 10 direct invocations, @service.predict | {lam['direct_10'] * 1000:.1f} |",
         f"| one SQS batch of 10, @service.predict | {lam['sqs_10_single'] * 1000:.1f} |",
         f"| one SQS batch of 10, @service.predict_batch | {lam['sqs_10_batched'] * 1000:.1f} |",
+        f"| the model alone: 10 forwards of 1 | {lam['model_10_alone'] * 1000:.1f} |",
+        f"| the model alone: one forward of 10 | {lam['model_10_together'] * 1000:.1f} |",
         "",
         f"answers compared: {results['answers_compared']}, the same: {results['answers_agree']}",
         "",
