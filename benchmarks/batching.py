@@ -16,6 +16,7 @@ text classifier (benchmarks/batching_app.py; BERT-base: hidden 768, 12 layers, 1
 
     python -m benchmarks.batching [--clients 32] [--duration 20] [--rounds 2] [--warmup 5]
                                   [--one-client-duration 30] [--repeats 5] [--dir DIR]
+                                  [--bert '{"hidden_size": 256, ...}']  # another size
     python -m benchmarks.batching --quick     # a tiny BERT, short runs: the wiring, not numbers
 
 Goals: at --clients, batched >= 3x the requests/s and a p50 no worse; at 1 client, batched p50
@@ -335,6 +336,7 @@ def lambda_figures(repeats: int) -> dict[str, Any]:
 def run(
     *,
     quick: bool = False,
+    bert: dict[str, Any] | None = None,
     clients: int = 32,
     duration: float = 20.0,
     warmup: float = 5.0,
@@ -348,11 +350,12 @@ def run(
     """Both functions under uvicorn at once: `clients` clients in `rounds` rounds a function,
     the functions alternating (what else the machine runs moves both alike), then one client
     whose requests alternate between them; then the Lambda handler."""
-    bert = TINY if quick else BERT_BASE
+    name = "tiny BERT" if quick else "BERT-base" if bert is None else f"BERT {json.dumps(bert)}"
+    bert = TINY if quick else {**BERT_BASE, **(bert or {})}
     path = weights(directory, bert)
     data_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "model": "tiny BERT" if quick else "BERT-base",
+        "model": name,
         "config": bert,
         "weights_bytes": path.stat().st_size,
         "tokens": WORDS + 2,
@@ -520,6 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds not counted a round")
     parser.add_argument("--repeats", type=int, default=5, help="Lambda handler repeats")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="where the weights go")
+    parser.add_argument(
+        "--bert",
+        type=json.loads,
+        default=None,
+        help="BertConfig fields over BERT-base's, as JSON: '{\"hidden_size\": 256, ...}'",
+    )
     parser.add_argument("--drive", nargs="+", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--lambda-worker", type=int, metavar="REPEATS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -533,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run(quick=True, directory=args.dir, **QUICK)
     else:
         results = run(
+            bert=args.bert,
             clients=args.clients,
             duration=args.duration,
             rounds=args.rounds,
