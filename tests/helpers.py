@@ -259,6 +259,27 @@ def _rechecking(holder: Any) -> bool:
     return bool(getattr(holder, "_rechecking", False))
 
 
+def sqs_batch(*bodies: str, fifo_groups: list[str] | None = None) -> dict[str, Any]:
+    """A batch made of the stored SQS event's record, one per body."""
+    template = load_event("sqs-predict")["Records"][0]
+    records = []
+    for i, body in enumerate(bodies):
+        record = copy.deepcopy(template)
+        record["messageId"] = f"message-{i}"
+        record["body"] = body
+        if fifo_groups is not None:
+            record["eventSourceARN"] += ".fifo"
+            record["attributes"]["MessageGroupId"] = fifo_groups[i]
+        records.append(record)
+    return {"Records": records}
+
+
+def failures(answer: dict[str, Any]) -> list[str]:
+    """The message ids of an SQS partial batch response."""
+    assert set(answer) == {"batchItemFailures"}
+    return [item["itemIdentifier"] for item in answer["batchItemFailures"]]
+
+
 def asgi_client(mod: ModuleType) -> httpx.AsyncClient:
     # raise_app_exceptions=False: see the response a user would get (e.g. a 500), not the error.
     transport = httpx.ASGITransport(app=mod.app, raise_app_exceptions=False)
@@ -310,9 +331,10 @@ STARTUP_LIMIT = 30.0  # seconds uvicorn may take to import torch and answer /hea
 
 
 class UvicornProcess:
-    """`python -m uvicorn handler.app:app --fd N` on a socket the test bound to 127.0.0.1:0."""
+    """`python -m uvicorn APP --fd N` (the reference function's app unless told) on a socket
+    the test bound to 127.0.0.1:0."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, app: str = "handler.app:app") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
@@ -321,7 +343,7 @@ class UvicornProcess:
         self.log_path = log
         self._log = log.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "handler.app:app", "--fd", str(self.sock.fileno())],
+            [sys.executable, "-m", "uvicorn", app, "--fd", str(self.sock.fileno())],
             pass_fds=(self.sock.fileno(),),
             cwd=ROOT,
             env=env,

@@ -32,8 +32,10 @@ from tests.helpers import (
     asgi_client,
     body_of,
     failing_gets,
+    failures,
     load_event,
     s3_uri,
+    sqs_batch,
     weights_gets,
     with_body,
 )
@@ -231,28 +233,8 @@ def reference(s3: CountingS3Server, import_handler: ImportHandler) -> ModuleType
     return import_handler(LAZYSERVE_MODEL_URI=s3_uri(), LAZYSERVE_S3_PART_SIZE="16384")
 
 
-def sqs_batch(*bodies: str, fifo_groups: list[str] | None = None) -> dict[str, Any]:
-    """A batch made of the stored SQS event's record, one per body."""
-    template = load_event("sqs-predict")["Records"][0]
-    records = []
-    for i, body in enumerate(bodies):
-        record = copy.deepcopy(template)
-        record["messageId"] = f"message-{i}"
-        record["body"] = body
-        if fifo_groups is not None:
-            record["eventSourceARN"] += ".fifo"
-            record["attributes"]["MessageGroupId"] = fifo_groups[i]
-        records.append(record)
-    return {"Records": records}
-
-
 GOOD = json.dumps({"inputs": [DIGIT_8]})
 BAD = json.dumps({"inputs": [[1, 2, 3]]})
-
-
-def failures(answer: dict[str, Any]) -> list[str]:
-    assert set(answer) == {"batchItemFailures"}
-    return [item["itemIdentifier"] for item in answer["batchItemFailures"]]
 
 
 def test_sqs_lists_only_invalid_records_and_logs_the_answers(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from fastapi import APIRouter
@@ -13,12 +14,19 @@ from lazyserve.lazy import LazyModel
 from lazyserve.model import Loaded
 from lazyserve.pool import ModelPool
 from lazyserve.refresh import Refresher
-from lazyserve.schemas import FAILED, UNAVAILABLE, Health, ModelMetadata, ModelStatus
+from lazyserve.schemas import FAILED, UNAVAILABLE, Batches, Health, ModelMetadata, ModelStatus
 
-__all__ = ["model_metadata", "model_router", "pool_router", "prefix_router"]
+__all__ = ["BatchStats", "model_metadata", "model_router", "pool_router", "prefix_router"]
+
+BatchStats = Callable[[Hashable], dict[str, Any]]
+"""A batched predict function's figures for one model (None: the only one): Batcher.stats."""
 
 
-def model_router(holder: LazyModel[Loaded[Any]], refresher: Refresher | None = None) -> APIRouter:
+def model_router(
+    holder: LazyModel[Loaded[Any]],
+    refresher: Refresher | None = None,
+    batches: BatchStats | None = None,
+) -> APIRouter:
     """`/health` (never starts a load), `/ready` (starts one; 503 until loaded), `/model`."""
     router = APIRouter()
 
@@ -36,6 +44,8 @@ def model_router(holder: LazyModel[Loaded[Any]], refresher: Refresher | None = N
         meta = model_metadata(holder)
         if refresher is not None:
             meta.refresh = refresher.counts()
+        if batches is not None:
+            meta.batches = Batches(**batches(None))
         return meta
 
     return router
@@ -56,7 +66,9 @@ def model_metadata(holder: LazyModel[Loaded[Any]]) -> ModelStatus:
     )
 
 
-def pool_router(pool: ModelPool[Any], refresher: Refresher | None = None) -> APIRouter:
+def pool_router(
+    pool: ModelPool[Any], refresher: Refresher | None = None, batches: BatchStats | None = None
+) -> APIRouter:
     """With many models: `/health`, `/ready` (nothing to load up front: 200) and `/models`."""
     router = APIRouter()
 
@@ -71,6 +83,9 @@ def pool_router(pool: ModelPool[Any], refresher: Refresher | None = None) -> API
     @router.get("/models")
     async def models() -> dict[str, Any]:
         described = pool.describe()
+        if batches is not None:
+            for model in described["models"]:
+                model["batches"] = batches(model["name"])
         if refresher is not None:
             described["refresh"] = refresher.counts()
         return described

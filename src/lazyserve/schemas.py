@@ -15,6 +15,7 @@ __all__ = [
     "TIMED_OUT",
     "TOO_LARGE",
     "UNAVAILABLE",
+    "Batches",
     "Health",
     "ModelMetadata",
     "ModelUnavailableBody",
@@ -46,6 +47,17 @@ class TimedOutBody(BaseModel):
     detail: str
 
 
+class Batches(BaseModel):
+    """A batched predict function's calls: the limits in effect, how many calls, their mean and
+    last number of requests (None before the first)."""
+
+    max_size: int
+    max_wait_ms: float
+    calls: int
+    mean_size: float | None
+    last_size: int | None
+
+
 class ModelStatus(BaseModel):
     status: Status
     source: str | None
@@ -54,6 +66,7 @@ class ModelStatus(BaseModel):
     last_error: str | None = None
     requests: dict[str, dict[str, int | float]] = {}  # count stays an int in the JSON
     refresh: dict[str, int] | None = None  # with LAZYSERVE_REFRESH_SECONDS: what it did
+    batches: Batches | None = None  # with @service.predict_batch
 
 
 # `GET /model`: the holder's status, then every ModelInfo field (None until a load succeeds).

@@ -6,12 +6,13 @@ process-wide start-up (`startup.py`) once; the service is then the app and the L
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 import torch
 from fastapi import FastAPI
@@ -19,7 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from lazyserve import startup, timing
 from lazyserve.app import setup_app
-from lazyserve.aws import LambdaHandler, invalid_input
+from lazyserve.aws import Batched, LambdaHandler, invalid_input
+from lazyserve.batching import DEFAULT_MAX_SIZE, DEFAULT_MAX_WAIT_MS, Batcher, check_limits
 from lazyserve.environment import memory_limit, on_lambda, resident_bytes
 from lazyserve.error_handlers import predict_failed, response_invalid
 from lazyserve.errors import InvalidInput, ModelNotFound, ModelUnavailable, SettingsError
@@ -39,7 +41,7 @@ from lazyserve.settings import (
     unknown_notices,
     warn_unknown,
 )
-from lazyserve.signatures import dumper, in_inference_mode, io_types
+from lazyserve.signatures import batch_io_types, dumper, in_inference_mode, io_types
 from lazyserve.signatures import rules as signature_rules
 from lazyserve.sources import (
     Boto3Ranges,
@@ -59,7 +61,16 @@ __all__ = ["Service"]
 M = TypeVar("M", bound=torch.nn.Module)
 Req = TypeVar("Req", bound=BaseModel)
 Resp = TypeVar("Resp")
+T = TypeVar("T")
 PredictFn = Callable[[Loaded[M], Req], Resp]
+BatchFn = Callable[[Loaded[M], list[Req]], list[Resp]]
+
+
+class BatchDecorator(Protocol[M]):
+    """What `service.predict_batch(max_size=..., max_wait_ms=...)` returns."""
+
+    def __call__(self, fn: BatchFn[M, Req, Resp], /) -> BatchFn[M, Req, Resp]: ...
+
 
 log = logging.getLogger("lazyserve")
 
@@ -67,8 +78,28 @@ INFERENCE_HEADROOM = 0.10
 """Share of the function's memory the default budget leaves for inference (activations)."""
 
 
+def answered(fn_name: str, compute: Callable[[], Any], dump: Callable[[Any], T]) -> T:
+    """A direct (or SQS) invocation's answer, failing as the HTTP route does: the predict
+    function's exception is logged with its traceback and raised as PredictFailed (Lambda
+    reports its type and the request id, never the function's own words), and so is an answer
+    its declared response type refuses. lazyserve's own errors and HTTPExceptions raised on
+    purpose pass as they are."""
+    try:
+        result = compute()
+    except Exception as exc:
+        failure = predict_failed(exc, fn_name)
+        if failure is exc:
+            raise
+        raise failure from exc
+    try:
+        return dump(result)
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise response_invalid(exc, fn_name) from exc
+
+
 class Service(Generic[M]):
-    """A served model: `app` for uvicorn, `handler` for AWS Lambda, `@predict` for the route.
+    """A served model: `app` for uvicorn, `handler` for AWS Lambda, `@predict` (or
+    `@predict_batch`, one call for many requests) for the route.
 
     `build` makes the user's `nn.Module` (its parameters are created on the meta device, then
     the loaded weights become them); `Service.from_pretrained(ModelClass)` serves a transformers
@@ -203,6 +234,8 @@ class Service(Generic[M]):
             )
         self._answer: Callable[[Mapping[str, Any]], Any] | None = None
         self._direct_keys: frozenset[str] = frozenset()
+        self._batcher: Batcher[Any, Any] | None = None
+        self._batched: Batched | None = None
         self._lambda: LambdaHandler | None = None
         self._routes_added = False
         self.load_mode = "lazy"
@@ -214,7 +247,8 @@ class Service(Generic[M]):
         is set (LAZYSERVE_TORCH_THREADS); the refresh thread starts (LAZYSERVE_REFRESH_SECONDS);
         LAZYSERVE_LOAD is applied (a `background` or `eager` load starts, `eager` waits for it
         up to 8 s on an on-demand Lambda); and `gc.freeze()` moves what the imports made out of
-        the collector's sight. `@service.predict` calls it unless `autostart=False`."""
+        the collector's sight. `@service.predict` (and `@service.predict_batch`) calls it unless
+        `autostart=False`."""
         if self._started:
             return
         self._started = True
@@ -247,11 +281,12 @@ class Service(Generic[M]):
         if self._routes_added:
             return
         self._routes_added = True
+        batches = self._batcher.stats if self._batcher is not None else None
         if self.pool is not None:
-            self.app.include_router(pool_router(self.pool, self.refresher))
+            self.app.include_router(pool_router(self.pool, self.refresher, batches))
         else:
             assert self._holder is not None
-            self.app.include_router(model_router(self._holder, self.refresher))
+            self.app.include_router(model_router(self._holder, self.refresher, batches))
 
     # -- loading ----------------------------------------------------------------------------------
 
@@ -298,13 +333,99 @@ class Service(Generic[M]):
         `torch.inference_mode()`. It serves `POST /predict` (the body validated as `request`'s
         type before the model is awaited), direct Lambda invocations with the same JSON, and
         SQS records. Returns `fn` unchanged; then starts the service (see `start()`)."""
-        if self._answer is not None:
-            raise TypeError("this Service has a predict function already; it takes one")
-        if self._routes_added:
-            raise TypeError("declare the predict function before calling service.start()")
+        self._check_undeclared()
         request_type, response_type = io_types(fn)
         inference = Inference(in_inference_mode(fn))
-        endpoint = self._endpoint(inference, fn.__name__)
+        answer = self._direct_answer(inference, request_type, response_type, fn.__name__)
+        self._declare(fn, self._endpoint(inference, fn.__name__), request_type, response_type)
+        self._answer = answer
+        self._finish_declaring()
+        return fn
+
+    @overload
+    def predict_batch(self, fn: BatchFn[M, Req, Resp], /) -> BatchFn[M, Req, Resp]: ...
+
+    @overload
+    def predict_batch(
+        self,
+        fn: None = None,
+        /,
+        *,
+        max_size: int = DEFAULT_MAX_SIZE,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    ) -> BatchDecorator[M]: ...
+
+    def predict_batch(
+        self,
+        fn: BatchFn[M, Req, Resp] | None = None,
+        /,
+        *,
+        max_size: int = DEFAULT_MAX_SIZE,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    ) -> Any:
+        """Declare a batched prediction: `fn(model, requests) -> responses`, one response per
+        request, in order, run under `torch.inference_mode()` in a worker thread. The same
+        routes, validation, errors and invocations as `@service.predict`; requests in flight
+        together are answered by one call (at most `max_size`, waiting at most `max_wait_ms`
+        for more, never for a lone request; LAZYSERVE_BATCH_MAX and LAZYSERVE_BATCH_WAIT_MS
+        override them). `@service.predict_batch` or `@service.predict_batch(max_size=...)`."""
+        check_limits(max_size, max_wait_ms)
+        if fn is None:
+            return functools.partial(
+                self._predict_batch, max_size=max_size, max_wait_ms=max_wait_ms
+            )
+        return self._predict_batch(fn, max_size=max_size, max_wait_ms=max_wait_ms)
+
+    def _predict_batch(
+        self, fn: BatchFn[M, Req, Resp], *, max_size: int, max_wait_ms: float
+    ) -> BatchFn[M, Req, Resp]:
+        self._check_undeclared()
+        request_type, response_type = batch_io_types(fn)
+        wait = self.settings.batch_wait_ms
+        batcher: Batcher[Any, Any] = Batcher(
+            in_inference_mode(fn),
+            name=fn.__name__,
+            max_size=self.settings.batch_max or max_size,
+            max_wait_ms=max_wait_ms if wait is None else wait,
+        )
+        prepare = self._validator(request_type)
+        call = self._batch_call(batcher)
+        dump = dumper(response_type)
+
+        def run(name: Hashable, requests: list[Any]) -> list[Any]:
+            # An SQS batch or a direct {"batch": [...]}: the handler fails the call's records
+            # and logs the failure once, naming them all.
+            return [dump(r) for r in call(name, requests)]
+
+        def answer(payload: Mapping[str, Any]) -> Any:
+            name, request = prepare(payload)
+            return answered(fn.__name__, lambda: call(name, [request])[0], dump)
+
+        self._declare(fn, self._batch_endpoint(batcher), request_type, response_type)
+        self._batcher = batcher
+        self._batched = Batched(prepare, run, batcher.max_size)
+
+        self._answer = answer
+        self._finish_declaring()
+        return fn
+
+    def _check_undeclared(self) -> None:
+        if self._answer is not None:
+            raise TypeError(
+                "this Service has a predict function already (@service.predict or "
+                "@service.predict_batch); it takes one"
+            )
+        if self._routes_added:
+            raise TypeError("declare the predict function before calling service.start()")
+
+    def _declare(
+        self,
+        fn: Callable[..., Any],
+        endpoint: Callable[..., Any],
+        request_type: type[BaseModel],
+        response_type: Any,
+    ) -> None:
+        """`POST /predict` (or `/models/{name}/predict`) with `endpoint`, and the direct keys."""
         params = [
             inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=request_type)
         ]
@@ -335,15 +456,15 @@ class Service(Generic[M]):
         )
         if self.pool is not None:
             self.app.include_router(prefix_router())
-        self._answer = self._direct_answer(inference, request_type, response_type, fn.__name__)
         self._direct_keys = frozenset(
             field.alias or name for name, field in request_type.model_fields.items()
         )
+
+    def _finish_declaring(self) -> None:
         self._lambda = None  # rebuilt with the direct answer on the next invocation
         self._lambda_handler()  # now, so INIT (not the first request) pays for Mangum
         if self._autostart:
             self.start()
-        return fn
 
     def _endpoint(self, inference: Inference[Any], fn_name: str) -> Callable[..., Any]:
         pool, holder = self.pool, self._holder
@@ -378,14 +499,36 @@ class Service(Generic[M]):
         response_type: Any,
         fn_name: str,
     ) -> Callable[[Mapping[str, Any]], Any]:
-        rules = signature_rules(request_type)
+        prepare = self._validator(request_type)
         dump = dumper(response_type)
         pool, holder = self.pool, self._holder
-        own_model_field = "model" in request_type.model_fields
 
         def answer(payload: Mapping[str, Any]) -> Any:
+            name, request = prepare(payload)
+            if holder is not None:
+                loaded = holder.get()
+                return answered(fn_name, lambda: inference(loaded, request), dump)
+            assert pool is not None and isinstance(name, str)
+            timings = timing.current()
+            if timings is not None:
+                timings.model = name
+            with pool.lease(name) as leased:
+                return answered(fn_name, lambda: inference(leased, request), dump)
+
+        return answer
+
+    def _validator(
+        self, request_type: type[BaseModel]
+    ) -> Callable[[Mapping[str, Any]], tuple[Hashable, Any]]:
+        """`prepare(payload) -> (model name or None, request)` for direct and SQS invocations:
+        raises InvalidInput naming what is wrong."""
+        rules = signature_rules(request_type)
+        many = self.pool is not None
+        own_model_field = "model" in request_type.model_fields
+
+        def prepare(payload: Mapping[str, Any]) -> tuple[Hashable, Any]:
             name = None
-            if pool is not None:
+            if many:
                 name = payload.get("model")
                 if not isinstance(name, str):
                     raise InvalidInput(
@@ -395,35 +538,47 @@ class Service(Generic[M]):
                 if not own_model_field:
                     payload = {k: v for k, v in payload.items() if k != "model"}
             try:
-                request = request_type.model_validate(payload)
+                return name, request_type.model_validate(payload)
             except ValidationError as exc:
                 raise invalid_input(exc, rules) from None
+
+        return prepare
+
+    def _batch_endpoint(self, batcher: Batcher[Any, Any]) -> Callable[..., Any]:
+        pool, holder = self.pool, self._holder
+        if holder is not None:
+
+            async def one(request: Any) -> Any:
+                return await batcher.submit(None, await holder.aget(), request)
+
+            return one
+        assert pool is not None
+
+        async def many(name: str, request: Any) -> Any:
+            timings = timing.current()
+            if timings is not None:
+                timings.model = name
+            async with pool.alease(name) as loaded:
+                return await batcher.submit(name, loaded, request)
+
+        return many
+
+    def _batch_call(self, batcher: Batcher[Any, Any]) -> Callable[[Hashable, list[Any]], list[Any]]:
+        """`call(name, requests) -> responses` for direct and SQS invocations: one call of the
+        predict function, in this thread."""
+        pool, holder = self.pool, self._holder
+
+        def call(name: Hashable, requests: list[Any]) -> list[Any]:
             if holder is not None:
-                return run(holder.get(), request)
-            assert pool is not None and name is not None
+                return batcher.run(None, holder.get(), requests)
+            assert pool is not None and isinstance(name, str)
             timings = timing.current()
             if timings is not None:
                 timings.model = name
             with pool.lease(name) as loaded:
-                return run(loaded, request)
+                return batcher.run(name, loaded, requests)
 
-        def run(loaded: Loaded[M], request: BaseModel) -> Any:
-            # What the HTTP route does: the function's failure is logged with its traceback and
-            # raised as PredictFailed (Lambda reports its type and the request id), and so is
-            # an answer that its declared response type refuses.
-            try:
-                result = inference(loaded, request)
-            except Exception as exc:
-                failure = predict_failed(exc, fn_name)
-                if failure is exc:  # one of lazyserve's errors, or an HTTPException, on purpose
-                    raise
-                raise failure from exc
-            try:
-                return dump(result)
-            except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
-                raise response_invalid(exc, fn_name) from exc
-
-        return answer
+        return call
 
     # -- Lambda -----------------------------------------------------------------------------------
 
@@ -439,6 +594,7 @@ class Service(Generic[M]):
                 direct=self._answer,
                 direct_keys=self._direct_keys,
                 metrics=self.metrics,
+                batched=self._batched,
             )
         return self._lambda
 

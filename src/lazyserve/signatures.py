@@ -5,14 +5,14 @@ an InvalidInput names."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, get_args, get_origin
 
 import torch
 from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel, TypeAdapter
 
-__all__ = ["dumper", "in_inference_mode", "io_types", "rules"]
+__all__ = ["batch_io_types", "dumper", "in_inference_mode", "io_types", "rules"]
 
 R = TypeVar("R")
 
@@ -32,6 +32,43 @@ def io_types(fn: Callable[..., Any]) -> tuple[type[BaseModel], Any]:
             f"body), got {request_type!r}"
         )
     return request_type, _annotation(fn, "return")
+
+
+def batch_io_types(fn: Callable[..., Any]) -> tuple[type[BaseModel], Any]:
+    """For `def fn(model, requests: list[Req]) -> list[Resp]`: the request model Req and the
+    response type Resp (None without a return annotation)."""
+    name = fn.__name__
+    params = list(inspect.signature(fn).parameters)
+    if inspect.iscoroutinefunction(fn) or len(params) != 2:
+        raise TypeError(
+            f"{name}() must be a plain `def {name}(model, requests)`: it runs in a worker "
+            "thread under torch.inference_mode(), once for many requests"
+        )
+    annotation = _annotation(fn, params[1])
+    request_type = _item_type(annotation)
+    if not (isinstance(request_type, type) and issubclass(request_type, BaseModel)):
+        raise TypeError(
+            f"annotate {name}()'s second parameter as list[YourRequest], YourRequest a pydantic "
+            f"model (one request body), got {annotation!r}"
+        )
+    returned = _annotation(fn, "return")
+    if returned is None:
+        return request_type, None
+    response_type = _item_type(returned)
+    if response_type is None:
+        raise TypeError(
+            f"annotate {name}()'s return as list[YourResponse] (one response per request, in "
+            f"order), got {returned!r}"
+        )
+    return request_type, response_type
+
+
+def _item_type(annotation: Any) -> Any:
+    """X of `list[X]` or `Sequence[X]`, else None."""
+    args = get_args(annotation)
+    if get_origin(annotation) in (list, Sequence) and len(args) == 1:
+        return args[0]
+    return None
 
 
 def _annotation(fn: Callable[..., Any], name: str) -> Any:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 
-__all__ = ["Timings", "begin", "current", "end", "record", "stats", "timed"]
+__all__ = ["Timings", "begin", "current", "end", "note", "record", "stats", "timed"]
 
 
 @dataclass
@@ -18,6 +18,7 @@ class Timings:
 
     started: float = field(default_factory=time.perf_counter)
     entries: list[tuple[str, float]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (name, description), no duration
     model: str | None = None  # with many models: the one the request named
 
     def total(self, name: str) -> float | None:
@@ -26,6 +27,7 @@ class Timings:
 
     def header(self) -> str:
         parts = [f"{name};dur={ms:.3f}" for name, ms in self.entries]
+        parts += [f'{name};desc="{text}"' for name, text in self.notes]
         parts.append(f"app;dur={(time.perf_counter() - self.started) * 1000:.3f}")
         return ", ".join(parts)
 
@@ -58,6 +60,14 @@ def record(name: str, seconds: float) -> None:
     with _lock:
         count, total, _ = _stats.get(name, (0, 0.0, 0.0))
         _stats[name] = [count + 1, total + ms, ms]
+
+
+def note(name: str, text: str) -> None:
+    """Describe the current request in its Server-Timing header (`batch;desc="size=8"`); `text`
+    is lazyserve's own, without quotes or backslashes."""
+    timings = _current.get()
+    if timings is not None:
+        timings.notes.append((name, text))
 
 
 @contextmanager

@@ -9,13 +9,13 @@ import functools
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, ParamSpec, TypeVar
 
 from lazyserve import timing
 from lazyserve.environment import cpus
 
-__all__ = ["OFFLOAD_ABOVE", "Inference", "in_worker", "one_at_a_time"]
+__all__ = ["OFFLOAD_ABOVE", "Inference", "alone", "in_worker", "one_at_a_time", "spawn"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,14 +43,31 @@ async def in_worker(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     Starlette's run_in_threadpool (anyio) stops its threads when the root task ends, which
     under Mangum is every invocation: a new thread, and a new OpenMP team for torch, per call.
     """
+    # The caller's context goes along: what the work records reaches its Server-Timing.
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_pool(), call)
+
+
+def spawn(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+    """Start blocking work in the same long-lived worker threads, from any thread, without
+    awaiting it (batching.py: a batch's call, which answers its requests' loops itself). Raises
+    RuntimeError once the interpreter is shutting down."""
+    return _pool().submit(fn, *args, **kwargs)
+
+
+def _pool() -> ThreadPoolExecutor:
     global _workers
     if _workers is None:
         with _workers_lock:
             if _workers is None:
                 _workers = ThreadPoolExecutor(cpus(), thread_name_prefix="lazyserve-worker")
-    # The caller's context goes along: what the work records reaches its Server-Timing.
-    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(_workers, call)
+    return _workers
+
+
+def alone() -> bool:
+    """Inside `one_at_a_time()`: the request served is the only one in flight (a Lambda
+    invocation)."""
+    return _one_at_a_time.get()
 
 
 class one_at_a_time:
