@@ -747,6 +747,7 @@ def tiny_tokenizer(directory: Path) -> Any:
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
+        model_max_length=64,  # the models' positions: truncation=True then cuts longer texts
     )
     fast.save_pretrained(directory)
     return fast

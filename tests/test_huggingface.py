@@ -366,3 +366,23 @@ def test_a_function_that_does_not_use_from_pretrained_never_imports_transformers
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
     assert "lazyserve.aws" in imported  # the whole serving stack was imported
     assert [m for m in imported if m.split(".")[0] in ("transformers", "tokenizers")] == []
+
+
+@pytest.mark.anyio
+async def test_the_examples_model_is_the_same_every_run_and_takes_a_long_text(
+    tmp_path: Path, example: Any
+) -> None:
+    from examples.huggingface.make_model import make_model
+
+    first, second = make_model(tmp_path / "one"), make_model(tmp_path / "two")
+    for name in ("tokenizer.json", "model.safetensors", "config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    mod = example(str(first))
+    transport = httpx.ASGITransport(app=mod.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        # Longer than the model's 128 positions: the tokenizer truncates it (it used to overrun
+        # the position embeddings, a 500).
+        long_text = " ".join(["lovely"] * 1000)
+        response = await client.post("/predict", json={"texts": [long_text, "terrible"]})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["labels"]) == 2
