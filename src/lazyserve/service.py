@@ -10,7 +10,7 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, overload
 
@@ -467,15 +467,24 @@ class Service(Generic[M]):
             self.start()
 
     def _endpoint(self, inference: Inference[Any], fn_name: str) -> Callable[..., Any]:
+        async def compute(loaded: Loaded[M], request: Any, name: Hashable) -> Any:
+            try:
+                return await inference.run(loaded, request)
+            except Exception as exc:
+                raise predict_failed(exc, fn_name) from None
+
+        return self._route_endpoint(compute)
+
+    def _route_endpoint(
+        self, compute: Callable[[Loaded[M], Any, Hashable], Awaitable[Any]]
+    ) -> Callable[..., Any]:
+        """The predict route's endpoint: `await compute(loaded, request, name)` with the model,
+        or with the model the path names (leased from the pool for the request)."""
         pool, holder = self.pool, self._holder
         if holder is not None:
 
             async def one(request: Any) -> Any:
-                loaded = await holder.aget()
-                try:
-                    return await inference.run(loaded, request)
-                except Exception as exc:
-                    raise predict_failed(exc, fn_name) from None
+                return await compute(await holder.aget(), request, None)
 
             return one
         assert pool is not None
@@ -485,12 +494,21 @@ class Service(Generic[M]):
             if timings is not None:
                 timings.model = name
             async with pool.alease(name) as loaded:
-                try:
-                    return await inference.run(loaded, request)
-                except Exception as exc:
-                    raise predict_failed(exc, fn_name) from None
+                return await compute(loaded, request, name)
 
         return many
+
+    def _with_model(self, name: Hashable, compute: Callable[[Loaded[M]], T]) -> T:
+        """`compute(loaded)` in this thread with the model, or with the model `name` (leased
+        from the pool meanwhile): direct and SQS invocations."""
+        if self._holder is not None:
+            return compute(self._holder.get())
+        assert self.pool is not None and isinstance(name, str)
+        timings = timing.current()
+        if timings is not None:
+            timings.model = name
+        with self.pool.lease(name) as loaded:
+            return compute(loaded)
 
     def _direct_answer(
         self,
@@ -501,19 +519,12 @@ class Service(Generic[M]):
     ) -> Callable[[Mapping[str, Any]], Any]:
         prepare = self._validator(request_type)
         dump = dumper(response_type)
-        pool, holder = self.pool, self._holder
 
         def answer(payload: Mapping[str, Any]) -> Any:
             name, request = prepare(payload)
-            if holder is not None:
-                loaded = holder.get()
-                return answered(fn_name, lambda: inference(loaded, request), dump)
-            assert pool is not None and isinstance(name, str)
-            timings = timing.current()
-            if timings is not None:
-                timings.model = name
-            with pool.lease(name) as leased:
-                return answered(fn_name, lambda: inference(leased, request), dump)
+            return self._with_model(
+                name, lambda loaded: answered(fn_name, lambda: inference(loaded, request), dump)
+            )
 
         return answer
 
@@ -545,38 +556,17 @@ class Service(Generic[M]):
         return prepare
 
     def _batch_endpoint(self, batcher: Batcher[Any, Any]) -> Callable[..., Any]:
-        pool, holder = self.pool, self._holder
-        if holder is not None:
+        async def compute(loaded: Loaded[M], request: Any, name: Hashable) -> Any:
+            return await batcher.submit(name, loaded, request)
 
-            async def one(request: Any) -> Any:
-                return await batcher.submit(None, await holder.aget(), request)
-
-            return one
-        assert pool is not None
-
-        async def many(name: str, request: Any) -> Any:
-            timings = timing.current()
-            if timings is not None:
-                timings.model = name
-            async with pool.alease(name) as loaded:
-                return await batcher.submit(name, loaded, request)
-
-        return many
+        return self._route_endpoint(compute)
 
     def _batch_call(self, batcher: Batcher[Any, Any]) -> Callable[[Hashable, list[Any]], list[Any]]:
         """`call(name, requests) -> responses` for direct and SQS invocations: one call of the
         predict function, in this thread."""
-        pool, holder = self.pool, self._holder
 
         def call(name: Hashable, requests: list[Any]) -> list[Any]:
-            if holder is not None:
-                return batcher.run(None, holder.get(), requests)
-            assert pool is not None and isinstance(name, str)
-            timings = timing.current()
-            if timings is not None:
-                timings.model = name
-            with pool.lease(name) as loaded:
-                return batcher.run(name, loaded, requests)
+            return self._with_model(name, lambda loaded: batcher.run(name, loaded, requests))
 
         return call
 
