@@ -52,9 +52,16 @@ def train(seed: int = 0) -> tuple[DigitsMLP, float]:
     """Train a DigitsMLP deterministically; return the model and its held-out accuracy."""
     torch.manual_seed(seed)
     np.random.seed(seed)
-    torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(seed)
+    finally:  # a process-wide switch: give it back as it was
+        torch.use_deterministic_algorithms(was_deterministic)
 
+
+def _train(seed: int) -> tuple[DigitsMLP, float]:
     x_tr, x_te, y_tr, y_te = load_split(seed)
     model = DigitsMLP()
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)

@@ -114,6 +114,21 @@ def test_safetensors_empty_tensor_and_metadata() -> None:
     assert "__metadata__" not in loaded
 
 
+@pytest.mark.parametrize("dtype", ["F32", "F4", "F8_E4M3", "BF16"])
+def test_empty_tensors_read_with_deterministic_algorithms_on(dtype: str) -> None:
+    """An app may switch on torch.use_deterministic_algorithms; an empty tensor must still
+    read (torch.empty then fills memory, and float4 has no fill kernel)."""
+    header = {"e": {"dtype": dtype, "shape": [0, 4], "data_offsets": [0, 0]}}
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        loaded = read_state_dict(weights(safetensors_bytes(header)))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert loaded["e"].numel() == 0
+    assert loaded["e"].shape == ((0, 2) if dtype == "F4" else (0, 4))
+
+
 def test_truncated_file() -> None:
     data = save({"w": torch.ones(100)})
     message = format_error(weights(data[:-10]))

@@ -70,7 +70,11 @@ def _read_safetensors(
     tensors: dict[str, torch.Tensor] = {}
     for entry in entries:
         if data is None or entry.begin == entry.end:
-            tensors[entry.name] = torch.empty(entry.shape, dtype=entry.dtype)
+            # No element: a view of an empty byte tensor. torch.empty would run a fill kernel
+            # when the app enabled torch.use_deterministic_algorithms, and some dtypes
+            # (float4_e2m1fn_x2) have none.
+            empty = torch.empty(0, dtype=torch.uint8).view(entry.dtype)
+            tensors[entry.name] = empty.view(entry.shape)
             continue
         start, end, size = base + entry.begin, base + entry.end, entry.dtype.itemsize
         if start % size:
