@@ -224,7 +224,8 @@ def lambda_env(runtime_api: str, handler: str, *, one_cpu: bool = False) -> dict
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LANG": "en_US.UTF-8",
         "TZ": ":UTC",
-        "PYTHONPATH": str(ROOT),
+        # This checkout's code (src first: an editable install may point at another checkout).
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         # run() compiled the project's modules; site-packages were compiled by pip. Nothing is
         # written during the trials, so every trial imports the same .pyc files.
         "PYTHONDONTWRITEBYTECODE": "1",
