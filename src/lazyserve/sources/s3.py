@@ -323,7 +323,7 @@ class S3Fetcher:
                 item.single = True
                 return item.view[:0]
             # The other ranges leave now, while this one's body is still arriving.
-            for start, end in self.split(head.last + 1, head.total):
+            for start, end in self.split(head.last + 1, head.total, busy=1):
                 job = (client, item, start, end, load.deadline)
                 item.parts.append((start, end, pool.submit(self._range, *job)))
             return item.view[: head.last + 1]
@@ -383,11 +383,13 @@ class S3Fetcher:
             identity=identity,
         )
 
-    def split(self, start: int, total: int) -> list[tuple[int, int]]:
-        """The ranges after the first: `part_size` bytes each, or, when that would leave
-        connections idle, the rest split evenly over them (parts of at least MIN_PART)."""
+    def split(self, start: int, total: int, busy: int = 0) -> list[tuple[int, int]]:
+        """The ranges of bytes start..total-1: `part_size` bytes each, or, when that would leave
+        connections idle, split evenly over the connections (parts of at least MIN_PART) but
+        `busy` ones, still receiving another body when these ranges leave (a range queued
+        behind one would finish a whole part after the others)."""
         rest = total - start
-        count = min(self.concurrency, -(-rest // MIN_PART))
+        count = max(1, min(self.concurrency - busy, -(-rest // MIN_PART)))
         if rest <= 0 or -(-rest // self.part_size) >= count:
             return [
                 (at, min(at + self.part_size, total) - 1)
