@@ -215,6 +215,7 @@ class Trial:
     gets: int  # GETs of the weights
     cpu: float = 0.0  # CPU seconds (user + system, all threads) the function used to the response,
     # its reaped children included (the download helper, which the load reaps before it answers)
+    children_cpu: float = 0.0  # ... of which its reaped children's
 
 
 def lambda_env(runtime_api: str, handler: str, *, one_cpu: bool = False) -> dict[str, str]:
@@ -329,7 +330,7 @@ def trial(
 
         try:
             result = api.wait_result(request_id, TRIAL_TIMEOUT, abort=exited)
-            cpu_seconds = _cpu_seconds(process.pid)
+            cpu_seconds, children_seconds = _cpu_seconds(process.pid)
             # The runtime client asks for the next event once it has read the answer to its
             # POST; stopping it earlier would cut that exchange (a reset in the Runtime API).
             api.wait_call("GET", "/invocation/next", TRIAL_TIMEOUT, count=2, abort=exited)
@@ -353,16 +354,19 @@ def trial(
         last_byte=max(g.done for g in gets) - started if gets else None,
         gets=len(gets),
         cpu=cpu_seconds,
+        children_cpu=children_seconds,
     )
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int) -> tuple[float, float]:
     """User + system CPU time of a running process, all its threads, and of the children it
-    has waited for (clock ticks, 10 ms)."""
+    has waited for; and the children's alone (clock ticks, 10 ms)."""
     with open(f"/proc/{pid}/stat") as stat:
         # The command name, in parentheses, may hold spaces: count fields after it.
         fields = stat.read().rpartition(")")[2].split()
-    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    children = (int(fields[13]) + int(fields[14])) / tick
+    return (int(fields[11]) + int(fields[12])) / tick + children, children
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -494,7 +498,8 @@ def run(
                     get = "" if t.first_get is None else f"  first GET {t.first_get:6.3f}"
                     log(
                         f"  {cpus} CPU {work.label:>5} {variant:<13} init {t.init:6.3f}  "
-                        f"invoke {t.invoke:6.3f}  total {t.total:6.3f}  cpu {t.cpu:6.2f}{get}  "
+                        f"invoke {t.invoke:6.3f}  total {t.total:6.3f}  cpu {t.cpu:6.2f} "
+                        f"(children {t.children_cpu:4.2f}){get}  "
                         f"(repeat {repeat + 1})"
                     )
     return results
