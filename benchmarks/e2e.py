@@ -36,7 +36,7 @@ from tests.runtime_api import RuntimeAPI
 from benchmarks.common import BUCKET, LAYER_MIB, ROOT, weights_file
 from benchmarks.s3endpoint import DEFAULT_BANDWIDTH, DEFAULT_LATENCY, S3Endpoint, _Handler
 
-VARIANTS = ("floor", "floor_frozen", "download_file", "lazy", "background", "eager")
+VARIANTS = ("floor", "floor_frozen", "download_file", "lazy", "background", "eager", "local")
 HANDLERS = {
     "floor": "benchmarks.e2e_apps.floor.handler",
     "floor_frozen": "benchmarks.e2e_apps.floor_frozen.handler",
@@ -44,8 +44,24 @@ HANDLERS = {
     "lazy": "benchmarks.e2e_apps.lazyserve_app.handler",
     "background": "benchmarks.e2e_apps.lazyserve_app.handler",
     "eager": "benchmarks.e2e_apps.lazyserve_app.handler",
+    "local": "benchmarks.e2e_apps.lazyserve_app.handler",
+}
+# A transformers directory's functions: the floor is transformers' own from_pretrained.
+HF_HANDLERS = {
+    "floor": "benchmarks.e2e_apps.floor_hf.handler",
+    "lazy": "benchmarks.e2e_apps.lazyserve_hf.handler",
+    "background": "benchmarks.e2e_apps.lazyserve_hf.handler",
+    "eager": "benchmarks.e2e_apps.lazyserve_hf.handler",
+    "local": "benchmarks.e2e_apps.lazyserve_hf.handler",
 }
 DIGITS = "69K"  # the reference digits weights, handler/weights/digits.safetensors
+BERT = "BERT"  # BERT-base (default BertConfig, random weights, about 440 MB), save_pretrained
+BERT_TINY = "BERT-TINY"  # the same with 32 hidden units and one layer (about 4 MB): --quick
+BERT_DIRS = {
+    BERT: Path("/tmp/lazyserve-bench-bert-base"),
+    BERT_TINY: Path("/tmp/lazyserve-bench-bert-tiny"),
+}
+BERT_PREFIX = "bert/"
 DIGITS_WEIGHTS = ROOT / "handler" / "weights" / "digits.safetensors"
 EVENT = ROOT / "events" / "http-api-predict.json"
 TRIAL_TIMEOUT = 120.0
@@ -66,22 +82,33 @@ FAKE_AWS = {
 class Workload:
     """One weights file, the event that asks the function for a prediction, and its answer."""
 
-    label: str  # "69K", "128M"
-    path: Path
-    size: int
+    label: str  # "69K", "128M", "BERT"
+    path: Path  # the weights file, or a transformers model's directory
+    size: int  # bytes of weights
     layers: int  # 0: the digits MLP
     event: dict[str, Any]
     expected: list[dict[str, float]]  # the predictions, computed here with the same forward
+    directory: bool = False  # a save_pretrained directory, served under BERT_PREFIX
 
     @property
     def key(self) -> str:
-        return self.path.name
+        """The weights object's key on the stand-in."""
+        return BERT_PREFIX + "model.safetensors" if self.directory else self.path.name
+
+    def handler(self, variant: str) -> str:
+        handlers = HF_HANDLERS if self.directory else HANDLERS
+        if variant not in handlers:
+            raise ValueError(f"variant {variant!r} does not apply to {self.label}")
+        return handlers[variant]
 
 
 def workload(label: str) -> Workload:
-    """`69K` (the reference digits weights) or `<N>M`, N MiB of synthetic Linear(4096, 4096)
-    layers (a multiple of 64, written once to benchmarks/data/)."""
+    """`69K` (the reference digits weights), `<N>M`, N MiB of synthetic Linear(4096, 4096)
+    layers (a multiple of 64, written once to benchmarks/data/), or `BERT` / `BERT-TINY`, a
+    save_pretrained directory (written once to /tmp)."""
     spec = label.upper()
+    if spec in BERT_DIRS:
+        return _bert_workload(spec)
     if spec in (DIGITS, "DIGITS"):
         path, layers, label = DIGITS_WEIGHTS, 0, DIGITS
         # The reference event: one 8x8 image of an 8.
@@ -102,6 +129,35 @@ def workload(label: str) -> Workload:
 
     answer = infer(load_local(str(path), layers), rows).model_dump()["predictions"]
     return Workload(label, path, path.stat().st_size, layers, event, answer)
+
+
+def _bert_workload(label: str) -> Workload:
+    from transformers import AutoModel, BertConfig
+
+    from benchmarks import pretrained
+    from benchmarks.e2e_apps import hf_common
+
+    tiny = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
+    )
+    directory = pretrained.model_dir(BERT_DIRS[label], tiny if label == BERT_TINY else None)
+    ids = [[101, *((i * 37) % 1000 + 1000 for i in range(hf_common.TOKENS - 2)), 102]]
+    event = copy.deepcopy(json.loads(EVENT.read_text()))
+    event["body"] = base64.b64encode(json.dumps({"input_ids": ids}).encode()).decode()
+    model = AutoModel.from_pretrained(directory, local_files_only=True).eval()
+    answer = hf_common.infer(model, ids).model_dump()["predictions"]
+    size = (directory / pretrained.WEIGHTS).stat().st_size
+    return Workload(label, directory, size, 0, event, answer, directory=True)
+
+
+def serve(s3: S3Endpoint, work: Workload) -> None:
+    """Put the workload's weights (every file of a directory) on the stand-in."""
+    if not work.directory:
+        s3.add(BUCKET, work.key, work.path)
+        return
+    for path in sorted(work.path.rglob("*")):
+        if path.is_file():
+            s3.add(BUCKET, BERT_PREFIX + path.relative_to(work.path).as_posix(), path)
 
 
 # --- the S3 endpoint, with arrival times ----------------------------------------------------
@@ -157,7 +213,9 @@ class Trial:
     first_get: float | None  # process start -> the first GET of the weights at the endpoint
     last_byte: float | None  # process start -> the last GET of the weights answered
     gets: int  # GETs of the weights
-    cpu: float = 0.0  # CPU seconds (user + system, all threads) the function used to the response
+    cpu: float = 0.0  # CPU seconds (user + system, all threads) the function used to the response,
+    # its reaped children included (the download helper, which the load reaps before it answers)
+    children_cpu: float = 0.0  # ... of which its reaped children's
 
 
 def lambda_env(runtime_api: str, handler: str, *, one_cpu: bool = False) -> dict[str, str]:
@@ -167,7 +225,8 @@ def lambda_env(runtime_api: str, handler: str, *, one_cpu: bool = False) -> dict
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LANG": "en_US.UTF-8",
         "TZ": ":UTC",
-        "PYTHONPATH": str(ROOT),
+        # This checkout's code (src first: an editable install may point at another checkout).
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         # run() compiled the project's modules; site-packages were compiled by pip. Nothing is
         # written during the trials, so every trial imports the same .pyc files.
         "PYTHONDONTWRITEBYTECODE": "1",
@@ -190,7 +249,21 @@ def lambda_env(runtime_api: str, handler: str, *, one_cpu: bool = False) -> dict
 def variant_env(variant: str, work: Workload, s3: str, tmp: Path) -> dict[str, str]:
     uri = f"s3://{BUCKET}/{work.key}"
     env = {"AWS_ENDPOINT_URL_S3": s3, "BENCH_E2E_LAYERS": str(work.layers)}
-    if variant in ("floor", "floor_frozen"):
+    if work.directory:
+        env["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded from the Hub
+        if variant == "floor":
+            env["BENCH_E2E_HF_DIR"] = str(work.path)
+        elif variant == "local":
+            env["LAZYSERVE_MODEL_URI"] = f"{work.path}/"
+            env["LAZYSERVE_LOAD"] = "background"
+        else:
+            env["LAZYSERVE_MODEL_URI"] = f"s3://{BUCKET}/{BERT_PREFIX}"
+            env["LAZYSERVE_LOAD"] = variant
+        return env
+    if variant == "local":
+        env["LAZYSERVE_MODEL_URI"] = str(work.path)
+        env["LAZYSERVE_LOAD"] = "background"
+    elif variant in ("floor", "floor_frozen"):
         env["BENCH_E2E_WEIGHTS"] = str(work.path)
     elif variant == "download_file":
         env["BENCH_E2E_S3_URI"] = uri
@@ -227,7 +300,7 @@ def trial(
     """One cold start: a fresh function process (on CPU `cpu` only, if given), its first
     invocation, then it is stopped. `extra_env` adds or replaces the function's variables
     (for profiling runs, e.g. a PYTHONPATH that puts a tracing sitecustomize first)."""
-    handler = HANDLERS[variant]
+    handler = work.handler(variant)
     cmd = [sys.executable, "-m", "awslambdaric", handler]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]
@@ -257,7 +330,7 @@ def trial(
 
         try:
             result = api.wait_result(request_id, TRIAL_TIMEOUT, abort=exited)
-            cpu_seconds = _cpu_seconds(process.pid)
+            cpu_seconds, children_seconds = _cpu_seconds(process.pid)
             # The runtime client asks for the next event once it has read the answer to its
             # POST; stopping it earlier would cut that exchange (a reset in the Runtime API).
             api.wait_call("GET", "/invocation/next", TRIAL_TIMEOUT, count=2, abort=exited)
@@ -281,15 +354,19 @@ def trial(
         last_byte=max(g.done for g in gets) - started if gets else None,
         gets=len(gets),
         cpu=cpu_seconds,
+        children_cpu=children_seconds,
     )
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process, all its threads (clock ticks, 10 ms)."""
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU time of a running process, all its threads, and of the children it
+    has waited for; and the children's alone (clock ticks, 10 ms)."""
     with open(f"/proc/{pid}/stat") as stat:
         # The command name, in parentheses, may hold spaces: count fields after it.
         fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    children = (int(fields[13]) + int(fields[14])) / tick
+    return (int(fields[11]) + int(fields[12])) / tick + children, children
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -407,19 +484,22 @@ def run(
     results = E2EResults(cpus, bandwidth, latency, repeats, os.getloadavg())
     with pinned(cpus) as cpu, TimedS3Endpoint(bandwidth=bandwidth, latency=latency) as s3:
         for work in works:
-            s3.add(BUCKET, work.key, work.path)
+            serve(s3, work)
+            # The variants that apply: a directory has no frozen floor nor download_file.
+            mine = [v for v in variants if v in (HF_HANDLERS if work.directory else HANDLERS)]
             if warmup:
-                for variant in variants:
+                for variant in mine:
                     trial(variant, work, s3, cpu=cpu, repeat=-1)
             for repeat in range(repeats):
-                shift = repeat % len(variants)
-                for variant in [*variants[shift:], *variants[:shift]]:
+                shift = repeat % len(mine)
+                for variant in [*mine[shift:], *mine[:shift]]:
                     t = trial(variant, work, s3, cpu=cpu, repeat=repeat)
                     results.trials.append(t)
                     get = "" if t.first_get is None else f"  first GET {t.first_get:6.3f}"
                     log(
                         f"  {cpus} CPU {work.label:>5} {variant:<13} init {t.init:6.3f}  "
-                        f"invoke {t.invoke:6.3f}  total {t.total:6.3f}  cpu {t.cpu:6.2f}{get}  "
+                        f"invoke {t.invoke:6.3f}  total {t.total:6.3f}  cpu {t.cpu:6.2f} "
+                        f"(children {t.children_cpu:4.2f}){get}  "
                         f"(repeat {repeat + 1})"
                     )
     return results
@@ -440,6 +520,7 @@ def table(results: E2EResults) -> str:
         "lazy": "lazyserve `lazy`",
         "background": "lazyserve `background`",
         "eager": "lazyserve `eager`",
+        "local": "lazyserve `background`, weights on local disk",
     }
 
     def fmt(value: float | None, digits: int = 3) -> str:
@@ -470,7 +551,9 @@ def table(results: E2EResults) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__)
-    parser.add_argument("--sizes", nargs="+", default=[DIGITS, "128M"], help="69K and/or <N>M")
+    parser.add_argument(
+        "--sizes", nargs="+", default=[DIGITS, "128M"], help="69K, <N>M, BERT or BERT-TINY"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpus", type=int, nargs="+", default=[2], choices=(1, 2))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)

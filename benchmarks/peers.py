@@ -506,8 +506,8 @@ def table(results: PeersResults) -> str:
     lines = [
         "| size | loader | seconds to ready model | fraction of link8 | MB/s "
         "| peak RSS growth ÷ weights | RSS after reading every weight ÷ weights "
-        "| client CPU s | connections seen | GETs |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| client CPU s | client CPU s per GiB | connections seen | GETs |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     summaries = results.summaries()
     links = {s.size: s for s in summaries if s.method in (LINK, "link")}
@@ -519,7 +519,8 @@ def table(results: PeersResults) -> str:
         touched = "n/a" if link_row else f"{s.rss_touched / s.size:.2f}"
         lines.append(
             f"| {s.size / 2**20:.0f} MiB | {label(s.method)} | {s.seconds:.3f} | {fraction} "
-            f"| {s.mbps:.0f} | {rss} | {touched} | {s.cpu:.2f} | {s.connections} | {s.gets} |"
+            f"| {s.mbps:.0f} | {rss} | {touched} | {s.cpu:.2f} | {s.cpu / (s.size / 2**30):.2f} "
+            f"| {s.connections} | {s.gets} |"
         )
     return "\n".join(lines)
 
@@ -581,7 +582,8 @@ def _timeline_worker(target: Target) -> dict[str, float]:
     )
     t1 = clock()
     client = s3_get_client()
-    client.credentials.get()
+    client.prepare(BUCKET)
+    client.signer.credentials()
     t_client = clock() - t1
 
     gets: list[tuple[float, float, float]] = []  # (request sent, headers in, last byte in)

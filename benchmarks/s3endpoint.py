@@ -10,6 +10,7 @@ stand in for large objects; this endpoint serves ranges with os.sendfile, paced 
 by a token bucket, so its own CPU cost stays small.
 
 Supported: path-style `GET`/`HEAD /bucket/key` (`Range: bytes=a-b`, `a-`, `-n`), `ETag`,
+ListObjectsV2 (`GET /bucket?list-type=2&prefix=...&delimiter=...`, one page),
 `Last-Modified`, `Accept-Ranges`, `x-amz-request-id`, `x-amz-meta-*`, `If-Match` (412
 PreconditionFailed), `If-None-Match` (304), `?versionId=` and S3's XML errors (NoSuchBucket,
 NoSuchKey, NoSuchVersion, InvalidRange, PreconditionFailed, MethodNotAllowed).
@@ -159,6 +160,9 @@ class _Handler(BaseHTTPRequestHandler):
         if bucket not in endpoint.buckets:
             self._error(404, "NoSuchBucket", "The specified bucket does not exist", bucket=bucket)
             return
+        if not key and query.get("list-type") == ["2"]:
+            self._list(bucket, query)
+            return
         obj = endpoint.objects.get((bucket, key))
         if not key or obj is None:
             self._error(404, "NoSuchKey", "The specified key does not exist.", key=key)
@@ -213,6 +217,49 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:  # the client went away mid-body
                 self.close_connection = True
         endpoint._log(self, status, sent)
+
+    def _list(self, bucket: str, query: dict[str, list[str]]) -> None:
+        """ListObjectsV2 with `prefix` and `delimiter`: one page of every match (up to 1,000
+        keys; a benchmark bucket holds a few)."""
+        prefix = query.get("prefix", [""])[0]
+        delimiter = query.get("delimiter", [""])[0]
+        with self.server.endpoint._lock:
+            found = sorted(
+                (k, o) for (b, k), o in self.server.endpoint.objects.items() if b == bucket
+            )
+        contents, prefixes = [], set()
+        for key, obj in found:
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix) :]
+            if delimiter and delimiter in rest:
+                prefixes.add(prefix + rest.split(delimiter, 1)[0] + delimiter)
+                continue
+            contents.append(
+                f"<Contents><Key>{escape(key)}</Key><LastModified>2026-01-01T00:00:00.000Z"
+                f"</LastModified><ETag>{escape(obj.etag, {chr(34): '&quot;'})}</ETag>"
+                f"<Size>{obj.size}</Size><StorageClass>STANDARD</StorageClass></Contents>"
+            )
+        common = "".join(
+            f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>"
+            for p in sorted(prefixes)
+        )
+        document = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"<Name>{escape(bucket)}</Name><Prefix>{escape(prefix)}</Prefix>"
+            f"<KeyCount>{len(contents) + len(prefixes)}</KeyCount><MaxKeys>1000</MaxKeys>"
+            f"<Delimiter>{escape(delimiter)}</Delimiter><IsTruncated>false</IsTruncated>"
+            f"{''.join(contents)}{common}</ListBucketResult>"
+        ).encode()
+        self.send_response(200)
+        self.send_header("x-amz-request-id", self.request_id)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(document)))
+        self.end_headers()
+        if not self.head_only:
+            self.wfile.write(document)
+        self.server.endpoint._log(self, 200, len(document))
 
     def _object_headers(self, obj: S3Object) -> None:
         self.send_header("x-amz-request-id", self.request_id)

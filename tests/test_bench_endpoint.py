@@ -194,3 +194,16 @@ def test_lazyserve_reads_an_object_through_it(endpoint: S3Endpoint) -> None:
     parts = -(-len(DATA) // 4096)
     ranges = [r for r in logged(endpoint, parts) if r.method == "GET"]
     assert len(ranges) == parts and all(r.status == 206 for r in ranges)
+
+
+def test_list_objects_v2_gives_keys_sizes_etags_and_prefixes(
+    endpoint: S3Endpoint, s3client: Any
+) -> None:
+    endpoint.put(BUCKET, "weights/sub/other.bin", b"x" * 7)
+    endpoint.put(BUCKET, "elsewhere.bin", b"y")
+    listed = s3client.list_objects_v2(Bucket=BUCKET, Prefix="weights/", Delimiter="/")
+    assert [(o["Key"], o["Size"]) for o in listed["Contents"]] == [(KEY, len(DATA))]
+    head = s3client.head_object(Bucket=BUCKET, Key=KEY)
+    assert listed["Contents"][0]["ETag"] == head["ETag"]
+    assert [p["Prefix"] for p in listed["CommonPrefixes"]] == ["weights/sub/"]
+    assert listed["IsTruncated"] is False

@@ -46,7 +46,8 @@ def process_env(endpoint: str, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "LAZYSERVE_"))}
     env.update(
         FAKE_CREDENTIALS,
-        PYTHONPATH=str(ROOT),
+        # This checkout's code, not whichever the environment's editable install points at.
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         AWS_LAMBDA_RUNTIME_API="127.0.0.1:9",
         AWS_ENDPOINT_URL_S3=endpoint,
         LAZYSERVE_LOAD="background",
@@ -117,7 +118,7 @@ def test_background_gets_arrive_before_torch_is_imported(
         AWS_LAMBDA_FUNCTION_MEMORY_SIZE="3008",
         AWS_EXECUTION_ENV="AWS_Lambda_python3.13",
         _HANDLER="order_function.handler",
-        PYTHONPATH=os.pathsep.join([str(task), str(ROOT)]),
+        PYTHONPATH=os.pathsep.join([str(task), str(ROOT / "src"), str(ROOT)]),
     )
     log = tmp_path / "function.log"
     process = run_function(env, log, task)
@@ -262,6 +263,62 @@ def test_the_serving_process_holds_the_weights_once(
         shmem = out["after"]["RssShmem"] - out["before"]["RssShmem"]
         assert shmem >= weights_64.size
         assert out["after"]["RssAnon"] - out["before"]["RssAnon"] < 0.10 * weights_64.size
+
+
+THREAD_SCRIPT = """
+import json, os, threading
+
+threads = [t.name for t in threading.enumerate()]  # what the interpreter's start left running
+import logging, sys
+
+from benchmarks.common import build_synthetic
+from lazyserve.model import load_model
+from lazyserve.settings import load_settings
+
+
+def status():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssShmem")}
+
+
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(message)s")
+logging.getLogger("urllib3").setLevel(logging.WARNING)
+before = status()
+layers, width = int(os.environ["LAYERS"]), int(os.environ["WIDTH"])
+loaded = load_model(lambda: build_synthetic(layers, width), load_settings())
+sums = [float(p.sum()) for p in loaded.module.parameters()]  # reads every weight
+print(json.dumps({"mark": os.environ.get("_LAZYSERVE_HELPER"), "threads": threads,
+                  "before": before, "after": status(), "sha256": loaded.info.sha256}))
+"""
+
+
+def test_with_one_vcpu_the_download_runs_in_a_thread_of_the_function(
+    weights_64: WeightsFile, endpoint_64: S3Endpoint, tmp_path: Path
+) -> None:
+    # Lambda gives one vCPU's worth of CPU time at 1,769 MB: no process is forked, the
+    # download starts in a thread as the interpreter starts, and the load takes it.
+    env = process_env(
+        endpoint_64.endpoint,
+        AWS_LAMBDA_FUNCTION_NAME="lazyserve-boot-test",
+        AWS_LAMBDA_FUNCTION_MEMORY_SIZE="1769",
+        LAZYSERVE_S3_PART_SIZE=str(8 * 1024 * 1024),
+        LAZYSERVE_MODEL_SHA256=weights_64.sha256,
+        LAYERS=str(weights_64.layers),
+        WIDTH=str(weights_64.width),
+    )
+    endpoint_64.clear_log()
+    out, log = run_script(THREAD_SCRIPT, env, tmp_path)
+    assert out["sha256"] == weights_64.sha256
+    assert out["mark"] == "thread"
+    assert "lazyserve-download" in out["threads"]
+    assert "weights from the download helper (a thread of this process)" in log
+    # One download (each part once), into this process's own memory, not a shared memfd.
+    gets = [r.range or "" for r in endpoint_64.requests if r.method == "GET"]
+    spans = [tuple(map(int, g.removeprefix("bytes=").split("-"))) for g in gets]
+    assert len(gets) == len(set(gets))
+    assert sum(end - start + 1 for start, end in spans) == weights_64.size
+    assert out["after"]["RssAnon"] - out["before"]["RssAnon"] < 0.10 * weights_64.size
+    assert out["after"]["RssShmem"] - out["before"]["RssShmem"] < 0.01 * weights_64.size
 
 
 # --- every failure of the helper ends in a load in the server's process -----------------------

@@ -19,6 +19,7 @@ from lazyserve.errors import (
     ModelFetchError,
     ModelFormatError,
     ModelIntegrityError,
+    ModelTooLarge,
     ModelUnavailable,
 )
 from lazyserve.settings import load_settings, parse_model_uri
@@ -33,6 +34,8 @@ from lazyserve.sources import (
     s3_get_client,
     take_prefetched,
 )
+from lazyserve.sources import directory as directory_module
+from lazyserve.sources.directory import fetch_directory
 from lazyserve.sources.s3client import S3Error
 from tests.helpers import REGION, make_bucket, moto_client, stalled_gets
 from tests.s3server import CountingS3Server, Request, WSGIApp
@@ -523,6 +526,155 @@ def test_a_stalled_endpoint_ends_in_a_fetch_error(
 
     assert str(info.value).startswith(f"cannot read s3://{BUCKET}/{key}: ReadTimeoutError")
     assert len(s3.object_gets(BUCKET, key)) == 1  # one attempt, cut by the read timeout
+
+
+def test_a_body_that_stops_halfway_is_cut_by_the_read_timeout(
+    s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The headers and half the body, then silence: the wait for the rest is bounded as every
+    # read is, though the rest is received in one call.
+    key = "http/halfway.safetensors"
+    data = random_bytes(3 * PART, seed=17)
+    _, etag = seed(s3, key, data)
+    release = threading.Event()
+    start, end = PART, 2 * PART - 1
+
+    def halfway(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response(
+            "206 Partial Content",
+            [
+                ("Content-Range", f"bytes {start}-{end}/{len(data)}"),
+                ("Content-Length", str(PART)),
+                ("ETag", etag),
+            ],
+        )
+        yield data[start : start + PART // 2]
+        release.wait(10)
+
+    s3.fault = answer_once(s3, key, f"bytes={start}-{end}", halfway)
+    monkeypatch.setattr(lazyserve.sources.s3client, "READ_TIMEOUT", 0.3)
+    monkeypatch.setattr(lazyserve.sources.s3client, "ATTEMPTS", 1)
+    try:
+        with pytest.raises(ModelFetchError) as info:
+            fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
+    finally:
+        release.set()
+    host = s3.endpoint.removeprefix("http://")
+    assert str(info.value).startswith(
+        f"cannot read s3://{BUCKET}/{key} bytes {start}-{end}: ReadTimeoutError: {host} sent "
+        "nothing for 0.3 s (1 attempts)"
+    )
+
+
+def test_a_chunked_answer_is_read_as_http_frames_it(s3: CountingS3Server) -> None:
+    # No Content-Length (werkzeug then frames the body in chunks): the socket's bytes are not
+    # the body's, and the part is read through http.client, which removes the framing.
+    key = "http/chunked.safetensors"
+    data = random_bytes(3 * PART, seed=18)
+    _, etag = seed(s3, key, data)
+    start, end = PART, 2 * PART - 1
+
+    def chunked(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response(
+            "206 Partial Content",
+            [("Content-Range", f"bytes {start}-{end}/{len(data)}"), ("ETag", etag)],
+        )
+        yield data[start : start + 1000]
+        yield data[start + 1000 : end + 1]
+
+    s3.fault = answer_once(s3, key, f"bytes={start}-{end}", chunked)
+    weights = fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/{key}"))
+
+    assert content(weights) == data
+    assert [r.range for r in ranged_gets(s3, key)].count(f"bytes={start}-{end}") == 1
+
+
+# --- a model directory: sizes and ETags from its listing ---
+
+
+DIRECTORY = "dir/"
+
+
+def seed_directory(s3: CountingS3Server, files: dict[str, bytes]) -> dict[str, str]:
+    """The files under s3://BUCKET/dir/; their ETags by name."""
+    client = make_bucket(s3, BUCKET)
+    etags = {
+        name: client.put_object(Bucket=BUCKET, Key=DIRECTORY + name, Body=data)["ETag"]
+        for name, data in files.items()
+    }
+    s3.clear()
+    return etags
+
+
+def directory_settings() -> Any:
+    return load_settings(
+        {
+            "LAZYSERVE_MODEL_URI": f"s3://{BUCKET}/{DIRECTORY}",
+            "LAZYSERVE_S3_CONCURRENCY": "4",
+            "LAZYSERVE_S3_PART_SIZE": str(PART),
+        }
+    )
+
+
+def test_a_directorys_files_are_reserved_whole_then_all_their_ranges_leave_at_once(
+    s3: CountingS3Server,
+) -> None:
+    weights = random_bytes(5 * PART + 7, seed=19)
+    config = b'{"model_type": "bert"}'
+    etags = seed_directory(s3, {"config.json": config, "model.safetensors": weights})
+    settings = directory_settings()
+    reserved: list[tuple[int, int]] = []  # (total, GETs of the files made by then)
+
+    def reserve(total: int) -> None:
+        files = [r for r in s3.requests if r.method == "GET" and r.range is not None]
+        reserved.append((total, len(files)))
+
+    directory = fetch_directory(settings, settings.uri, reserve=reserve)
+
+    assert content(directory.files["model.safetensors"]) == weights
+    assert content(directory.files["config.json"]) == config
+    assert directory.files["model.safetensors"].sha256 == sha256(weights)
+    # Both sizes came from the listing: the whole directory was reserved before any GET.
+    assert reserved[-1] == (len(config) + len(weights), 0)
+    # No GET to learn a size: each file is its parts, each pinned to the listed ETag.
+    for name, data in (("config.json", config), ("model.safetensors", weights)):
+        gets = ranged_gets(s3, DIRECTORY + name)
+        expected = [f"bytes={a}-{min(a + PART, len(data)) - 1}" for a in range(0, len(data), PART)]
+        assert sorted(r.range or "" for r in gets) == sorted(expected)
+        assert {r.headers.get("if-match") for r in gets} == {etags[name]}
+
+
+def test_a_directory_too_large_is_refused_before_any_get_of_its_files(
+    s3: CountingS3Server,
+) -> None:
+    seed_directory(s3, {"config.json": b"{}", "model.safetensors": random_bytes(PART, seed=20)})
+    settings = directory_settings()
+
+    def reserve(total: int) -> None:
+        if total > PART:
+            raise ModelTooLarge(f"{total} bytes do not fit")
+
+    with pytest.raises(ModelTooLarge, match=f"{PART + 2} bytes do not fit"):
+        fetch_directory(settings, settings.uri, reserve=reserve)
+    assert [r for r in s3.requests if r.method == "GET" and r.range is not None] == []
+
+
+def test_a_file_replaced_after_the_listing_is_read_as_it_is_now(
+    s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = random_bytes(3 * PART, seed=21), random_bytes(4 * PART + 1, seed=22)
+    seed_directory(s3, {"config.json": b"{}", "model.safetensors": old})
+    settings = directory_settings()
+    listed = directory_module.list_directory(settings.uri)  # the listing before the change
+    make_bucket(s3, BUCKET).put_object(Bucket=BUCKET, Key=DIRECTORY + "model.safetensors", Body=new)
+    monkeypatch.setattr(directory_module, "list_directory", lambda uri, client=None: listed)
+
+    directory = fetch_directory(settings, settings.uri)
+
+    # The listed ETag no longer matched (412): the load started again, sizes from the GETs.
+    assert content(directory.files["model.safetensors"]) == new
+    assert directory.files["model.safetensors"].size == len(new)
+    assert f"s3://{BUCKET}/{DIRECTORY}model.safetensors changed during the load" in caplog.text
 
 
 def test_an_endpoint_that_ignores_range_is_refused(s3: CountingS3Server) -> None:

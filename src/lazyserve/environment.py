@@ -1,5 +1,6 @@
 """Facts about where this process runs, each decided here once: on Lambda or not, how it was
-initialised, the CPUs it may use, the memory it may use and the memory it holds."""
+initialised, the CPUs it may use (and their time), the memory it may use and the memory it
+holds."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from collections.abc import Mapping
 
 __all__ = [
+    "cpu_capacity",
     "cpus",
     "initialization_type",
     "is_runtime_process",
@@ -26,6 +28,10 @@ _CGROUP_LIMITS = (
     "/sys/fs/cgroup/memory/memory.limit_in_bytes",
 )
 _NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a number near 2**63
+_CPU_QUOTA = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" or "max <period>"
+# Lambda gives a function one vCPU's worth of CPU time at 1,769 MB, in proportion below and
+# above (https://docs.aws.amazon.com/lambda/latest/dg/configuration-memory.html).
+_LAMBDA_MB_PER_VCPU = 1769
 
 
 def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -72,6 +78,25 @@ def cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS, Windows
         return os.cpu_count() or 1
+
+
+def cpu_capacity(environ: Mapping[str, str] | None = None) -> float:
+    """How many CPUs' worth of time this process may use: the fewest of the CPUs it may run on,
+    its cgroup's CPU quota and, on Lambda, its memory size's share (Lambda may show two vCPUs
+    to a function it gives one vCPU's worth of time)."""
+    env = _env(environ)
+    found = float(cpus())
+    size = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "")
+    if on_lambda(env) and size.isdigit():
+        found = min(found, int(size) / _LAMBDA_MB_PER_VCPU)
+    try:
+        with open(_CPU_QUOTA, encoding="ascii") as file:
+            quota, _, period = file.read().strip().partition(" ")
+        if quota.isdigit() and period.isdigit() and int(period) > 0:
+            found = min(found, int(quota) / int(period))
+    except OSError:
+        pass
+    return found
 
 
 def memory_limit(environ: Mapping[str, str] | None = None) -> int | None:

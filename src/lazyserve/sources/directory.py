@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 from lazyserve.checkpoint import CONFIG, ShardIndex, pretrained_files, read_shard_index
 from lazyserve.errors import ModelFetchError, ModelMissing, ModelUnavailable
 from lazyserve.sources.local import fetch_local
-from lazyserve.sources.s3 import Allocate, S3Fetcher, private_buffer, s3_get_client
+from lazyserve.sources.s3 import Allocate, Known, S3Fetcher, private_buffer, s3_get_client
 from lazyserve.sources.s3client import Listing, RangeClient
 from lazyserve.sources.s3errors import S3Error, TransferError, load_error
 from lazyserve.sources.signing import CredentialsError
@@ -216,7 +216,11 @@ def _fetch(
             allocate=allocate,
         )
         objects = [(uri.child(name), None) for name in wanted]
-        found.update(zip(wanted, fetcher.fetch_all(objects, reserve=reserve), strict=True))
+        # The listing's sizes and ETags: every file's ranges leave at once, without a first GET
+        # to learn its size, and the whole directory is reserved before any byte is read.
+        known = [Known(*listed[name]) for name in wanted]
+        fetched = fetcher.fetch_all(objects, reserve=reserve, known=known)
+        found.update(zip(wanted, fetched, strict=True))
         return found
     total = 0
 

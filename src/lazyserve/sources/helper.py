@@ -1,8 +1,9 @@
 """The download helper: a process forked when the function's interpreter starts (`lazyserve._boot`)
 that fetches the weights into a memfd while the function imports torch, reports one JSON line and
 exits; and the server's side, which waits for that line in the load thread and maps the memfd (one
-copy of the weights). A helper no load claims is stopped and freed when the app reads its
-settings (`settle`)."""
+copy of the weights). With one vCPU's worth of CPU time or less, the same download runs in a
+thread of the function's own process instead (see `start`). A download no load claims is stopped
+and freed when the app reads its settings (`settle`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import mmap
 import os
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lazyserve import errors
+from lazyserve import environment, errors
 from lazyserve.errors import (
     ModelChangedError,
     ModelFetchError,
@@ -34,6 +36,7 @@ __all__ = [
     "DEADLINE",
     "HelperDownload",
     "HelperFailed",
+    "ThreadDownload",
     "discard",
     "failure",
     "settle",
@@ -62,22 +65,49 @@ class _Started:
     settings: Settings
 
 
+@dataclass(frozen=True)
+class _InThread:
+    """A start-up download running in a thread of this process."""
+
+    future: Future[Weights | Directory]
+    settings: Settings
+    notes: _ThreadNotes = field(compare=False)
+
+
 # This process's helper (one at most, started once): the state of the server's side.
 _lock = threading.Lock()
-_started: _Started | None = None
+_started: _Started | _InThread | None = None
 _tried = False
 _failure: str | None = None
+ONE_CPU = 1.0
+"""With this many CPUs' worth of time or fewer, the start-up download runs in a thread."""
 
 
 def start(settings: Settings) -> None:
-    """Fork a helper that fetches `settings.uri` (one S3 object) into a memfd; at most once per
-    process, never in a process a helper started. Failing to start is remembered (`failure()`)
-    and the load then fetches in its own process."""
+    """Fork a helper that fetches `settings.uri` (one S3 object, or a model directory) into a
+    memfd; at most once per process, never in a process a helper started. Failing to start is
+    remembered (`failure()`) and the load then fetches in its own process.
+
+    With one vCPU's worth of CPU time or less (`environment.cpu_capacity()`), nothing runs
+    beside the imports anyway, and a process costs more CPU than a thread: the fork and the
+    copies-on-write that follow it, and the memfd's shared pages, whose first touches cost
+    about twice those of the anonymous memory a thread fills (benchmarks/README.md, "CPU per
+    byte"). The download then runs in a thread of this process. (With more, the helper's
+    Python, botocore's import among it, runs beside the function's imports, not under their
+    GIL.)"""
     global _started, _tried, _failure
     with _lock:
         if _tried or MARK in os.environ:
             return
         _tried = True
+        if environment.cpu_capacity() <= ONE_CPU:
+            try:
+                _started = _start_thread(settings)
+            except Exception as exc:
+                _failure = f"the download thread could not be started ({exc!r})"
+                return
+            os.environ[MARK] = "thread"
+            return
         try:
             memfd = os.memfd_create("lazyserve-weights")  # close-on-exec by default
         except (AttributeError, OSError) as exc:  # not Linux, or refused by a sandbox
@@ -113,7 +143,7 @@ def failure() -> str | None:
     return _failure
 
 
-def take(settings: Settings) -> HelperDownload | None:
+def take(settings: Settings) -> HelperDownload | ThreadDownload | None:
     """The helper's download, if it fetches what `settings` name; taken once."""
     global _started
     with _lock:
@@ -121,7 +151,7 @@ def take(settings: Settings) -> HelperDownload | None:
         if started is None or not _same_fetch(started.settings, settings):
             return None
         _started = None
-    return HelperDownload(started)
+    return _download(started)
 
 
 def settle(settings: Settings, *, adopt: bool) -> None:
@@ -140,14 +170,42 @@ def discard() -> None:
     with _lock:
         started, _started = _started, None
     if started is not None:
-        HelperDownload(started).discard()
+        _download(started).discard()
+
+
+def _download(started: _Started | _InThread) -> HelperDownload | ThreadDownload:
+    if isinstance(started, _InThread):
+        return ThreadDownload(started)
+    return HelperDownload(started)
 
 
 def _same_fetch(a: Settings, b: Settings) -> bool:
     return (a.model_uri, a.model_sha256) == (b.model_uri, b.model_sha256)
 
 
-class HelperDownload:
+class _Taken:
+    """A start-up download, taken by the load that uses it."""
+
+    def fetched(self) -> Weights | Directory:
+        raise NotImplementedError
+
+    def result(self, timeout: float | None = None) -> Weights:
+        """The weights; raises the download's error when S3's answer settles it (retrying in
+        this process would get the same), else HelperFailed."""
+        found = self.fetched()
+        if not isinstance(found, Weights):
+            raise HelperFailed("the download helper fetched a model directory, not one file")
+        return found
+
+    def directory(self) -> Directory:
+        """The model directory the download fetched (see `result`)."""
+        found = self.fetched()
+        if isinstance(found, Weights):
+            raise HelperFailed("the download helper fetched one file, not a model directory")
+        return found
+
+
+class HelperDownload(_Taken):
     """The helper's download of one URI; `result()` waits for it in the calling thread."""
 
     def __init__(self, started: _Started) -> None:
@@ -155,21 +213,6 @@ class HelperDownload:
         self.uri = started.settings.model_uri
         self._report = started.report
         self._memfd = started.memfd
-
-    def result(self, timeout: float | None = None) -> Weights:
-        """The weights, mapped from the helper's memfd; raises the helper's error when S3's
-        answer settles it (retrying in this process would get the same), else HelperFailed."""
-        found = self.fetched()
-        if not isinstance(found, Weights):
-            raise HelperFailed("the download helper fetched a model directory, not one file")
-        return found
-
-    def directory(self) -> Directory:
-        """The model directory the helper fetched (see `result`)."""
-        found = self.fetched()
-        if isinstance(found, Weights):
-            raise HelperFailed("the download helper fetched one file, not a model directory")
-        return found
 
     def fetched(self) -> Weights | Directory:
         """What the helper fetched: one file's weights, or a model directory's files."""
@@ -267,6 +310,94 @@ class HelperDownload:
                 os.close(fd)
             except OSError:
                 pass
+
+
+class ThreadDownload(_Taken):
+    """The start-up download made in a thread of this process; `fetched()` waits for it."""
+
+    def __init__(self, started: _InThread) -> None:
+        self.uri = started.settings.model_uri
+        self._future = started.future
+        self._notes = started.notes
+
+    def fetched(self) -> Weights | Directory:
+        try:
+            found = self._future.result()
+            log.debug("weights from the download helper (a thread of this process)")
+            return found
+        except Exception as exc:
+            if _final(exc):
+                raise
+            raise HelperFailed(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            for note in self._notes.take():
+                log.warning("start-up download: %s", note)
+
+    def discard(self) -> None:
+        """Nobody will take the download: it finishes on its own and is dropped then (a thread
+        cannot be stopped), its warnings logged now."""
+        for note in self._notes.take():
+            log.warning("start-up download: %s", note)
+
+
+class _ThreadNotes(logging.Filter):
+    """The download thread's warnings (a retried body, a restart), held back from lazyserve's
+    logger while the download runs (the interpreter is starting: the app has not set logging
+    up yet), for the load that takes it to log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # The download's threads: its own and the fetcher's pool.
+        if not (record.threadName or "").startswith(("lazyserve-download", "lazyserve-s3")):
+            return True
+        if record.levelno >= logging.WARNING:
+            with self._lock:
+                self.lines.append(record.getMessage())
+        return False
+
+    def take(self) -> list[str]:
+        with self._lock:
+            lines, self.lines = self.lines, []
+        return lines
+
+
+def _start_thread(settings: Settings) -> _InThread:
+    """Start the download in a thread of this process (see `start`)."""
+    future: Future[Weights | Directory] = Future()
+    future.set_running_or_notify_cancel()
+    notes = _ThreadNotes()
+    log.addFilter(notes)
+
+    def run() -> None:
+        try:
+            future.set_result(_fetch_here(settings))
+        except BaseException as exc:
+            future.set_exception(exc)
+        finally:
+            log.removeFilter(notes)
+
+    threading.Thread(target=run, name="lazyserve-download", daemon=True).start()
+    return _InThread(future, settings, notes)
+
+
+def _fetch_here(settings: Settings) -> Weights | Directory:
+    """What the helper fetches, fetched in this process into anonymous memory."""
+    from lazyserve.sources.s3 import S3Fetcher
+
+    uri = settings.uri
+    if uri.is_prefix:
+        from lazyserve.checkpoint import CONFIG
+        from lazyserve.sources.directory import fetch_directory, list_directory
+
+        if CONFIG not in list_directory(uri):
+            raise HelperFailed("not a model directory: nothing to fetch ahead")
+        return fetch_directory(settings, uri)
+    fetcher = S3Fetcher(concurrency=settings.s3_concurrency, part_size=settings.s3_part_size)
+    return fetcher.fetch(uri, expected_sha256=settings.model_sha256)
 
 
 def _read_line(fd: int) -> bytes:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from lazyserve import environment
 from lazyserve.errors import ModelChangedError, ModelFetchError, ModelTooLarge, ModelUnavailable
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LOAD_FLOOR",
     "LOAD_SETUP",
+    "Known",
     "S3Fetcher",
     "head",
     "private_buffer",
@@ -101,6 +102,13 @@ def head(uri: ModelURI, *, client: RangeClient | None = None) -> ObjectStat:
         raise load_error(where, exc) from exc
 
 
+class Known(NamedTuple):
+    """An object's size and ETag as a listing gave them, before any GET."""
+
+    size: int
+    etag: str
+
+
 class _Replaced(Exception):
     """The object changed between two ranged GETs of one load."""
 
@@ -126,7 +134,8 @@ class _Object:
     pin: _Pin | None = None
     version: str | None = None  # the version the first response named (kept if pins change)
     single: bool = False  # nothing pins its ranges: read in one GET
-    parts: list[tuple[int, int, Future[None]]] = field(default_factory=list)
+    known: Known | None = None  # size and ETag from a listing: every range leaves at once
+    parts: list[tuple[int, int, Future[RangeHead]]] = field(default_factory=list)
 
     @property
     def where(self) -> str:
@@ -180,20 +189,24 @@ class S3Fetcher:
         objects: Sequence[tuple[ModelURI, str | None]],
         *,
         reserve: Callable[[int], None] | None = None,
+        known: Sequence[Known | None] | None = None,
     ) -> list[Weights]:
         """Fetch every (uri, expected sha256) on the same connections; restart once if one is
         replaced mid-read, never mixing versions. `reserve(total)` runs each time an object's
         size is learned, with the total so far, before its buffer is allocated and its other
-        GETs leave; it raises to refuse the load."""
+        GETs leave; it raises to refuse the load. `known` gives objects' sizes and ETags from a
+        listing (None where not known): their sizes are reserved before any GET, and all their
+        ranges leave at once, each pinned to the listed ETag (If-Match)."""
         try:
             try:
-                return self._fetch(objects, reserve)
+                return self._fetch(objects, reserve, known)
             except _Replaced as replaced:
                 log.warning(
                     "%s changed during the load; starting again from the new version", replaced
                 )
             try:
-                return self._fetch(objects, reserve)
+                # What the listing said is out of date: sizes are learned from the GETs now.
+                return self._fetch(objects, reserve, None)
             except _Replaced as replaced:
                 raise ModelChangedError(
                     f"{replaced}: the object changed twice while it was being read; "
@@ -207,17 +220,32 @@ class S3Fetcher:
         self,
         objects: Sequence[tuple[ModelURI, str | None]],
         reserve: Callable[[int], None] | None,
+        known: Sequence[Known | None] | None,
     ) -> list[Weights]:
         started = time.perf_counter()
         load = _Load(time.monotonic())
         client = self.client
         items = [_Object(uri, expected) for uri, expected in objects]
+        for item, hint in zip(items, known or (), strict=False):
+            if hint is not None and hint.etag and hint.size > 0:
+                item.known = hint
+        # Objects whose sizes a listing gave are reserved and allocated before any GET: a
+        # model that cannot fit is refused before a byte of it is read.
+        for item in items:
+            if item.known is not None:
+                self._admit(load, item, item.known.size, item.known.etag, reserve)
+                item.buffer = self.allocate(item.known.size)
+                item.view = memoryview(item.buffer)[: item.known.size]
+                item.pin = _Pin(None, item.known.etag, ours=True)
         firsts: list[Future[RangeHead]] = []
         results: list[Weights] = []
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="lazyserve-s3") as pool:
             try:
                 for item in items:
-                    firsts.append(pool.submit(self._first, client, pool, load, item, reserve))
+                    if item.known is not None:
+                        firsts.append(self._planned(client, pool, load, item))
+                    else:
+                        firsts.append(pool.submit(self._first, client, pool, load, item, reserve))
                 for item, first_job in zip(items, firsts, strict=True):
                     results.append(self._finish(item, first_job, started))
             except BaseException:
@@ -226,6 +254,41 @@ class S3Fetcher:
                         future.cancel()
                 raise
         return results
+
+    def _planned(
+        self, client: RangeClient, pool: ThreadPoolExecutor, load: _Load, item: _Object
+    ) -> Future[RangeHead]:
+        """All the ranges of an object a listing sized (admitted already) leave at once; the
+        future of its first range is returned."""
+        (start, end), *rest = self.split(0, len(item.view))
+        first = pool.submit(self._range, client, item, start, end, load.deadline)
+        for start, end in rest:
+            job = (client, item, start, end, load.deadline)
+            item.parts.append((start, end, pool.submit(self._range, *job)))
+        return first
+
+    def _admit(
+        self,
+        load: _Load,
+        item: _Object,
+        size: int,
+        etag: str,
+        reserve: Callable[[int], None] | None,
+        version: str | None = None,
+    ) -> None:
+        """The object's size is known: count it in the load's total and deadline, and refuse
+        the load now if the model cannot fit, before its bytes are read."""
+        with load.lock:
+            load.total += size
+            load.deadline += size / LOAD_FLOOR
+            total = load.total
+        try:
+            _check_fits(item.where, total)
+            if reserve is not None:
+                reserve(total)
+        except ModelUnavailable as exc:
+            exc.identity = identity_of(etag, version or item.uri.version_id)
+            raise
 
     def _first(
         self,
@@ -247,17 +310,7 @@ class S3Fetcher:
                 return item.view[: head.last + 1]
             # The size is known from here: a model that cannot fit fails now, before the
             # other ranged GETs.
-            with load.lock:
-                load.total += head.total
-                load.deadline += head.total / LOAD_FLOOR
-                total = load.total
-            try:
-                _check_fits(item.where, total)
-                if reserve is not None:
-                    reserve(total)
-            except ModelUnavailable as exc:
-                exc.identity = identity_of(head.etag, head.version_id or uri.version_id)
-                raise
+            self._admit(load, item, head.total, head.etag, reserve, head.version_id)
             item.buffer = self.allocate(head.total)
             item.view = memoryview(item.buffer)[: head.total]
             version = head.version_id or uri.version_id
@@ -270,7 +323,7 @@ class S3Fetcher:
                 item.single = True
                 return item.view[:0]
             # The other ranges leave now, while this one's body is still arriving.
-            for start, end in self.split(head.last + 1, head.total):
+            for start, end in self.split(head.last + 1, head.total, busy=1):
                 job = (client, item, start, end, load.deadline)
                 item.parts.append((start, end, pool.submit(self._range, *job)))
             return item.view[: head.last + 1]
@@ -296,6 +349,8 @@ class S3Fetcher:
 
     def _finish(self, item: _Object, first_job: Future[RangeHead], started: float) -> Weights:
         first = first_job.result()
+        if item.known is not None:
+            item.version = first.version_id
         digest = hashlib.sha256()
         # Hash each part as soon as it and those before it are in: the digest overlaps the
         # download instead of making a second pass.
@@ -328,11 +383,13 @@ class S3Fetcher:
             identity=identity,
         )
 
-    def split(self, start: int, total: int) -> list[tuple[int, int]]:
-        """The ranges after the first: `part_size` bytes each, or, when that would leave
-        connections idle, the rest split evenly over them (parts of at least MIN_PART)."""
+    def split(self, start: int, total: int, busy: int = 0) -> list[tuple[int, int]]:
+        """The ranges of bytes start..total-1: `part_size` bytes each, or, when that would leave
+        connections idle, split evenly over the connections (parts of at least MIN_PART) but
+        `busy` ones, still receiving another body when these ranges leave (a range queued
+        behind one would finish a whole part after the others)."""
         rest = total - start
-        count = min(self.concurrency, -(-rest // MIN_PART))
+        count = max(1, min(self.concurrency - busy, -(-rest // MIN_PART)))
         if rest <= 0 or -(-rest // self.part_size) >= count:
             return [
                 (at, min(at + self.part_size, total) - 1)
@@ -342,7 +399,7 @@ class S3Fetcher:
             (start + rest * i // count, start + rest * (i + 1) // count - 1) for i in range(count)
         ]
 
-    def _whole(self, client: RangeClient, item: _Object, total: int, load: _Load) -> None:
+    def _whole(self, client: RangeClient, item: _Object, total: int, load: _Load) -> RangeHead:
         """The whole object in one GET (see `first_part`); it must be the object first seen."""
 
         def same_size(head: RangeHead) -> memoryview:
@@ -351,7 +408,7 @@ class S3Fetcher:
                 raise _Replaced(item.where)
             return item.view
 
-        client.get_range(
+        return client.get_range(
             item.uri.bucket or "",
             item.uri.key or "",
             0,
@@ -363,12 +420,12 @@ class S3Fetcher:
 
     def _range(
         self, client: RangeClient, item: _Object, start: int, end: int, deadline: float
-    ) -> None:
+    ) -> RangeHead:
         pin = item.pin
         assert pin is not None
 
         def same_object(head: RangeHead) -> memoryview:
-            if head.etag != pin.etag:
+            if head.etag != pin.etag or head.total != len(item.view):
                 raise _Replaced(item.where)
             _check_range(item.where, head, start)
             return item.view[start : end + 1]
@@ -376,7 +433,7 @@ class S3Fetcher:
         while True:
             version = pin.version
             try:
-                client.get_range(
+                return client.get_range(
                     item.uri.bucket or "",
                     item.uri.key or "",
                     start,
@@ -386,7 +443,6 @@ class S3Fetcher:
                     if_match=None if version is not None else (pin.etag or None),
                     deadline=deadline,
                 )
-                return
             except PreconditionFailed:
                 raise _Replaced(item.where) from None
             except S3Error as exc:

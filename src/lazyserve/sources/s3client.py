@@ -20,6 +20,7 @@ import os
 import random
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -342,8 +343,9 @@ class S3GetClient:
         head: RangeHead | None = None
         release: Callable[[bool], None] = _nothing
         try:
+            raw: socket.socket | None = None
             if proxy is None:
-                response, release = self._direct(endpoint, method, target, headers, watch)
+                response, release, raw = self._direct(endpoint, method, target, headers, watch)
             else:
                 response, release = self._through(proxy, method, url, headers, watch)
             head = _head(response, version_id)
@@ -364,7 +366,14 @@ class S3GetClient:
                 release(True)
                 return head
             view = into(head) if into is not None else memoryview(b"")
-            got = _read_into(response, view)
+            if (
+                raw is not None
+                and isinstance(response, http.client.HTTPResponse)
+                and _plain_body(response, len(view))
+            ):
+                got = _receive(response, raw, view)
+            else:
+                got = _read_into(response, view)
             if watch.expired:
                 raise TransferError(
                     f"the body came slower than {BODY_FLOOR // 1024} KiB/s ({got} of "
@@ -428,12 +437,13 @@ class S3GetClient:
         target: str,
         headers: dict[str, str],
         watch: _Watch,
-    ) -> tuple[_Response, Callable[[bool], None]]:
+    ) -> tuple[_Response, Callable[[bool], None], socket.socket | None]:
         place = (endpoint.scheme, endpoint.host, endpoint.port)
         connection, reused = self._connection(endpoint, place)
         # The socket itself, not the connection's attribute: http.client lets go of it (sets
         # `sock` to None) when a response will close the connection, and reads on through it.
-        watch.arm(functools.partial(_shut, connection.sock))
+        sock = connection.sock
+        watch.arm(functools.partial(_shut, sock))
         try:
             connection.request(method, target, headers=headers)
             response = connection.getresponse()
@@ -443,7 +453,8 @@ class S3GetClient:
                 raise
             # An idle keep-alive connection the server had closed: not a failed attempt.
             connection, _ = self._connection(endpoint, place)
-            watch.arm(functools.partial(_shut, connection.sock))
+            sock = connection.sock
+            watch.arm(functools.partial(_shut, sock))
             connection.request(method, target, headers=headers)
             response = connection.getresponse()
 
@@ -457,7 +468,8 @@ class S3GetClient:
             response.close()
             connection.close()
 
-        return response, release
+        # A TLS socket decrypts in OpenSSL, one record per call: only a plain one is read raw.
+        return response, release, sock if endpoint.scheme == "http" else None
 
     def _connection(
         self, endpoint: Endpoint, place: tuple[str, str, int]
@@ -637,6 +649,49 @@ def _head(response: _Response, version_id: str | None) -> RangeHead:
         request_id=get("x-amz-request-id") or get("x-amzn-requestid") or "",
         encryption=get("x-amz-server-side-encryption") or None,
     )
+
+
+def _plain_body(response: _Response, size: int) -> bool:
+    """Is the body `size` bytes sent as they are (no chunked framing), so that the socket's
+    bytes after the headers are the body's?"""
+    coding = response.getheader("Transfer-Encoding")
+    length = response.getheader("Content-Length")
+    return (coding is None or coding.strip().lower() == "identity") and length == str(size)
+
+
+def _receive(response: http.client.HTTPResponse, sock: socket.socket, view: memoryview) -> int:
+    """Receive the body into `view` with few system calls and few GIL hand-offs: what
+    http.client buffered with the headers first, then straight from the socket with
+    MSG_WAITALL, which fills the view in the kernel (one call per part, the GIL released
+    throughout; readinto() returns to Python for every segment that arrives, thousands of
+    times a second over 16 connections). Each call waits at most READ_TIMEOUT (SO_RCVTIMEO)
+    for the rest; a call that got nothing in that time is a timeout, as a read would be."""
+    got = 0
+    if len(view):
+        # peek() gives the bytes already buffered (or reads once, as readinto() would).
+        ahead = len(response.peek(1)[: len(view)])
+        got = response.readinto(view[:ahead]) if ahead else 0
+    if got < len(view):
+        # Blocking, so that MSG_WAITALL waits in the kernel, each call for at most READ_TIMEOUT
+        # (SO_RCVTIMEO; a socket with a Python timeout is non-blocking and ignores it).
+        sock.settimeout(None)
+        seconds = int(READ_TIMEOUT)
+        timeout = struct.pack("ll", seconds, round((READ_TIMEOUT - seconds) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+        try:
+            while got < len(view):
+                try:
+                    n = sock.recv_into(view[got:], 0, socket.MSG_WAITALL)
+                except BlockingIOError:  # SO_RCVTIMEO passed with nothing received
+                    raise TimeoutError("timed out") from None
+                if not n:
+                    break
+                got += n
+        finally:
+            sock.settimeout(READ_TIMEOUT)
+    # The body is read: done with this response (the connection stays open for the next).
+    response.close()
+    return got
 
 
 def _read_into(response: _Response, view: memoryview) -> int:
