@@ -1,9 +1,9 @@
 """`make bench`: every benchmark in one run (fetch against the peers, end to end under
-awslambdaric, a transformers model fetched and built, warm Lambda invocations, uvicorn, many
-models, load from the cold start), the goals computed from it, written to benchmarks/RESULTS.md,
-cold_start.png and data/last-run.json.
+awslambdaric, a transformers model fetched and built, batched against single prediction, warm
+Lambda invocations, uvicorn, many models, load from the cold start), the goals computed from it,
+written to benchmarks/RESULTS.md, cold_start.png and data/last-run.json.
 
-`python -m benchmarks.run` (everything, about 25 minutes on 2 vCPUs)
+`python -m benchmarks.run` (everything, about 35 minutes on 2 vCPUs)
 `python -m benchmarks.run --quick` (smallest sizes, one repeat, short runs: wiring, not numbers)
 `python -m benchmarks.run --only peers many` (some parts)
 A quick or partial run writes benchmarks/data/RESULTS-partial.md, never RESULTS.md.
@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks import e2e, load, many, peers, pretrained, uvicorn_load, warm
+from benchmarks import batching, e2e, load, many, peers, pretrained, uvicorn_load, warm
 from benchmarks.common import BUCKET, ROOT, WeightsFile, load_average
 from benchmarks.e2e import E2EResults
 from benchmarks.s3endpoint import S3Endpoint
@@ -40,12 +40,13 @@ PARTIAL = HERE / "data" / "RESULTS-partial.md"
 PLOT = "cold_start.png"  # beside the results file
 RAW = HERE / "data" / "last-run.json"
 README = HERE / "README.md"
-PARTS = ("peers", "e2e", "pretrained", "warm", "uvicorn", "load", "many")
+PARTS = ("peers", "e2e", "pretrained", "batching", "warm", "uvicorn", "load", "many")
 # Where each part's method is described, once (benchmarks/README.md's headings).
 METHOD = {
     "peers": "#fetch-peerspy",
     "e2e": "#end-to-end-e2epy",
     "pretrained": "#a-transformers-model-pretrainedpy",
+    "batching": "#batching-batchingpy",
     "warm": "#warm-invocations-warmpy",
     "uvicorn": "#under-uvicorn-uvicorn_loadpy",
     "many": "#many-models-manypy",
@@ -97,6 +98,7 @@ class Config:
     hf_model: str = e2e.BERT  # BERT-base (about 440 MB), or BERT-TINY
     hf_repeats: int = 3
     hf_e2e_repeats: int = 5
+    batching_quick: bool = False  # a tiny BERT and short runs
     warm_n: int = 5000
     warm_warmup: int = 500
     uvicorn_duration: float = 10.0
@@ -120,6 +122,7 @@ QUICK = Config(
     hf_model=e2e.BERT_TINY,
     hf_repeats=1,
     hf_e2e_repeats=1,
+    batching_quick=True,
     warm_n=200,
     warm_warmup=20,
     uvicorn_duration=2.0,
@@ -142,6 +145,7 @@ class Run:
     link: dict[str, float] = field(default_factory=dict)  # e2e size -> link8 seconds
     pretrained: dict[str, list[dict[str, Any]]] | None = None  # variant -> figures per run
     hf_e2e: E2EResults | None = None
+    batching: dict[str, Any] | None = None
     warm: warm.WarmResults | None = None
     uvicorn: dict[str, Any] | None = None
     load: dict[str, Any] | None = None
@@ -157,6 +161,7 @@ class Run:
             "link": self.link,
             "pretrained": self.pretrained,
             "hf_e2e": self.hf_e2e.as_dict() if self.hf_e2e else None,
+            "batching": self.batching,
             "warm": asdict(self.warm) if self.warm else None,
             "uvicorn": self.uvicorn,
             "load": self.load,
@@ -224,6 +229,14 @@ def run_part(part: str, config: Config, result: Run, log: Callable[[str], None])
             log=log,
         )
         log(e2e.table(result.hf_e2e))
+    elif part == "batching":
+        if config.batching_quick:
+            log("batching: a tiny BERT, short runs")
+            result.batching = batching.run(quick=True, log=log, **batching.QUICK)
+        else:
+            log("batching: BERT-base, @service.predict_batch against @service.predict")
+            result.batching = batching.run(log=log)
+        log(batching.table(result.batching))
     elif part == "warm":
         log(f"warm: {config.warm_n} invocations of each row, log level {WARM_LOG_LEVEL}")
         result.warm = warm.run(
@@ -479,11 +492,31 @@ def uvicorn_goals(report: dict[str, Any] | None) -> list[Goal]:
     ]
 
 
+def batching_goals(results: dict[str, Any] | None) -> list[Goal]:
+    """batching.py judges its own goals; they are shown here with the others."""
+    names = (
+        f"batching, 32 clients: requests/s ≥ {batching.GOAL_RPS:g}x `@service.predict`'s",
+        "batching, 32 clients: p50 no worse than `@service.predict`'s",
+        f"batching, 1 client: p50 ≤ {batching.GOAL_ONE_CLIENT:g}x `@service.predict`'s",
+        f"batching, Lambda: one SQS batch of 10 ≥ {batching.GOAL_SQS:g}x faster than 10 "
+        "direct invocations",
+    )
+    if results is None:
+        return [Goal(name, "not run", None) for name in names]
+    found = []
+    for name, judged in zip(names, results["goals"], strict=True):
+        value = judged["value"]
+        shown = "-" if value is None else f"{value:.2f}x"
+        found.append(Goal(name, shown, bool(judged["met"]) if value is not None else None))
+    return found
+
+
 def goals(result: Run) -> list[Goal]:
     return [
         *fetch_goals(result.peers),
         *e2e_goals(result.e2e, result.link),
         *pretrained_goals(result.pretrained, result.hf_e2e),
+        *batching_goals(result.batching),
         warm_goal(result.warm),
         *uvicorn_goals(result.uvicorn),
     ]
@@ -710,6 +743,16 @@ def render(
                 e2e.table(result.hf_e2e),
                 "",
             ]
+    if result.batching is not None:
+        out += [
+            f"## Batching {method('batching')}",
+            "",
+            "`@service.predict_batch` against `@service.predict`, the same model, both served "
+            "at once and measured in alternating rounds:",
+            "",
+            batching.table(result.batching),
+            "",
+        ]
     if result.warm is not None:
         out += [
             f"## Warm Lambda invocations {method('warm')}",

@@ -125,6 +125,21 @@ def test_pretrained_goals_judge_lazyserve_against_from_pretrained() -> None:
     assert (rss.met, build.met, e2e_goal.met) == (False, False, None)
 
 
+def test_batching_goals_are_the_batching_parts_own_verdicts() -> None:
+    judged = [
+        {"goal": "rps", "value": 2.4, "bound": ">= 3", "met": False},
+        {"goal": "p50", "value": 0.5, "bound": "<= 1", "met": True},
+        {"goal": "one", "value": 1.01, "bound": "<= 1.05", "met": True},
+        {"goal": "sqs", "value": None, "bound": ">= 3", "met": False},
+    ]
+    rps, p50, one, sqs = run.batching_goals({"goals": judged})
+    assert (rps.met, rps.measured) == (False, "2.40x")
+    assert (p50.met, one.met) == (True, True)
+    assert (sqs.met, sqs.measured) == (None, "-")  # not measured is not "not met"
+    assert all(g.met is None for g in run.batching_goals(None))
+    assert [g.goal for g in run.goals(run.Run())].count(rps.goal) == 1
+
+
 def test_the_results_file_has_a_section_per_part_and_stands_alone(tmp_path: Path) -> None:
     result = run.Run(peers=peers_results(1.0), seconds={"peers": 60.0}, load_at={"peers": "0.5"})
     text = run.render(
