@@ -30,6 +30,7 @@ from botocore.credentials import Credentials as BotoCredentials
 from moto.core.authorization import enable_iam_authentication
 
 import lazyserve.environment
+import lazyserve.sources.deadlines
 import lazyserve.sources.s3
 import lazyserve.sources.s3client
 from lazyserve.errors import ModelFetchError, ModelTooLarge
@@ -896,8 +897,8 @@ def test_a_body_that_trickles_is_given_up_on_at_its_deadline(
 ) -> None:
     # One byte every 0.3 s: under the 5 s read timeout forever. Each GET of 4 KiB may take
     # FIRST_BYTE + 4096 / BODY_FLOOR seconds: here 0.5 + 1.
-    monkeypatch.setattr(lazyserve.sources.s3client, "FIRST_BYTE", 0.5)
-    monkeypatch.setattr(lazyserve.sources.s3client, "BODY_FLOOR", PART)
+    monkeypatch.setattr(lazyserve.sources.deadlines, "FIRST_BYTE", 0.5)
+    monkeypatch.setattr(lazyserve.sources.deadlines, "BODY_FLOOR", PART)
     monkeypatch.setattr(lazyserve.sources.s3client, "BACKOFF", 0.001)
     make_bucket(s3, BUCKET)
     app = trickling_app(PART)
@@ -921,7 +922,7 @@ def test_a_whole_load_has_a_deadline_too(
     s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(lazyserve.sources.s3, "LOAD_SETUP", 0.5)
-    monkeypatch.setattr(lazyserve.sources.s3client, "FIRST_BYTE", 30.0)
+    monkeypatch.setattr(lazyserve.sources.deadlines, "FIRST_BYTE", 30.0)
     monkeypatch.setattr(lazyserve.sources.s3client, "BACKOFF", 0.001)
     make_bucket(s3, BUCKET)
     app = trickling_app(PART, every=0.05)

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-import lazyserve.sources.s3client
+import lazyserve.sources.deadlines
 from tests.helpers import (
     BUCKET,
     DIGIT_8,
@@ -43,8 +43,8 @@ BODY = {"inputs": [DIGIT_8]}
 def quick_deadlines(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each ranged GET of PART_SIZE bytes may take 0.5 + 1 s (the real figures are 5 s plus a
     second per MiB: the same rule, scaled down so the test takes seconds)."""
-    monkeypatch.setattr(lazyserve.sources.s3client, "FIRST_BYTE", 0.5)
-    monkeypatch.setattr(lazyserve.sources.s3client, "BODY_FLOOR", PART_SIZE)
+    monkeypatch.setattr(lazyserve.sources.deadlines, "FIRST_BYTE", 0.5)
+    monkeypatch.setattr(lazyserve.sources.deadlines, "BODY_FLOOR", PART_SIZE)
     monkeypatch.setattr(lazyserve.sources.s3client, "BACKOFF", 0.01)
 
 

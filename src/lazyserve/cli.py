@@ -1,4 +1,4 @@
-"""The `lazyserve` command line: demo, serve, invoke, push, convert (`lazyserve --help`)."""
+"""The `lazyserve` command line: init, demo, serve, invoke, push, convert (`lazyserve --help`)."""
 
 from __future__ import annotations
 

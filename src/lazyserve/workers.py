@@ -25,7 +25,8 @@ OFFLOAD_ABOVE = 0.002
 thread; faster ones run inline. A hop to a thread and back costs about 0.1 ms of the loop's
 time plus a GIL hand-over, and the loop already spends about 0.3-0.5 ms per request parsing,
 validating and serialising; inference shorter than that blocks other requests less than the
-hop would cost them (benchmarks/README.md, "Where inference runs")."""
+hop would cost them (docs/how-a-load-works.md, "Where inference runs, and the garbage
+collector")."""
 _SMOOTHING = 0.2  # weight of the newest call in the running mean
 
 _workers: ThreadPoolExecutor | None = None

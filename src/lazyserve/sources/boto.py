@@ -9,14 +9,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from lazyserve.sources.s3client import (
-    CONNECT_TIMEOUT,
-    READ_TIMEOUT,
-    Listed,
-    Listing,
-    ObjectStat,
-    body_deadline,
-)
+from lazyserve.sources.deadlines import body_deadline
+from lazyserve.sources.listing import Listed, Listing
+from lazyserve.sources.s3client import CONNECT_TIMEOUT, READ_TIMEOUT, ObjectStat
 from lazyserve.sources.s3errors import PreconditionFailed, RangeHead, S3Error, TransferError
 from lazyserve.types import S3Client
 

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Literal
 
 from lazyserve.checkpoint import CONFIG, ShardIndex, pretrained_files, read_shard_index
 from lazyserve.errors import ModelFetchError, ModelMissing, ModelUnavailable
+from lazyserve.sources.listing import Listing
 from lazyserve.sources.local import fetch_local
 from lazyserve.sources.s3 import Allocate, Known, S3Fetcher, private_buffer, s3_get_client
-from lazyserve.sources.s3client import Listing, RangeClient
+from lazyserve.sources.s3client import RangeClient
 from lazyserve.sources.s3errors import S3Error, TransferError, load_error
 from lazyserve.sources.signing import CredentialsError
 from lazyserve.sources.weights import Weights

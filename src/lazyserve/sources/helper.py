@@ -90,9 +90,10 @@ def start(settings: Settings) -> None:
 
     With one vCPU's worth of CPU time or less (`environment.cpu_capacity()`), nothing runs
     beside the imports anyway, and a process costs more CPU than a thread: the fork and the
-    copies-on-write that follow it, and the memfd's shared pages, whose first touches cost
-    about twice those of the anonymous memory a thread fills (benchmarks/README.md, "CPU per
-    byte"). The download then runs in a thread of this process. (With more, the helper's
+    copies-on-write that follow it, and the memfd's pages, faulted twice (by the helper that
+    fills them, then by the function that maps them: about 0.9 + 0.5 CPU-seconds per GiB on
+    this project's 2-vCPU test machine, where a thread's anonymous memory costs about 0.85 once).
+    The download then runs in a thread of this process. (With more, the helper's
     Python, botocore's import among it, runs beside the function's imports, not under their
     GIL.)"""
     global _started, _tried, _failure

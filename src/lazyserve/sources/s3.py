@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, NamedTuple
 from lazyserve import environment
 from lazyserve.errors import ModelChangedError, ModelFetchError, ModelTooLarge, ModelUnavailable
 from lazyserve.settings import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
-from lazyserve.sources.s3client import ObjectStat, RangeClient, S3GetClient, body_deadline
+from lazyserve.sources.deadlines import body_deadline
+from lazyserve.sources.s3client import ObjectStat, RangeClient, S3GetClient
 from lazyserve.sources.s3errors import (
     PreconditionFailed,
     RangeHead,

@@ -1,21 +1,20 @@
 """A small S3 client for the ranged GETs of a load: keep-alive `http.client` connections, requests
 addressed and signed by botocore (`endpoints.py`, `signing.py`), bounded time for everything
-(connect, each read, each whole body: a body that trickles ends like one that stalls), and
-retries as botocore's standard mode makes them.
+(connect, each read, each whole body: `deadlines.py`), and retries as botocore's standard mode
+makes them. ListObjectsV2 answers are read in `listing.py`, S3's errors in `s3errors.py`.
 
-Why not botocore's own client for these GETs: each ranged GET spends 2-2.5 ms of CPU in a warm
-botocore client against about 0.3 ms here, under the GIL, so botocore's parallel GETs go out one
-after another; and creating the client costs about 0.35 s of CPU in a fresh process
-(benchmarks/README.md, "Why a GET client of its own"). What is security-critical (credentials,
-signatures, endpoints) stays botocore's. Requests through a proxy go through urllib3 (botocore's
-HTTP library), which speaks TLS to an `https://` proxy where http.client cannot."""
+Why not botocore's own client for these GETs: a ranged GET through a warm botocore client costs
+several times the CPU of one here (about 2 ms against 0.5 ms measured on 2 vCPUs), all of it
+under the GIL, so botocore's parallel GETs largely go out one after another; and a plain-HTTP
+body is received straight into the load's buffer (docs/how-a-load-works.md, "A GET client of its
+own"). What is security-critical (credentials, signatures, endpoints) stays botocore's. Requests
+through a proxy go through urllib3 (botocore's HTTP library), which speaks TLS to an `https://`
+proxy where http.client cannot."""
 
 from __future__ import annotations
 
 import functools
-import heapq
 import http.client
-import itertools
 import os
 import random
 import re
@@ -27,6 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import quote
 
+from lazyserve.sources import deadlines
 from lazyserve.sources.endpoints import (
     Endpoint,
     Proxy,
@@ -35,6 +35,7 @@ from lazyserve.sources.endpoints import (
     region_of,
     resolve_endpoint,
 )
+from lazyserve.sources.listing import Listed, Listing, parse_listing, xml_field
 from lazyserve.sources.s3errors import (
     EXPIRED_CODES,
     PreconditionFailed,
@@ -47,54 +48,22 @@ from lazyserve.sources.signing import Signer, user_agent
 
 __all__ = [
     "ATTEMPTS",
-    "BODY_FLOOR",
     "CONNECT_TIMEOUT",
-    "FIRST_BYTE",
     "READ_TIMEOUT",
-    "Listed",
-    "Listing",
     "ObjectStat",
     "RangeClient",
     "S3GetClient",
-    "body_deadline",
 ]
 
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 5.0
 """Seconds any one read may wait for a byte."""
-FIRST_BYTE = 5.0
-"""Seconds a response may take before its body starts, within a body's deadline."""
-BODY_FLOOR = 1024 * 1024
-"""Bytes per second below which a body is given up on: each GET must deliver its bytes within
-FIRST_BYTE + size / BODY_FLOOR seconds (an 8 MiB part: 13 s; S3 serves one connection at about
-90 MB/s), so an endpoint that trickles a byte every few seconds ends like one that stalls."""
 ATTEMPTS = 3  # per request, the first included: S3 errors worth retrying, connections, bodies
 BACKOFF = 0.1  # seconds before the first retry (with jitter), doubling, at most BACKOFF_MAX
 BACKOFF_MAX = 2.0
 _ERROR_BODY_LIMIT = 64 * 1024
 _DOCUMENT_LIMIT = 4 * 1024 * 1024  # a ListObjectsV2 page of 1,000 keys is well under 1 MiB
 LIST_PAGES = 10
-
-
-def body_deadline(size: int, now: float | None = None) -> float:
-    """The time.monotonic() by which a GET of `size` bytes must be complete."""
-    return (time.monotonic() if now is None else now) + FIRST_BYTE + size / BODY_FLOOR
-
-
-class Listed(NamedTuple):
-    """One object of a listing: its key, size and ETag."""
-
-    key: str
-    size: int
-    etag: str | None
-
-
-class Listing(NamedTuple):
-    """What a ListObjectsV2 with a delimiter found under a prefix: the objects directly under
-    it, and the common prefixes (the `directories`) below it."""
-
-    objects: list[Listed]
-    prefixes: list[str]
 
 
 class ObjectStat(NamedTuple):
@@ -234,11 +203,11 @@ class S3GetClient:
                 "GET", bucket, "", None, {}, 0, 0, None, None, query=query, into_doc=pages
             )
             body = pages[0].decode("utf-8", "replace")
-            page = _parse_listing(body)
+            page = parse_listing(body)
             objects += page.objects
             prefixes += page.prefixes
-            token = _xml_field(body, "NextContinuationToken")
-            if _xml_field(body, "IsTruncated") != "true" or not token:
+            token = xml_field(body, "NextContinuationToken")
+            if xml_field(body, "IsTruncated") != "true" or not token:
                 return Listing(objects, prefixes)
         raise TransferError(f"more than {LIST_PAGES * 1000} objects under it", start=0, end=0)
 
@@ -278,7 +247,7 @@ class S3GetClient:
         redirected = refreshed = False
         while True:
             attempt += 1
-            limit = body_deadline(end - start + 1)
+            limit = deadlines.body_deadline(end - start + 1)
             if deadline is not None:
                 limit = min(limit, deadline)
             try:
@@ -338,7 +307,7 @@ class S3GetClient:
             name=endpoint.signing_name,
         )
         proxy = proxy_for(endpoint, self._environ)
-        watch = _WATCHDOG.watch(deadline)
+        watch = deadlines.watch(deadline)
         response: _Response | None = None
         head: RangeHead | None = None
         release: Callable[[bool], None] = _nothing
@@ -376,7 +345,7 @@ class S3GetClient:
                 got = _read_into(response, view)
             if watch.expired:
                 raise TransferError(
-                    f"the body came slower than {BODY_FLOOR // 1024} KiB/s ({got} of "
+                    f"the body came slower than {deadlines.BODY_FLOOR // 1024} KiB/s ({got} of "
                     f"{len(view)} bytes when its time ran out)",
                     start=start,
                     end=end,
@@ -436,7 +405,7 @@ class S3GetClient:
         method: str,
         target: str,
         headers: dict[str, str],
-        watch: _Watch,
+        watch: deadlines.Watch,
     ) -> tuple[_Response, Callable[[bool], None], socket.socket | None]:
         place = (endpoint.scheme, endpoint.host, endpoint.port)
         connection, reused = self._connection(endpoint, place)
@@ -507,7 +476,7 @@ class S3GetClient:
         return connection, False
 
     def _through(
-        self, proxy: Proxy, method: str, url: str, headers: dict[str, str], watch: _Watch
+        self, proxy: Proxy, method: str, url: str, headers: dict[str, str], watch: deadlines.Watch
     ) -> tuple[_Response, Callable[[bool], None]]:
         import urllib3
 
@@ -590,34 +559,6 @@ def _shut(sock: socket.socket | None) -> None:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-
-
-_CONTENTS = re.compile(r"<Contents>(.*?)</Contents>", re.S)
-_PREFIX = re.compile(r"<CommonPrefixes>\s*<Prefix>(.*?)</Prefix>", re.S)
-_ENTITIES = {"&lt;": "<", "&gt;": ">", "&quot;": '"', "&apos;": "'", "&amp;": "&"}
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"&(?:lt|gt|quot|apos|amp);", lambda m: _ENTITIES[m.group()], text)
-
-
-def _xml_field(body: str, name: str) -> str | None:
-    found = re.search(rf"<{name}>(.*?)</{name}>", body, re.S)
-    return _unescape(found.group(1)) if found else None
-
-
-def _parse_listing(body: str) -> Listing:
-    """A ListObjectsV2 page, read with a few bounded patterns (no XML parser: S3's answer is
-    flat, and a hostile one cannot make entities expand here)."""
-    objects = []
-    for item in _CONTENTS.findall(body):
-        key = _xml_field(item, "Key")
-        size = _xml_field(item, "Size")
-        if key is None or size is None or not size.isdigit():
-            continue
-        objects.append(Listed(key, int(size), _xml_field(item, "ETag")))
-    prefixes = [_unescape(p) for p in _PREFIX.findall(body)]
-    return Listing(objects, prefixes)
 
 
 def _version_query(version_id: str | None) -> str:
@@ -704,86 +645,3 @@ def _read_into(response: _Response, view: memoryview) -> int:
             break
         got += n
     return got
-
-
-class _Watch:
-    """One request's deadline; `arm(cancel)` gives the way to interrupt its blocked read from
-    the watchdog's thread."""
-
-    __slots__ = ("_cancel", "_lock", "deadline", "done", "expired", "order")
-
-    def __init__(self, deadline: float, order: int) -> None:
-        self.deadline = deadline
-        self.order = order
-        self.expired = False
-        self.done = False
-        self._cancel: Callable[[], None] | None = None
-        self._lock = threading.Lock()
-
-    def __lt__(self, other: _Watch) -> bool:
-        return (self.deadline, self.order) < (other.deadline, other.order)
-
-    def arm(self, cancel: Callable[[], None]) -> None:
-        with self._lock:
-            self._cancel = cancel
-            late = self.expired
-        if late:  # the deadline passed before the request had a connection to cut
-            cancel()
-
-    def fire(self) -> None:
-        with self._lock:
-            if self.done:
-                return
-            self.expired = True
-            cancel = self._cancel
-        if cancel is not None:
-            cancel()
-
-    def finish(self) -> None:
-        with self._lock:
-            self.done = True
-            self._cancel = None
-
-
-class _Watchdog:
-    """One thread per process that interrupts the reads whose deadline passed. A socket timeout
-    bounds each wait for a byte, not a whole body: a peer sending a byte every few seconds never
-    trips it, so a body's deadline needs a second thread to cut the connection."""
-
-    def __init__(self) -> None:
-        self._heap: list[_Watch] = []
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._counter = itertools.count()
-
-    def watch(self, deadline: float) -> _Watch:
-        watch = _Watch(deadline, next(self._counter))
-        with self._cond:
-            if self._thread is None or self._pid != os.getpid():  # new, or after a fork
-                self._heap = []
-                self._pid = os.getpid()
-                self._thread = threading.Thread(
-                    target=self._run, name="lazyserve-deadlines", daemon=True
-                )
-                self._thread.start()
-            heapq.heappush(self._heap, watch)
-            if self._heap[0] is watch:
-                self._cond.notify()
-        return watch
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap:
-                    self._cond.wait()
-                first = self._heap[0]
-                left = first.deadline - time.monotonic()
-                if left > 0 and not first.done:
-                    self._cond.wait(left)
-                    continue
-                heapq.heappop(self._heap)
-            first.fire()  # outside the lock: cutting a socket may take a moment
-
-
-_WATCHDOG = _Watchdog()
