@@ -311,7 +311,8 @@ def fetch_goals(results: peers.PeersResults | None) -> list[Goal]:
         cpus.append(f"{_mib(size)}: {per_gib:.2f}")
         ok_cpu &= per_gib <= CPU_GOAL
         link8, link16 = by.get((size, peers.LINK)), by.get((size, LINK16))
-        if size == FETCH_SMALL_AT * 2**20 and link8 is not None:
+        # A file's size is its MiB of tensors plus the safetensors header: judged by its MiB.
+        if round(size / 2**20) == FETCH_SMALL_AT and link8 is not None:
             fraction = link8.seconds / lazy.seconds
             smalls.append(f"{_mib(size)}: {fraction:.2f}")
             ok_small &= fraction >= FETCH_SMALL
