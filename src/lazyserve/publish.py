@@ -274,13 +274,8 @@ def _check_bucket(s3: S3Client, bucket: str) -> None:
 def convert(source: Path, target: Path) -> int:
     """Turn a torch.save state dict (read with weights_only=True, whatever its name) into a
     safetensors file named `*.safetensors`, mode 0644; return the number of tensors written."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from lazyserve.formats import read_state_dict, sniff_format
-    from lazyserve.sources import Weights
-
+    # The arguments are checked before torch is imported: a typo is answered at once, not after
+    # the 2-3 s that import takes.
     _existing_file(source)
     if target.exists() and target.resolve() == source.resolve():
         raise ValueError(f"{target} is the input file; give another output path")
@@ -292,6 +287,13 @@ def convert(source: Path, target: Path) -> int:
             f"{MODEL_SUFFIX} (serving and push read a name's suffix as its format); "
             f"e.g. {target.with_suffix(MODEL_SUFFIX)}"
         )
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from lazyserve.formats import read_state_dict, sniff_format
+    from lazyserve.sources import Weights
+
     with open(source, "rb") as file:
         head = file.read(16)
     if sniff_format(head) == "safetensors":
