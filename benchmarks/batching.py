@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DATA, ROOT, load_average
+from benchmarks.common import DATA, ROOT, free_port, load_average
 
 BERT_BASE: dict[str, Any] = {"num_labels": 2}  # BertConfig's defaults are BERT-base's
 TINY: dict[str, Any] = {
@@ -112,19 +111,11 @@ def _env(bert: dict[str, Any], path: Path, mode: str | None = None) -> dict[str,
     return env
 
 
-def _free_port() -> int:
-    # uvicorn --fd wraps the socket as AF_UNIX, and asyncio would not set TCP_NODELAY on it.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Server:
     """`uvicorn --factory benchmarks.batching_app:create_app` on 127.0.0.1, in `mode`."""
 
     def __init__(self, mode: str, bert: dict[str, Any], path: Path, log: Path) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         port = self.url.rsplit(":", 1)[1]
         command = [sys.executable, "-m", "uvicorn", "--factory"]
         command += ["benchmarks.batching_app:create_app", "--host", "127.0.0.1", "--port", port]

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import resource
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -240,3 +241,13 @@ def worker_env(endpoint: str) -> dict[str, str]:
     env.update(FAKE_AWS, AWS_ENDPOINT_URL_S3=endpoint)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a uvicorn child (`--port`). uvicorn --fd would avoid
+    the race, but it wraps the socket as AF_UNIX, so asyncio would not set TCP_NODELAY on the
+    accepted connections."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import gcstats
+from benchmarks.common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "benchmarks" / "data"
@@ -87,15 +87,6 @@ def ensure_wrk(log: Callable[[str], None] = print) -> str:
     return found
 
 
-def _free_port() -> int:
-    # uvicorn --fd would do without this race, but it wraps the socket as AF_UNIX, so asyncio
-    # would not set TCP_NODELAY on the accepted connections.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Server:
     """One uvicorn worker serving `benchmarks.served:APP`, pinned to `cpu`."""
 
@@ -109,7 +100,7 @@ class Server:
         gc_freeze: bool = False,
     ) -> None:
         self.app = app
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         suffix = f"-{env['BENCH_SLOW_FORWARD']}" if env and "BENCH_SLOW_FORWARD" in env else ""
         self.log_path = DATA / f"uvicorn-{app}{suffix}.log"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -78,6 +79,34 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+@contextmanager
+def serving(argv: list[str], settings: dict[str, str]) -> Iterator[str]:
+    """A README's `lazyserve serve` command on a free port with `settings` in its environment,
+    until the block ends; its base URL once it answers."""
+    port = free_port()
+    server = subprocess.Popen(
+        [*argv, "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **settings},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_serving(server, base)
+        yield base
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
+def curl_body(curl: str) -> str:
+    """The JSON a README's curl command sends (`-d '...'`)."""
+    body = re.search(r"-d '(.*?)'", curl)
+    assert body, curl
+    return body[1]
 
 
 def test_the_weights_are_readable_by_anyone_whatever_the_umask(tmp_path: Path) -> None:
@@ -229,33 +258,17 @@ def test_readme_commands_make_weights_invoke_and_serve(tmp_path: Path) -> None:
     assert response["statusCode"] == 200
     assert json.loads(response["body"]) == {"labels": LABELS}
 
-    port = free_port()
-    serve_argv = [*argv(serve), "--port", str(port)]
-    server = subprocess.Popen(
-        serve_argv,
-        cwd=ROOT,
-        env={**os.environ, "LAZYSERVE_MODEL_URI": str(path)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_serving(server, base)
-        body = re.search(r"-d '(.*?)'", curl)
-        assert body, curl
+    with serving(argv(serve), {"LAZYSERVE_MODEL_URI": str(path)}) as base:
         url = re.search(r"http://127\.0\.0\.1:8000(/\S*)", curl)
         assert url, curl
         response = httpx.post(
             f"{base}{url[1]}",
-            content=body[1],
+            content=curl_body(curl),
             headers={"content-type": "application/json"},
             timeout=30,
         )
         assert response.status_code == 200, response.text
         assert response.json() == {"labels": LABELS}
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
 
 
 # --- the README shows the example's code ----------------------------------------------------------
@@ -294,28 +307,16 @@ def test_the_many_models_example_runs_as_shown(s3: CountingS3Server) -> None:
         "LAZYSERVE_MEMORY_BUDGET": "150K",
     }
     settings["LAZYSERVE_MODEL_URI"] = f"s3://{BUCKET}/digits/"
-    port = free_port()
     command = [w for w in serve.split() if not w.startswith("LAZYSERVE_")]
-    server = subprocess.Popen(
-        [*command, "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, **settings},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until_serving(server, f"http://127.0.0.1:{port}")
+    with serving(command, settings) as base:
         answers = []
         for line in serve_and_curl.splitlines():
-            line = line.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+            line = line.replace("127.0.0.1:8000", base.removeprefix("http://"))
             done = subprocess.run(
                 line, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
             )
             assert done.returncode == 0, (line, done.stderr)
             answers.append(json.loads(done.stdout))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     *predictions, listing = answers
     assert [a["predictions"][0]["label"] for a in predictions] == [8, 8, 8]
     # 150K holds two 69 KB models: gamma evicted alpha, the least recently used.
@@ -361,22 +362,10 @@ def test_the_huggingface_readme_commands_make_invoke_and_serve(tmp_path: Path) -
     labels = json.loads(response["body"])["labels"]
     assert len(labels) == 2 and set(labels) <= {"positive", "negative"}
 
-    port = free_port()
-    server = subprocess.Popen(
-        [*argv(serve), "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, "LAZYSERVE_MODEL_URI": uri},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_serving(server, base)
-        body = re.search(r"-d '(.*?)'", curl)
-        assert body, curl
+    with serving(argv(serve), {"LAZYSERVE_MODEL_URI": uri}) as base:
         answer = httpx.post(
             f"{base}/predict",
-            content=body[1],
+            content=curl_body(curl),
             headers={"content-type": "application/json"},
             timeout=60,
         )
@@ -384,9 +373,6 @@ def test_the_huggingface_readme_commands_make_invoke_and_serve(tmp_path: Path) -
         assert answer.json()["labels"][0] in ("positive", "negative")
         meta = httpx.get(f"{base}/model", timeout=30).json()
         assert list(meta["files"]) == ["model.safetensors"]
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
 
 
 def test_the_huggingface_example_is_at_most_30_lines_and_imports_lazyserve_only() -> None:
