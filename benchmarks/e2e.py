@@ -33,7 +33,7 @@ from typing import Any
 
 from tests.runtime_api import RuntimeAPI
 
-from benchmarks.common import BUCKET, LAYER_MIB, ROOT, weights_file
+from benchmarks.common import BUCKET, LAYER_MIB, ROOT, pushed, weights_file
 from benchmarks.s3endpoint import DEFAULT_BANDWIDTH, DEFAULT_LATENCY, S3Endpoint, _Handler
 
 VARIANTS = ("floor", "floor_frozen", "download_file", "lazy", "background", "eager", "local")
@@ -153,11 +153,12 @@ def _bert_workload(label: str) -> Workload:
 def serve(s3: S3Endpoint, work: Workload) -> None:
     """Put the workload's weights (every file of a directory) on the stand-in."""
     if not work.directory:
-        s3.add(BUCKET, work.key, work.path)
+        s3.add(BUCKET, work.key, work.path, metadata=pushed(work.path))
         return
     for path in sorted(work.path.rglob("*")):
         if path.is_file():
-            s3.add(BUCKET, BERT_PREFIX + path.relative_to(work.path).as_posix(), path)
+            key = BERT_PREFIX + path.relative_to(work.path).as_posix()
+            s3.add(BUCKET, key, path, metadata=pushed(path))
 
 
 # --- the S3 endpoint, with arrival times ----------------------------------------------------

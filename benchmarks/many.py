@@ -37,6 +37,7 @@ from benchmarks.common import (
     WeightsFile,
     load_average,
     proc_status,
+    pushed,
     weights_file,
     worker_env,
 )
@@ -224,7 +225,7 @@ def run(
     with S3Endpoint(bandwidth=bandwidth, latency=latency) as s3:
         for index in range(models):
             # One file under every name: each name is still its own object and its own load.
-            s3.add(BUCKET, model_key(index), wf.path)
+            s3.add(BUCKET, model_key(index), wf.path, metadata=pushed(wf.path))
         env = {
             **worker_env(s3.endpoint),
             "LAZYSERVE_MODEL_URI": f"s3://{BUCKET}/{PREFIX}",

@@ -2,7 +2,9 @@
 as its own documentation recommends, next to the link limit measured in the same run.
 
 Loaders (name[:connections]; each run in a fresh subprocess, the endpoint in this process):
-  lazyserve         lazyserve's load_model: parallel ranged GETs into one buffer (16 by default)
+  lazyserve         lazyserve's load_model: parallel ranged GETs into one buffer (16 by default),
+                    the object as `lazyserve push` stores it (checked by its stored CRC64NVME)
+  lazyserve_sha256  the same with LAZYSERVE_MODEL_SHA256 pinned (checked by a sha256)
   boto3             download_file to /tmp (s3transfer: 10 threads, 8 MB parts; `boto3:8` = 8),
                     safetensors.torch.load_file (a memory map), the model on the meta device,
                     load_state_dict(assign=True)
@@ -21,6 +23,7 @@ Loaders (name[:connections]; each run in a fresh subprocess, the endpoint in thi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -45,6 +48,7 @@ from benchmarks.common import (
     build_on_meta,
     build_synthetic,
     measured,
+    pushed,
     read_link,
     weights_file,
     worker_env,
@@ -54,10 +58,20 @@ from benchmarks.s3endpoint import DEFAULT_BANDWIDTH, DEFAULT_LATENCY, S3Endpoint
 if TYPE_CHECKING:
     from torch import nn
 
-LOADERS = ("lazyserve", "boto3", "boto3_crt", "runai", "s3torchconnector", "one_get", "link")
+LOADERS = (
+    "lazyserve",
+    "lazyserve_sha256",
+    "boto3",
+    "boto3_crt",
+    "runai",
+    "s3torchconnector",
+    "one_get",
+    "link",
+)
 DEFAULT_METHODS = (
     "lazyserve",
     "lazyserve:8",
+    "lazyserve_sha256",
     "boto3",
     "boto3:8",
     "boto3:16",
@@ -121,13 +135,19 @@ class Target:
 # --- the loaders: each makes its clients before the clock and returns the timed load ----------
 
 
-def lazyserve_loader(target: Target, connections: int | None) -> Callable[[], nn.Module]:
-    """The one place that calls lazyserve: load_model, as a function would."""
+def lazyserve_loader(
+    target: Target, connections: int | None, *, pinned: bool = False
+) -> Callable[[], nn.Module]:
+    """The one place that calls lazyserve: load_model, as a function would. The object carries
+    what `lazyserve push` stores (its sha256 and CRC64NVME, checked by the CRC); `pinned` also
+    pins the sha256 in LAZYSERVE_MODEL_SHA256, which a load checks as a sha256."""
     from lazyserve.model import load_model
     from lazyserve.settings import load_settings
     from lazyserve.sources import s3_get_client
 
-    env = {"LAZYSERVE_MODEL_URI": target.uri, "LAZYSERVE_MODEL_SHA256": target.sha256}
+    env = {"LAZYSERVE_MODEL_URI": target.uri}
+    if pinned:
+        env["LAZYSERVE_MODEL_SHA256"] = target.sha256
     if connections is not None:
         env["LAZYSERVE_S3_CONCURRENCY"] = str(connections)
     settings = load_settings(env)
@@ -249,6 +269,7 @@ def link_loader(target: Target, connections: int | None) -> Callable[[], None]:
 
 MAKERS: dict[str, Callable[[Target, int | None], Callable[[], Any]]] = {
     "lazyserve": lazyserve_loader,
+    "lazyserve_sha256": functools.partial(lazyserve_loader, pinned=True),
     "boto3": boto3_loader,
     "boto3_crt": boto3_crt_loader,
     "runai": runai_loader,
@@ -463,7 +484,7 @@ def run(
     with S3Endpoint(bandwidth=bandwidth, latency=latency) as s3:
         for size, wf in files.items():
             key = wf.path.name
-            s3.add(BUCKET, key, wf.path)
+            s3.add(BUCKET, key, wf.path, metadata=pushed(wf.path))
             for repeat in range(repeats):
                 shift = repeat % len(methods)
                 for method in [*methods[shift:], *methods[:shift]]:
@@ -489,6 +510,7 @@ def label(method: str) -> str:
     name, count = parse_method(method)
     labels = {
         "lazyserve": f"**lazyserve** ({count or LAZYSERVE_DEFAULT} conn)",
+        "lazyserve_sha256": f"lazyserve, sha256 pinned ({count or LAZYSERVE_DEFAULT} conn)",
         "boto3": f"boto3 download_file → load_file ({count or 10} threads)",
         "boto3_crt": "boto3 CRT download → load_file"
         + (f" ({count} conn)" if count else " (CRT default)"),
@@ -537,7 +559,7 @@ def timeline(
     runs: list[dict[str, float]] = []
     with S3Endpoint() as s3:
         key = wf.path.name
-        s3.add(BUCKET, key, wf.path)
+        s3.add(BUCKET, key, wf.path, metadata=pushed(wf.path))
         target = Target(s3.endpoint, key, wf.size, wf.layers, wf.width, wf.sha256)
         for _ in range(repeats):
             proc = subprocess.run(

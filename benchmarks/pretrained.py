@@ -27,7 +27,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BUCKET, ROOT, load_average, proc_status, warm_torch, worker_env
+from benchmarks.common import (
+    BUCKET,
+    ROOT,
+    load_average,
+    proc_status,
+    pushed,
+    warm_torch,
+    worker_env,
+)
 from benchmarks.s3endpoint import S3Endpoint
 
 DEFAULT_DIR = Path("/tmp/lazyserve-bench-bert-base")
@@ -168,7 +176,8 @@ def serve_directory(s3: S3Endpoint, directory: Path, prefix: str = PREFIX) -> No
     """Every file of the directory as s3://bench/<prefix><name>."""
     for path in sorted(directory.rglob("*")):
         if path.is_file():
-            s3.add(BUCKET, prefix + path.relative_to(directory).as_posix(), path)
+            key = prefix + path.relative_to(directory).as_posix()
+            s3.add(BUCKET, key, path, metadata=pushed(path))
 
 
 def run(

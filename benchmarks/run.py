@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import batching, e2e, load, many, peers, pretrained, uvicorn_load, warm
-from benchmarks.common import BUCKET, ROOT, WeightsFile, load_average
+from benchmarks.common import BUCKET, ROOT, WeightsFile, load_average, pushed
 from benchmarks.e2e import E2EResults
 from benchmarks.s3endpoint import S3Endpoint
 
@@ -182,7 +182,7 @@ def link_times(sizes: Sequence[str], repeats: int) -> dict[str, float]:
     with S3Endpoint() as s3:
         for size in sizes:
             work = e2e.workload(size)
-            s3.add(BUCKET, work.key, work.path)
+            s3.add(BUCKET, work.key, work.path, metadata=pushed(work.path))
             wf = WeightsFile(work.path, work.size, max(work.layers, 1), "", {})
             seconds = [
                 peers.measure_in_worker(s3, peers.LINK, work.key, wf)[0]["seconds"]
@@ -327,7 +327,7 @@ def fetch_goals(results: peers.PeersResults | None) -> list[Goal]:
         worst: tuple[float, str] | None = None
         for (at, method), summary in by.items():
             name, count = peers.parse_method(method)
-            if at != size or name in ("lazyserve", "link"):
+            if at != size or name in ("lazyserve", "lazyserve_sha256", "link"):
                 continue
             # Equal connection counts where the peer names one, else lazyserve's default.
             mine = by.get((size, f"lazyserve:{count}")) if count not in (None, default) else None

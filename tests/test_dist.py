@@ -54,7 +54,7 @@ def test_the_wheel_holds_the_library_its_templates_and_its_start_up_hook(dist: D
         assert any(n.startswith(f"lazyserve/templates/{template}/") for n in names), template
     assert hook == (SRC / "lazyserve.pth").read_text()
     assert "lazyserve = lazyserve.cli:main" in entry_points
-    assert set(meta.get_all("Provides-Extra") or []) == {"transformers", "dev", "bench"}
+    assert set(meta.get_all("Provides-Extra") or []) == {"transformers", "crt", "dev", "bench"}
     requires = meta.get_all("Requires-Dist") or []
     assert "transformers>=5.0; extra == 'transformers'" in requires
     assert "tokenizers>=0.21; extra == 'transformers'" in requires

@@ -26,6 +26,7 @@ from lazyserve.errors import ModelFormatError, ModelIntegrityError
 from lazyserve.model import load_model
 from lazyserve.publish import push
 from lazyserve.settings import load_settings
+from lazyserve.sources.checksums import crc_digests
 from tests.helpers import (
     ACCESS_DENIED,
     DIGIT_8,
@@ -47,6 +48,7 @@ LAZYSERVE = Path(sys.executable).parent / "lazyserve"
 VERSIONED = "lazyserve-versioned"
 PLAIN = "lazyserve-plain"
 MIB = 1024 * 1024
+WEIGHTS_PUSHED = {"sha256": WEIGHTS_SHA256, **crc_digests(WEIGHTS_BYTES)}
 PUSHED = re.compile(
     r"uri: (?P<uri>\S+)\nsha256: (?P<sha256>[0-9a-f]{64})\nsize: (?P<size>\d+)\n"
     r"version_id: (?P<version_id>\S+)\n"
@@ -180,7 +182,7 @@ def test_push_of_a_large_file_is_multipart_and_the_load_verifies_it(
         assert result["version_id"] == head["VersionId"] != "null"
     else:
         assert result["version_id"] == "-"
-    assert head["Metadata"] == {"sha256": result["sha256"]}
+    assert head["Metadata"] == {"sha256": result["sha256"], **crc_digests(data)}
     assert head["ContentLength"] == len(data)
     assert done.stderr == ""  # no progress bar into a pipe
 
@@ -198,10 +200,24 @@ def test_push_of_a_large_file_is_multipart_and_the_load_verifies_it(
     # A load with no LAZYSERVE_MODEL_SHA256 checks the stored digest and builds the same model.
     loaded = load_model(WideNet, load_settings({"LAZYSERVE_MODEL_URI": uri}))
     assert loaded.info.sha256 == result["sha256"]
+    assert loaded.info.verified_by == "crc64nvme"  # the CRC stored beside it (no second hash)
     assert loaded.info.size_bytes == len(data)
     x = torch.randn(3, 1024)
     with torch.inference_mode():
         assert torch.equal(loaded.module(x), net(x))
+
+
+def test_without_awscrt_push_stores_the_crc32_and_the_load_checks_it(
+    s3: CountingS3Server, client: Any, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "awscrt.checksums", None)  # no lazyserve[crt]
+    uri = f"s3://{PLAIN}/{key}"
+    result = push(WEIGHTS, uri, client=client)
+    assert result.sha256 == WEIGHTS_SHA256
+    stored = client.head_object(Bucket=PLAIN, Key=key)["Metadata"]
+    assert stored == {"sha256": WEIGHTS_SHA256, "crc32": WEIGHTS_PUSHED["crc32"]}
+    loaded = load_model(DigitsMLP, load_settings({"LAZYSERVE_MODEL_URI": uri}))
+    assert (loaded.info.sha256, loaded.info.verified_by) == (WEIGHTS_SHA256, "crc32")
 
 
 def test_push_draws_its_progress_bar_on_a_terminal(
@@ -466,7 +482,7 @@ def test_push_into_a_prefix_names_the_object_after_the_file(
     result = pushed(lazyserve("push", str(named), prefix))
     assert result["uri"] == prefix + "digits-v2.safetensors"
     head = client.head_object(Bucket=PLAIN, Key=result["uri"].removeprefix(f"s3://{PLAIN}/"))
-    assert head["Metadata"] == {"sha256": WEIGHTS_SHA256}
+    assert head["Metadata"] == WEIGHTS_PUSHED
 
     other = write(tmp_path, "my model.safetensors", WEIGHTS_BYTES)
     assert one_line_error(lazyserve("push", str(other), prefix)) == (
@@ -506,7 +522,7 @@ def test_a_bucket_that_hides_itself_from_head_bucket_still_takes_the_upload(
     s3.fault = lambda r: forbidden if r.method == "HEAD" and r.path == f"/{PLAIN}" else None
     result = pushed(lazyserve("push", str(WEIGHTS), f"s3://{PLAIN}/{key}"))
     assert result["sha256"] == WEIGHTS_SHA256
-    assert client.head_object(Bucket=PLAIN, Key=key)["Metadata"] == {"sha256": WEIGHTS_SHA256}
+    assert client.head_object(Bucket=PLAIN, Key=key)["Metadata"] == WEIGHTS_PUSHED
 
 
 # --- convert --------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import random
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -35,6 +37,7 @@ from lazyserve.sources import (
     take_prefetched,
 )
 from lazyserve.sources import directory as directory_module
+from lazyserve.sources.checksums import crc_digests, stored_crc
 from lazyserve.sources.directory import fetch_directory
 from lazyserve.sources.s3client import S3Error
 from tests.helpers import REGION, make_bucket, moto_client, stalled_gets
@@ -191,6 +194,100 @@ def test_wrong_sha256_stored_with_the_object_fails(s3: CountingS3Server) -> None
     assert sha256(data) in str(error)
     assert stored in str(error)
     assert "stored with the object" in str(error)
+
+
+def b64(value: int, width: int) -> str:
+    return base64.b64encode(value.to_bytes(width, "big")).decode()
+
+
+def test_the_crcs_are_the_standard_ones_in_s3s_encoding() -> None:
+    # The catalogued check values (the CRC of "123456789"), as S3 encodes its own checksums:
+    # base64 of the big-endian value.
+    assert crc_digests(b"123456789") == {
+        "crc64nvme": b64(0xAE8B14860A799888, 8),
+        "crc32": b64(0xCBF43926, 4),
+    }
+    good = {"crc64nvme": b64(0xAE8B14860A799888, 8), "crc32": b64(0xCBF43926, 4)}
+    assert stored_crc(good) == ("crc64nvme", good["crc64nvme"])  # the faster one first
+    assert stored_crc({"crc32": good["crc32"]}) == ("crc32", good["crc32"])
+    for bad in (None, "", "nonsense", good["crc64nvme"][:-1], good["crc32"] + "=", "!" * 11 + "="):
+        assert stored_crc({"crc64nvme": bad, "crc32": bad}) is None
+
+
+def without_awscrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as one without `lazyserve[crt]` installed."""
+    monkeypatch.setitem(sys.modules, "awscrt.checksums", None)  # import raises ImportError
+
+
+def pushed_metadata(data: bytes) -> dict[str, str]:
+    """What `lazyserve push` stores with a file (awscrt installed)."""
+    return {"sha256": sha256(data), **crc_digests(data)}
+
+
+@pytest.mark.parametrize("crt", [True, False], ids=["with-awscrt", "without-awscrt"])
+def test_a_crc_stored_beside_the_sha256_is_checked_instead(
+    s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch, crt: bool
+) -> None:
+    data = random_bytes(3 * PART + 123, seed=31)
+    seed(s3, "crc.safetensors", data, Metadata=pushed_metadata(data))
+    if not crt:
+        without_awscrt(monkeypatch)
+    weights = fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/crc.safetensors"))
+    assert content(weights) == data
+    assert len(ranged_gets(s3, "crc.safetensors")) > 1  # checked across parts, in order
+    assert weights.verified_by == ("crc64nvme" if crt else "crc32")
+    assert weights.sha256 == sha256(data)  # the stored one, bound to the bytes by the CRC
+
+
+@pytest.mark.parametrize("crt", [True, False], ids=["with-awscrt", "without-awscrt"])
+def test_a_wrong_crc_fails_whatever_the_sha256_says(
+    s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch, crt: bool
+) -> None:
+    data = random_bytes(3 * PART + 5, seed=32)
+    changed = data[:-1] + bytes([data[-1] ^ 1])  # one bit, in the last part
+    stored = pushed_metadata(data)
+    seed(s3, "crc-wrong.safetensors", changed, Metadata=stored)
+    if not crt:
+        without_awscrt(monkeypatch)
+    name = "crc64nvme" if crt else "crc32"
+    error = fetch_error(f"s3://{BUCKET}/crc-wrong.safetensors")
+    assert isinstance(error, ModelIntegrityError)
+    assert str(error) == (
+        f"s3://{BUCKET}/crc-wrong.safetensors: {name.upper()} of the weights is "
+        f"{crc_digests(changed)[name]}, expected {stored[name]} (the one stored with the object)"
+    )
+
+
+def test_a_pinned_digest_is_always_a_sha256(s3: CountingS3Server) -> None:
+    data = random_bytes(9_000, seed=33)
+    seed(s3, "crc-pinned.safetensors", data, Metadata=pushed_metadata(data))
+    uri = parse_model_uri(f"s3://{BUCKET}/crc-pinned.safetensors")
+    weights = fetcher().fetch(uri, expected_sha256=sha256(data))
+    assert weights.verified_by == "sha256"
+    wrong = "ab" * 32
+    error = fetch_error(f"s3://{BUCKET}/crc-pinned.safetensors", expected_sha256=wrong)
+    assert isinstance(error, ModelIntegrityError)
+    assert "LAZYSERVE_MODEL_SHA256" in str(error)
+
+
+@pytest.mark.parametrize("crc", ["not-a-crc", "", "AAAAAAAAAAA"])
+def test_a_malformed_crc_leaves_the_sha256_check(s3: CountingS3Server, crc: str) -> None:
+    data = random_bytes(9_000, seed=34)
+    stored = "cd" * 32
+    seed(
+        s3, "crc-bad.safetensors", data, Metadata={"sha256": stored, "crc64nvme": crc, "crc32": crc}
+    )
+    error = fetch_error(f"s3://{BUCKET}/crc-bad.safetensors")
+    assert isinstance(error, ModelIntegrityError)
+    assert "the sha256 stored with the object" in str(error)
+
+
+def test_a_crc_without_a_sha256_is_not_enough(s3: CountingS3Server) -> None:
+    # Without a stored sha256 there is none to report: the load computes it.
+    data = random_bytes(9_000, seed=35)
+    seed(s3, "crc-only.safetensors", data, Metadata=crc_digests(data))
+    weights = fetcher().fetch(parse_model_uri(f"s3://{BUCKET}/crc-only.safetensors"))
+    assert (weights.verified_by, weights.sha256) == ("sha256", sha256(data))
 
 
 def test_empty_object(s3: CountingS3Server) -> None:

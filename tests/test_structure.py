@@ -95,6 +95,24 @@ def test_extras_hold_what_only_they_need() -> None:
     core = " ".join(project["dependencies"])
     for name in ("transformers", "moto", "scikit-learn", "matplotlib", "powertools", "settings"):
         assert name not in core, name
+    # awscrt is optional: installed, it changes how botocore signs every request of the
+    # process, and botocore imports it in every process (sources/checksums.py).
+    assert extras["crt"] == ["botocore[crt]>=1.36"]
+    assert "crt" not in core
+
+
+def test_awscrt_is_imported_only_inside_functions() -> None:
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            assert not any(n.split(".")[0] == "awscrt" for n in names), path
 
 
 def test_requests_are_signed_by_botocore_not_by_hand() -> None:

@@ -336,7 +336,7 @@ def push(file: str, uri: str) -> int:
 
 def convert(source: str, target: str) -> int:
     from lazyserve.publish import convert as convert_file
-    from lazyserve.publish import file_sha256
+    from lazyserve.publish import file_digests
 
     out = Path(target)
     if out.is_dir():
@@ -351,7 +351,8 @@ def convert(source: str, target: str) -> int:
         raise CommandError("IN.pt", str(exc)) from None
     except OSError as exc:  # the output could not be written
         raise CommandError("OUT.safetensors", str(exc)) from None
-    print(f"wrote {target}: {count} tensors, sha256 {file_sha256(Path(target))}")
+    digest = file_digests(Path(target), crcs=False)["sha256"]
+    print(f"wrote {target}: {count} tensors, sha256 {digest}")
     return 0
 
 

@@ -50,6 +50,9 @@ class ModelInfo(BaseModel):
     loaded_at: str
     connections: int
     files: dict[str, str] | None = None  # a model directory: each weights file's sha256
+    # What proved the bytes are the ones stored: "sha256" (computed at load), or "crc64nvme"
+    # (the CRC push stored beside the sha256; `sha256` is then the stored one).
+    verified_by: str = "sha256"
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ def load_model(
         total_seconds=round(done - weights.started, 6),
         loaded_at=_now(),
         connections=weights.connections,
+        verified_by=weights.verified_by,
     )
     _log_loaded(info)
     return Loaded(module, info)
@@ -176,6 +180,8 @@ def load_pretrained(
         loaded_at=_now(),
         connections=directory.connections,
         files=sha256s,
+        verified_by="+".join(sorted({directory.files[n].verified_by for n in directory.weights}))
+        or "sha256",
     )
     _log_loaded(info)
     return Loaded(built.module, info, tokenizer=built.tokenizer, config=built.config)
@@ -210,5 +216,6 @@ def _log_loaded(info: ModelInfo) -> None:
             "mb_per_s": round(mbps, 1),
             "concurrency": info.connections,
             "format": info.format,
+            "verified_by": info.verified_by,
         },
     )

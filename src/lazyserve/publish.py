@@ -21,7 +21,7 @@ __all__ = [
     "PushedDirectory",
     "check_weights_file",
     "convert",
-    "file_sha256",
+    "file_digests",
     "push",
     "push_directory",
 ]
@@ -29,12 +29,19 @@ __all__ = [
 PART_SIZE = 8 * 1024 * 1024
 
 
-def file_sha256(path: Path) -> str:
+def file_digests(path: Path, *, crcs: bool = True) -> dict[str, str]:
+    """The metadata push stores with a file, in one read: its sha256 (hex) and the CRCs this
+    process computes (base64, as S3 writes them; see sources/checksums.py)."""
+    from lazyserve.sources.checksums import Crc, available
+
     digest = hashlib.sha256()
+    running = [Crc(name) for name in available()] if crcs else []
     with open(path, "rb") as file:
         while chunk := file.read(PART_SIZE):
             digest.update(chunk)
-    return digest.hexdigest()
+            for crc in running:
+                crc.update(chunk)
+    return {"sha256": digest.hexdigest(), **{crc.name: crc.b64digest() for crc in running}}
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,9 @@ def push(
     path: Path, uri: str, *, client: S3Client | None = None, progress: IO[str] | None = None
 ) -> Pushed:
     """Upload `path` to `s3://bucket/key` (multipart above 8 MiB) with its sha256 stored as
-    object metadata (`x-amz-meta-sha256`), which loads then verify without configuration.
+    object metadata (`x-amz-meta-sha256`) and its CRCs beside it (`x-amz-meta-crc32`, and
+    `-crc64nvme` with awscrt), which loads then check without configuration (sources/checksums.py
+    says why a CRC).
 
     The file is checked first (a weights file of the format its key names), then the bucket;
     only a multipart upload that is under way draws progress, on `progress` (by default stderr,
@@ -169,7 +178,8 @@ def _upload(s3: S3Client, path: Path, target: ModelURI, progress: IO[str] | None
 
     bucket, key = target.bucket or "", target.key or ""
     size = path.stat().st_size
-    digest = file_sha256(path)
+    metadata = file_digests(path)
+    digest = metadata["sha256"]
     config = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
     # Below the multipart threshold the upload is one PutObject: its bytes are "sent" before S3
     # answers, so a bar would fill up and then the upload fail. Multipart parts only start once
@@ -182,7 +192,7 @@ def _upload(s3: S3Client, path: Path, target: ModelURI, progress: IO[str] | None
             str(path),
             bucket,
             key,
-            ExtraArgs={"Metadata": {"sha256": digest}},
+            ExtraArgs={"Metadata": metadata},
             Config=config,
             Callback=bar,
         )
@@ -193,8 +203,11 @@ def _upload(s3: S3Client, path: Path, target: ModelURI, progress: IO[str] | None
         if bar is not None:
             bar.abandon()
         raise ModelFetchError(f"cannot upload to {target.uri}: {exc}") from exc
-    if head.get("Metadata", {}).get("sha256") != digest:
-        raise ModelFetchError(f"{target.uri}: the stored sha256 does not match the file's {digest}")
+    if head.get("Metadata", {}) != metadata:
+        raise ModelFetchError(
+            f"{target.uri}: the digests stored with the object do not match the file's "
+            f"(sha256 {digest})"
+        )
     return Pushed(target.uri, digest, size, head.get("VersionId"))
 
 

@@ -177,6 +177,8 @@ def _head(answer: dict[str, Any]) -> RangeHead:
         sha256=(answer.get("Metadata") or {}).get("sha256"),
         request_id=str(meta.get("RequestId") or headers.get("x-amz-request-id") or ""),
         encryption=answer.get("ServerSideEncryption"),
+        crc32=(answer.get("Metadata") or {}).get("crc32"),
+        crc64nvme=(answer.get("Metadata") or {}).get("crc64nvme"),
     )
 
 

@@ -297,6 +297,7 @@ class HelperDownload(_Taken):
             connections=int(entry["connections"]),
             started=float(entry["started"]),
             identity=entry.get("identity"),
+            verified_by=str(entry.get("verified_by", "sha256")),
         )
 
     def discard(self) -> None:
@@ -534,6 +535,7 @@ class _Arena:
             "started": weights.started,
             "fetch_seconds": weights.fetch_seconds,
             "connections": weights.connections,
+            "verified_by": weights.verified_by,
         }
 
 

@@ -589,6 +589,8 @@ def _head(response: _Response, version_id: str | None) -> RangeHead:
         sha256=get("x-amz-meta-sha256") or None,
         request_id=get("x-amz-request-id") or get("x-amzn-requestid") or "",
         encryption=get("x-amz-server-side-encryption") or None,
+        crc32=get("x-amz-meta-crc32") or None,
+        crc64nvme=get("x-amz-meta-crc64nvme") or None,
     )
 
 

@@ -93,6 +93,9 @@ class RangeHead:
     sha256: str | None  # x-amz-meta-sha256, stored by `lazyserve push`
     request_id: str
     encryption: str | None  # x-amz-server-side-encryption
+    # x-amz-meta-crc32 and -crc64nvme, stored beside the sha256 by push (sources/checksums.py)
+    crc32: str | None = None
+    crc64nvme: str | None = None
 
 
 class S3Error(Exception):

@@ -29,6 +29,9 @@ class Weights:
     connections: int = 1
     started: float = 0.0  # time.perf_counter() when the fetch began
     identity: str | None = None  # which version of the object this is (see `identity_of`)
+    # The check the bytes passed: "sha256" (computed here), or "crc64nvme" (the CRC stored
+    # beside the sha256 by push; `sha256` is then the stored one, see sources/checksums.py).
+    verified_by: str = "sha256"
 
 
 def identity_of(etag: str | None, version_id: str | None) -> str | None:
