@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from benchmarks.common import WeightsFile, weights_file
+from benchmarks.common import WeightsFile, pushed, weights_file
 from benchmarks.s3endpoint import S3Endpoint
 
 from tests.helpers import (
@@ -37,6 +37,7 @@ from tests.s3server import CountingS3Server, Request, WSGIApp
 
 TIMEOUT = 120.0  # starting Python and importing torch, on a busy machine
 HELPER_USED = "weights from the download helper"
+PUSHED_KEY = "models/pushed.safetensors"
 MARKER = "/lazyserve-boot-marker/after-import-torch"
 
 
@@ -193,7 +194,8 @@ loaded = load_model(lambda: build_synthetic(layers, width), settings)
 sums = [float(p.sum()) for p in loaded.module.parameters()]  # reads every weight
 after = status()
 print(json.dumps({"helper": helper, "failure": helpers.failure(), "before": before, "after": after,
-                  "sha256": loaded.info.sha256, "size": loaded.info.size_bytes}))
+                  "sha256": loaded.info.sha256, "size": loaded.info.size_bytes,
+                  "verified_by": loaded.info.verified_by}))
 """
 
 
@@ -208,6 +210,8 @@ def endpoint_64(weights_64: WeightsFile) -> Iterator[S3Endpoint]:
     """The benchmark S3 endpoint (keep-alive, sendfile) serving the 64 MiB weights."""
     with S3Endpoint(bandwidth=0, latency=0) as endpoint:
         endpoint.add(BUCKET, KEY, weights_64.path)
+        # The same file as `lazyserve push` stores it: with its sha256 and CRCs.
+        endpoint.add(BUCKET, PUSHED_KEY, weights_64.path, metadata=pushed(weights_64.path))
         yield endpoint
 
 
@@ -265,6 +269,26 @@ def test_the_serving_process_holds_the_weights_once(
         assert out["after"]["RssAnon"] - out["before"]["RssAnon"] < 0.10 * weights_64.size
 
 
+@pytest.mark.parametrize("where", ["helper", "thread"])
+def test_the_start_up_download_checks_the_crc_push_stored(
+    where: str, weights_64: WeightsFile, endpoint_64: S3Endpoint, tmp_path: Path
+) -> None:
+    # No digest pinned: the helper process, or the thread on one vCPU, checks the stored
+    # CRC64NVME instead of hashing, and the load reports the sha256 stored beside it.
+    one_vcpu = {"AWS_LAMBDA_FUNCTION_NAME": "lazyserve-boot-test"}
+    one_vcpu["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] = "1769"
+    env = process_env(
+        endpoint_64.endpoint,
+        LAZYSERVE_MODEL_URI=f"s3://{BUCKET}/{PUSHED_KEY}",
+        LAYERS=str(weights_64.layers),
+        WIDTH=str(weights_64.width),
+        **(one_vcpu if where == "thread" else {}),
+    )
+    out, log = run_script(LOAD_SCRIPT if where == "helper" else THREAD_SCRIPT, env, tmp_path)
+    assert HELPER_USED in log
+    assert (out["sha256"], out["verified_by"]) == (weights_64.sha256, "crc64nvme")
+
+
 THREAD_SCRIPT = """
 import json, os, threading
 
@@ -288,7 +312,8 @@ layers, width = int(os.environ["LAYERS"]), int(os.environ["WIDTH"])
 loaded = load_model(lambda: build_synthetic(layers, width), load_settings())
 sums = [float(p.sum()) for p in loaded.module.parameters()]  # reads every weight
 print(json.dumps({"mark": os.environ.get("_LAZYSERVE_HELPER"), "threads": threads,
-                  "before": before, "after": status(), "sha256": loaded.info.sha256}))
+                  "before": before, "after": status(), "sha256": loaded.info.sha256,
+                  "verified_by": loaded.info.verified_by}))
 """
 
 

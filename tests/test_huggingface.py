@@ -6,6 +6,7 @@ with transformers' own `from_pretrained` from local disk: max abs diff 0."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import subprocess
@@ -129,9 +130,12 @@ def test_a_bert_classifier_directory_from_s3_is_from_pretrained_bit_for_bit(
         diff = (loaded.module(**batch).logits - theirs(**batch).logits).abs().max()
     assert diff.item() == 0
     assert loaded.config.num_labels == 3
-    # The sha256 of the one weights file, checked against the digest push stored with it.
+    # The sha256 of the one weights file, as push stored it, the bytes checked by the CRC
+    # stored beside it.
     file_sha = loaded.info.files["model.safetensors"]
     assert loaded.info.sha256 == file_sha
+    assert file_sha == hashlib.sha256((dirs["bert"] / "model.safetensors").read_bytes()).hexdigest()
+    assert loaded.info.verified_by == "crc64nvme"
     assert loaded.info.size_bytes == (dirs["bert"] / "model.safetensors").stat().st_size
 
 
@@ -155,6 +159,7 @@ def test_gpt2_with_tied_embeddings_is_tied_and_equal(
     assert ours_text.tolist() == theirs_text.tolist()
     shards = sorted(p.name for p in dirs[name].glob("*.safetensors"))
     assert sorted(loaded.info.files) == shards
+    assert loaded.info.verified_by == "crc64nvme"  # every shard's stored CRC
     if name == "gpt2-sharded":
         assert len(shards) > 1
         # Every shard fetched once, each in ranged GETs of its own object.

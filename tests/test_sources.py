@@ -282,6 +282,16 @@ def test_a_malformed_crc_leaves_the_sha256_check(s3: CountingS3Server, crc: str)
     assert "the sha256 stored with the object" in str(error)
 
 
+def test_a_crc_beside_a_malformed_sha256_is_not_enough(s3: CountingS3Server) -> None:
+    # The stored sha256 is what every answer would name: one that is not a sha256 is checked
+    # (and fails), never passed on because a CRC matched.
+    data = random_bytes(9_000, seed=36)
+    seed(s3, "crc-bad-sha.safetensors", data, Metadata={"sha256": "x" * 64, **crc_digests(data)})
+    error = fetch_error(f"s3://{BUCKET}/crc-bad-sha.safetensors")
+    assert isinstance(error, ModelIntegrityError)
+    assert "the sha256 stored with the object" in str(error)
+
+
 def test_a_crc_without_a_sha256_is_not_enough(s3: CountingS3Server) -> None:
     # Without a stored sha256 there is none to report: the load computes it.
     data = random_bytes(9_000, seed=35)

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 import mmap
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -90,6 +91,9 @@ def reset_s3_clients() -> None:
     for client in clients:
         client.close()
     reset_boto3_clients()
+
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")  # a stored digest a CRC can stand for
 
 
 def private_buffer(size: int) -> mmap.mmap:
@@ -362,7 +366,7 @@ class S3Fetcher:
         # A digest the deployment pins is checked as a sha256; one stored with the object, by
         # a CRC push stored beside it (the same proof for less CPU: sources/checksums.py).
         stored = None
-        if item.expected is None and first.sha256:
+        if item.expected is None and first.sha256 and _SHA256.fullmatch(first.sha256):
             stored = stored_crc({"crc64nvme": first.crc64nvme, "crc32": first.crc32})
         digest: Crc | hashlib._Hash = Crc(stored[0]) if stored else hashlib.sha256()
         # Each part is checked as soon as it and those before it are in: the check overlaps
