@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_PART_SIZE",
     "PREFIX",
+    "SHA256_HEX",
     "Dtype",
     "ModelURI",
     "Settings",
@@ -47,7 +48,7 @@ DEFAULT_PART_SIZE = 8 * 1024 * 1024
 # bodies (uvicorn): 6 MiB at 200 KB/s.
 DEFAULT_BODY_TIMEOUT = 30.0
 _MAX_QUOTED = 80  # characters of a bad value a message repeats
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")  # a sha256 digest, either case
 _BYTES = re.compile(r"([0-9]+)([KMGkmg]?)")
 _BINARY = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 _BYTES_FORM = (
@@ -187,14 +188,14 @@ def _uri_check(value: Any) -> str | None:
 
 
 def _sha_parse(text: str) -> str:
-    if not _SHA256.fullmatch(text.strip()):
+    if not SHA256_HEX.fullmatch(text.strip()):
         raise ValueError("accepted: 64 hexadecimal characters (a sha256 digest)")
     return text.strip().lower()
 
 
 def _sha_check(value: Any) -> str | None:
     ok = value is None or (
-        isinstance(value, str) and _SHA256.fullmatch(value) and value == value.lower()
+        isinstance(value, str) and SHA256_HEX.fullmatch(value) and value == value.lower()
     )
     return None if ok else "accepted: 64 lower-case hexadecimal characters (a sha256 digest)"
 

@@ -7,7 +7,6 @@ import hashlib
 import logging
 import math
 import mmap
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from lazyserve.errors import (
     ModelTooLarge,
     ModelUnavailable,
 )
-from lazyserve.settings import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
+from lazyserve.settings import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, SHA256_HEX
 from lazyserve.sources.checksums import Crc, stored_crc
 from lazyserve.sources.deadlines import body_deadline
 from lazyserve.sources.s3client import ObjectStat, RangeClient, S3GetClient
@@ -91,9 +90,6 @@ def reset_s3_clients() -> None:
     for client in clients:
         client.close()
     reset_boto3_clients()
-
-
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")  # a stored digest a CRC can stand for
 
 
 def private_buffer(size: int) -> mmap.mmap:
@@ -366,7 +362,7 @@ class S3Fetcher:
         # A digest the deployment pins is checked as a sha256; one stored with the object, by
         # a CRC push stored beside it (the same proof for less CPU: sources/checksums.py).
         stored = None
-        if item.expected is None and first.sha256 and _SHA256.fullmatch(first.sha256):
+        if item.expected is None and first.sha256 and SHA256_HEX.fullmatch(first.sha256):
             stored = stored_crc({"crc64nvme": first.crc64nvme, "crc32": first.crc32})
         digest: Crc | hashlib._Hash = Crc(stored[0]) if stored else hashlib.sha256()
         # Each part is checked as soon as it and those before it are in: the check overlaps
